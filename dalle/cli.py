@@ -1,0 +1,118 @@
+"""The `dalle` command line: every pipeline stage, runnable without writing Python."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from dalle.config import ConfigError, RunConfig, load_config
+
+
+def _with_networks(cfg: RunConfig, networks: Sequence[str] | None) -> RunConfig:
+    if networks:
+        merged = [*cfg.crawl.allow_networks, *(n for n in networks if n not in cfg.crawl.allow_networks)]
+        try:
+            cfg.crawl.allow_networks = merged
+        except ValueError as err:
+            raise ConfigError(f"--allow-network: {err}") from None
+    return cfg
+
+
+def _print_report(root: str, report: dict) -> None:
+    print(json.dumps(report, indent=2))
+    print(f"\ncurated pairs: {root}/curated/  (manifest: {root}/curated/_manifest.json)")
+    print(f"per-sample fates: {root}/reports/samples.parquet; funnel: {root}/reports/curate.json")
+    print(f"dedup report: {root}/reports/dedup.json")
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    cfg = _with_networks(load_config(args.config), args.allow_network)
+    from flows.curate import curate_flow  # Prefect is imported only for commands that run flows
+
+    report = curate_flow(args.urls, args.out, cfg.model_dump(mode="json"))
+    _print_report(args.out, report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = _with_networks(load_config(args.config), args.allow_network)
+    from flows.pipeline import pipeline_flow
+
+    result = pipeline_flow(args.out, cfg.model_dump(mode="json"))
+    _print_report(result["root"], result["curate"])
+    return 0
+
+
+def cmd_serve_demo(args: argparse.Namespace) -> int:
+    from dalle.data.sources import DemoServer, build_site, url_table
+    from dalle.storage import Storage
+
+    cfg = load_config(args.config)
+    site = build_site(cfg.source)
+    with DemoServer(site, host=args.host, port=args.port) as server:
+        uri = Storage(args.out).write_table("urls.parquet", url_table(site, server.base_url))
+        print(f"serving {len(site.rows)} demo images at {server.base_url}; URL list: {uri}")
+        print(f"crawl it with: dalle curate --urls {uri} --out RUN --allow-network 127.0.0.0/8   (Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dalle", description="DALL·E end to end: crawl, curate, train and sample, as Prefect flows."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser, out_help: str) -> None:
+        sub.add_argument("--out", required=True, help=out_help)
+        sub.add_argument("--config", help="run configuration YAML (default: built-in defaults; see configs/)")
+
+    def networks(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--allow-network",
+            action="append",
+            metavar="CIDR",
+            help="let the crawler reach this non-public network (repeatable), e.g. 10.0.0.0/8",
+        )
+
+    curate = commands.add_parser("curate", help="crawl a URL list and curate it (filter, CLIP, dedup)")
+    curate.add_argument("--urls", required=True, help="URL list: .parquet, .csv, .tsv, .txt or .jsonl, local or s3://")
+    common(curate, "run root: a local folder or s3://bucket/prefix")
+    networks(curate)
+    curate.set_defaults(func=cmd_curate)
+
+    demo = commands.add_parser("demo", help="run the pipeline on the built-in captioned-shapes source")
+    common(demo, "run root: a local folder or s3://bucket/prefix")
+    networks(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    serve = commands.add_parser("serve-demo", help="serve the captioned-shapes source over loopback HTTP")
+    common(serve, "folder for the URL list (urls.parquet)")
+    serve.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    serve.set_defaults(func=cmd_serve_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from dalle.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

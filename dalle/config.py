@@ -1,0 +1,230 @@
+"""Run configuration: pydantic models loaded from YAML.
+
+Every field has a default and a one-line description; an unknown key is an error
+that names the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    """The built-in captioned-shapes source (the demo's embedded default)."""
+
+    seed: int = Field(0, description="Seed of the generator: the same seed gives the same images and captions.")
+    num_images: int = Field(1200, ge=1, description="Number of distinct generated images (before planted duplicates).")
+    image_size: int = Field(64, ge=16, description="Side of the generated square images, in pixels.")
+    colors: list[str] = Field(
+        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"],
+        description="Colour names used in images and captions (each must be a known colour).",
+    )
+    shapes: list[str] = Field(
+        default_factory=lambda: ["circle", "square", "triangle", "cross"],
+        description="Shape names used in images and captions (circle, square, triangle, cross, diamond).",
+    )
+    heldout: list[str] = Field(
+        default_factory=lambda: ["red square", "blue triangle", "green circle", "yellow cross"],
+        description="'colour shape' combinations never shown in training images; prompted later for zero-shot.",
+    )
+    pair_fraction: float = Field(
+        0.2, ge=0, le=1, description="Share of images with two objects and a relation ('a red circle above ...')."
+    )
+    exact_duplicates: int = Field(30, ge=0, description="Planted exact duplicates: the same bytes at another URL.")
+    near_duplicates: int = Field(30, ge=0, description="Planted near duplicates: resized and re-encoded copies.")
+
+    @model_validator(mode="after")
+    def _heldout_known(self) -> SourceConfig:
+        for combo in self.heldout:
+            parts = combo.split()
+            if len(parts) != 2 or parts[0] not in self.colors or parts[1] not in self.shapes:
+                raise ValueError(
+                    f"held-out combination {combo!r} must be '<colour> <shape>' with a colour from "
+                    f"{self.colors} and a shape from {self.shapes}"
+                )
+        return self
+
+
+class CrawlConfig(_Section):
+    """Downloading the URL list with img2dataset."""
+
+    input_format: Literal["auto", "parquet", "csv", "tsv", "txt", "jsonl"] = Field(
+        "auto", description="Format of the URL list; 'auto' picks it from the file extension."
+    )
+    url_col: str = Field("url", description="Column of the URL list that holds the image URL.")
+    caption_col: str = Field("caption", description="Column of the URL list that holds the caption.")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of non-public networks the crawler may connect to (e.g. 127.0.0.0/8); public ones always may.",
+    )
+    processes: int = Field(2, ge=1, description="img2dataset worker processes.")
+    threads: int = Field(32, ge=1, description="Download threads per worker process.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout in seconds.")
+    retries: int = Field(0, ge=0, description="Download retries per URL after a failure.")
+    samples_per_shard: int = Field(10_000, ge=1, description="URLs per img2dataset shard (the unit of resume).")
+    user_agent_token: str = Field(
+        "dalle-pipeline", description="Token sent in the User-Agent and matched in robots.txt and X-Robots-Tag."
+    )
+    respect_robots_txt: bool = Field(True, description="Skip URLs that the site's robots.txt disallows for us.")
+    robots_timeout_s: float = Field(5.0, gt=0, description="Timeout for fetching one robots.txt.")
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that make img2dataset drop an image (opt-out).",
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as err:
+                raise ValueError(f"allow_networks entry {cidr!r} is not a CIDR like 127.0.0.0/8: {err}") from None
+        return value
+
+
+class FilterConfig(_Section):
+    """Rule filters and the CLIP-score filter; every decision is recorded with its threshold."""
+
+    min_side: int = Field(32, ge=1, description="Smallest accepted image side, in pixels.")
+    max_aspect_ratio: float = Field(3.0, ge=1, description="Largest accepted ratio of long side to short side.")
+    min_image_bytes: int = Field(200, ge=0, description="Smallest accepted encoded image size, in bytes.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest accepted declared width*height (guards against decompression bombs)."
+    )
+    min_caption_chars: int = Field(3, ge=0, description="Shortest accepted caption, in characters.")
+    max_caption_chars: int = Field(512, ge=1, description="Longest accepted caption, in characters.")
+    min_caption_words: int = Field(1, ge=0, description="Fewest accepted words in a caption.")
+    max_caption_words: int = Field(80, ge=1, description="Most accepted words in a caption.")
+    clip_score_threshold: float | None = Field(
+        None, description="Drop pairs whose image-caption CLIP cosine similarity is below this value."
+    )
+    clip_keep_top_fraction: float | None = Field(
+        None, gt=0, le=1, description="Keep only this top fraction of pairs by CLIP score, over the whole input."
+    )
+
+    @model_validator(mode="after")
+    def _one_clip_rule(self) -> FilterConfig:
+        if self.clip_score_threshold is not None and self.clip_keep_top_fraction is not None:
+            raise ValueError("set clip_score_threshold or clip_keep_top_fraction, not both")
+        return self
+
+
+class ClipTrainConfig(_Section):
+    """The small CLIP trained on the crawled pairs when no pretrained model or checkpoint is given."""
+
+    image_size: int = Field(64, ge=16, description="Input side of the small CLIP's image tower.")
+    embed_dim: int = Field(128, ge=8, description="Dimension of the joint embedding space.")
+    vision_width: int = Field(128, ge=8, description="Width of the image tower (a small ViT).")
+    vision_layers: int = Field(3, ge=1, description="Transformer layers of the image tower.")
+    patch_size: int = Field(8, ge=2, description="ViT patch size of the image tower.")
+    text_width: int = Field(128, ge=8, description="Width of the text tower.")
+    text_layers: int = Field(3, ge=1, description="Transformer layers of the text tower.")
+    text_heads: int = Field(4, ge=1, description="Attention heads of the text tower.")
+    context_length: int = Field(32, ge=4, description="Text tokens per caption (open_clip's BPE).")
+    batch_size: int = Field(64, ge=2, description="Pairs per contrastive batch.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    max_steps: int = Field(600, ge=1, description="Upper bound on optimisation steps.")
+    max_seconds: float = Field(90.0, gt=0, description="Wall-clock budget for training; stops early when spent.")
+    seed: int = Field(0, description="Seed for initialisation and batch order.")
+
+
+class ClipConfig(_Section):
+    """Which open_clip model embeds images and captions."""
+
+    model: str = Field("ViT-B-32", description="open_clip architecture name, used with `pretrained` or `checkpoint`.")
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (e.g. laion2b_s34b_b79k); needs network access."
+    )
+    checkpoint: str | None = Field(None, description="Local or S3 path of a CLIP checkpoint to load instead.")
+    train: ClipTrainConfig = Field(default_factory=ClipTrainConfig, description="Small CLIP trained when neither is set.")
+    batch_size: int = Field(128, ge=1, description="Images or captions per embedding batch.")
+    device: str = Field("auto", description="torch device for CLIP: 'auto' picks cuda when available, else cpu.")
+
+
+class DedupConfig(_Section):
+    """Exact (sha256) and near (cosine similarity of CLIP image vectors) duplicate removal."""
+
+    near_threshold: float = Field(
+        0.985, gt=0, le=1, description="Cosine similarity at or above which two images are near duplicates."
+    )
+    ivf_min_size: int = Field(
+        50_000, ge=1, description="From this many vectors on, search with an IVF index instead of exact search."
+    )
+    ivf_nlist: int | None = Field(None, ge=1, description="IVF cells; default about 4*sqrt(N).")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
+    recall_sample: int = Field(500, ge=1, description="Queries used to measure the index's recall against brute force.")
+
+
+class RunConfig(_Section):
+    """Everything a run needs; `configs/demo.yaml` is an instance of it."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig, description="The built-in captioned-shapes source.")
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Downloading with img2dataset.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Rule and CLIP-score filters.")
+    clip: ClipConfig = Field(default_factory=ClipConfig, description="The CLIP model for scores and vectors.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate removal.")
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named sections (all when none): a changed setting invalidates finished work."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {name: data[name] for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}' in {origin}; check its spelling against dalle/config.py")
+        else:
+            lines.append(f"'{key}' in {origin}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any] | None, origin: str = "configuration") -> RunConfig:
+    """Validate a plain mapping as a RunConfig, with errors that name the offending key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must be a mapping of sections (source, crawl, ...), got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe_errors(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None) -> RunConfig:
+    """Load a YAML run configuration (local path); None gives the defaults."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return config_from_dict(data, origin=str(path))
+
+
+def dump_config(config: RunConfig) -> str:
+    """The configuration as YAML, for storing with a run."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,374 @@
+"""Curation after the crawl: rule filters, CLIP scores, deduplication, publication.
+
+Each stage is a plain function over a run root that reads what the previous stage
+wrote and writes its own decisions under `curated/_stages/`; `publish_stage` joins
+them into the per-sample ledger `reports/samples.parquet`, the curated shards and
+`reports/curate.json`. Every stage recomputes from its inputs, so a re-run gives
+the same result and never duplicates rows; the costly parts (downloads, CLIP
+training, embeddings) are reused when their inputs have not changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from dalle.config import RunConfig
+from dalle.data.crawl import (
+    INPUT_MANIFEST,
+    RAW_IMAGE_COLUMN,
+    REFUSED_LIST,
+    classify_download_error,
+    finished_shards,
+    read_raw_shard,
+)
+from dalle.data.dedup import deduplicate
+from dalle.data.embed import embed_stage
+from dalle.data.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
+from dalle.models.clip import ClipModel, load_clip, save_clip, train_small_clip
+from dalle.schemas import CURATED, SAMPLES, SCHEMA_VERSION
+from dalle.storage import CURATE_WORK, CURATED as CURATED_DIR, MANIFEST, REPORTS, Storage, checkpoint_dir, latest_pointer
+
+FILTER_TABLE = f"{CURATE_WORK}/filter.parquet"
+SCORES_TABLE = f"{CURATE_WORK}/clip.parquet"
+DEDUP_TABLE = f"{CURATE_WORK}/dedup.parquet"
+SAMPLES_REPORT = f"{REPORTS}/samples.parquet"
+CURATE_REPORT = f"{REPORTS}/curate.json"
+DEDUP_REPORT = f"{REPORTS}/dedup.json"
+CURATED_MANIFEST = f"{CURATED_DIR}/{MANIFEST}"
+CURATED_ROWS_PER_SHARD = 10_000
+
+PASS = "pass"  # interim fate of a sample that a stage let through
+Log = Callable[[str], None]
+
+_DECISION_FIELDS = [
+    pa.field("uid", pa.string()),
+    pa.field("fate", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("detail", pa.string()),
+    pa.field("value", pa.float64()),
+    pa.field("threshold", pa.float64()),
+]
+FILTER_SCHEMA = pa.schema(
+    [
+        pa.field("input_row", pa.int64()),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("raw_shard", pa.string()),
+        pa.field("raw_key", pa.string()),
+        *_DECISION_FIELDS,
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+SCORES_SCHEMA = pa.schema([*_DECISION_FIELDS, pa.field("clip_score", pa.float32())])
+DEDUP_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string()),
+        pa.field("fate", pa.string()),
+        pa.field("dup_of", pa.string()),
+        pa.field("similarity", pa.float32()),
+    ]
+)
+
+
+def sample_uid(url: str, image_sha256: str | None) -> str:
+    """Stable id of a sample: its URL and, once downloaded, the hash of its bytes."""
+    digest = hashlib.sha256(url.encode("utf-8", errors="surrogatepass"))
+    if image_sha256:
+        digest.update(b"\n" + image_sha256.encode())
+    return digest.hexdigest()[:24]
+
+
+def _decision(fate: str, reason: str | None = None, detail: str | None = None, value=None, threshold=None) -> dict:
+    return {"fate": fate, "reason": reason, "detail": detail, "value": value, "threshold": threshold}
+
+
+# --- 1. rule filters -------------------------------------------------------------------
+def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
+    """Record every crawled sample's fate so far: refused, failed download, filtered by a rule, or passed."""
+    rows: list[dict] = []
+    for refused in storage.read_table(REFUSED_LIST).to_pylist():
+        rows.append(
+            {
+                "input_row": refused["input_row"],
+                "url": refused["url"],
+                "caption": refused["caption"],
+                "uid": sample_uid(refused["url"], None),
+                **_decision(refused["fate"], refused["reason"], refused["detail"]),
+            }
+        )
+    for rel in finished_shards(storage):
+        shard = read_raw_shard(storage, rel)
+        for raw in shard.to_pylist():
+            row = {
+                "input_row": raw["input_row"],
+                "url": raw["url"],
+                "caption": raw["caption"],
+                "raw_shard": rel,
+                "raw_key": raw["key"],
+                "sha256": raw["sha256"],
+            }
+            if raw["status"] != "success":
+                message = raw["error_message"] or raw["status"]
+                fate, reason = classify_download_error(message)
+                rows.append({**row, "uid": sample_uid(raw["url"], None), **_decision(fate, reason, message)})
+                continue
+            row["uid"] = sample_uid(raw["url"], raw["sha256"])
+            decision = caption_decision(raw["caption"], raw["caption_utf8"], cfg.filter)
+            info, image_decision = inspect_image(raw[RAW_IMAGE_COLUMN], cfg.filter)
+            if info is not None:
+                row["width"], row["height"] = info.width, info.height
+            decision = decision or image_decision
+            if decision is not None:
+                rows.append({**row, **_decision("filtered", decision.reason, decision.detail, decision.value, decision.threshold)})
+            else:
+                rows.append({**row, **_decision(PASS)})
+    rows.sort(key=lambda r: r["input_row"])
+    storage.write_table(FILTER_TABLE, pa.Table.from_pylist(rows, schema=FILTER_SCHEMA))
+    return dict(Counter(r["fate"] for r in rows))
+
+
+def _passing(storage: Storage) -> list[dict]:
+    return [r for r in storage.read_table(FILTER_TABLE).to_pylist() if r["fate"] == PASS]
+
+
+def _images_for(storage: Storage, rows: list[dict]) -> list[bytes]:
+    """Image bytes of the given filter rows, read shard by shard from raw/."""
+    by_shard: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        by_shard[row["raw_shard"]].append(index)
+    images: list[bytes | None] = [None] * len(rows)
+    for rel, indices in by_shard.items():
+        shard = read_raw_shard(storage, rel)
+        by_key = dict(zip(shard.column("key").to_pylist(), shard.column(RAW_IMAGE_COLUMN).to_pylist()))
+        for index in indices:
+            images[index] = by_key[rows[index]["raw_key"]]
+    return images  # type: ignore[return-value]
+
+
+def _decode_rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# --- 2. CLIP ----------------------------------------------------------------------------
+def clip_stage(storage: Storage, cfg: RunConfig, log: Log = print) -> str | None:
+    """The CLIP to score and embed with: None means the configured pretrained model or checkpoint;
+    otherwise the URI of a small CLIP trained on the passing pairs (reused while they are unchanged)."""
+    if cfg.clip.pretrained or cfg.clip.checkpoint:
+        return None
+    rows = _passing(storage)
+    if len(rows) < 2:
+        raise ValueError(
+            f"only {len(rows)} pairs passed the filters, too few to train a CLIP; "
+            "crawl more pairs or set clip.pretrained / clip.checkpoint"
+        )
+    digest = hashlib.sha256(cfg.fingerprint("clip").encode())
+    for uid in sorted(r["uid"] for r in rows):
+        digest.update(uid.encode())
+    fingerprint = digest.hexdigest()[:16]
+    pointer = latest_pointer("clip")
+    if storage.exists(pointer):
+        latest = storage.read_json(pointer)
+        if latest.get("fingerprint") == fingerprint:
+            log(f"reusing the small CLIP at {latest['uri']}")
+            return latest["uri"]
+    log(f"training a small CLIP on {len(rows)} pairs (no pretrained model configured)")
+    images = [_decode_rgb(b) for b in _images_for(storage, rows)]
+    captions = [r["caption"] for r in rows]
+    model = train_small_clip(
+        images,
+        captions,
+        cfg.clip.train,
+        device=cfg.clip.device,
+        log=lambda step, loss: log(f"clip step {step} loss {loss:.3f}") if step % 50 == 0 else None,
+    )
+    step = cfg.clip.train.max_steps
+    uri = save_clip(model, storage, checkpoint_dir("clip", step))
+    storage.write_json(pointer, {"step": step, "uri": uri, "fingerprint": fingerprint})
+    return uri
+
+
+def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
+    clip_cfg = cfg.clip if checkpoint_uri is None else cfg.clip.model_copy(update={"checkpoint": checkpoint_uri})
+    return load_clip(clip_cfg)
+
+
+# --- 3. CLIP scores and the CLIP-score filter ---------------------------------------------------
+def score_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict[str, int]:
+    """Embed the passing pairs (cached by uid under embeddings/) and apply the CLIP-score filter."""
+    rows = _passing(storage)
+    images = _images_for(storage, rows)
+    table = embed_stage(
+        storage, [r["uid"] for r in rows], images, [r["caption"] for r in rows], clip, cfg.clip.batch_size
+    )
+    scores = table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float32)
+    cutoff = clip_score_cutoff(scores, cfg.filter)
+    out = []
+    for row, score in zip(rows, scores):
+        decision = clip_decision(float(score), cutoff)
+        fate = _decision(PASS) if decision is None else _decision(
+            "filtered", decision.reason, decision.detail, decision.value, decision.threshold
+        )
+        out.append({"uid": row["uid"], **fate, "clip_score": float(score)})
+    storage.write_table(SCORES_TABLE, pa.Table.from_pylist(out, schema=SCORES_SCHEMA))
+    return dict(Counter(r["fate"] for r in out))
+
+
+# --- 4. deduplication ---------------------------------------------------------------------
+def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
+    """Exact (sha256) then near (CLIP image vectors, FAISS) duplicates among the scored survivors."""
+    scored = {r["uid"]: r for r in storage.read_table(SCORES_TABLE).to_pylist() if r["fate"] == PASS}
+    rows = [r for r in _passing(storage) if r["uid"] in scored]
+    uids = [r["uid"] for r in rows]
+    # Everything needed is cached by now, so embed_stage only reads.
+    vectors_table = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)
+    vectors = np.asarray(vectors_table.column("image_embedding").to_pylist(), dtype=np.float32).reshape(
+        len(uids), clip.embed_dim
+    )
+    scores = np.asarray([scored[u]["clip_score"] for u in uids], dtype=np.float32)
+    result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, cfg.dedup)
+    out = []
+    for uid in uids:
+        if uid in result.dup_of:
+            out.append(
+                {
+                    "uid": uid,
+                    "fate": f"duplicate_{result.kind[uid]}",
+                    "dup_of": result.dup_of[uid],
+                    "similarity": result.similarity[uid],
+                }
+            )
+        else:
+            out.append({"uid": uid, "fate": PASS, "dup_of": None, "similarity": None})
+    storage.write_table(DEDUP_TABLE, pa.Table.from_pylist(out, schema=DEDUP_SCHEMA))
+    report = {"clip_model": clip.identity, **result.report}
+    storage.write_json(DEDUP_REPORT, report)
+    return report
+
+
+# --- 5. publication --------------------------------------------------------------------------
+def _ledger(storage: Storage) -> list[dict]:
+    scores = {r["uid"]: r for r in storage.read_table(SCORES_TABLE).to_pylist()}
+    dedup = {r["uid"]: r for r in storage.read_table(DEDUP_TABLE).to_pylist()}
+    ledger = []
+    for row in storage.read_table(FILTER_TABLE).to_pylist():
+        entry = {name: row.get(name) for name in SAMPLES.names}
+        entry["raw_key"] = row["raw_key"]
+        score = scores.get(row["uid"]) if row["fate"] == PASS else None
+        if score is not None:
+            entry["clip_score"] = score["clip_score"]
+            if score["fate"] != PASS:
+                entry.update({k: score[k] for k in ("fate", "reason", "detail", "value", "threshold")})
+        dup = dedup.get(row["uid"]) if entry["fate"] == PASS else None
+        if dup is not None and dup["fate"] != PASS:
+            entry.update(
+                fate=dup["fate"],
+                reason=dup["fate"],
+                dup_of=dup["dup_of"],
+                similarity=dup["similarity"],
+                detail=f"duplicate of {dup['dup_of']} (cosine {dup['similarity']:.4f})",
+            )
+        if entry["fate"] == PASS:
+            entry["fate"] = "kept"
+        ledger.append(entry)
+    return ledger
+
+
+def curate_report(storage: Storage, ledger: Iterable[dict]) -> dict:
+    """reports/curate.json: the funnel, with exactly the keys the issue names."""
+    ledger = list(ledger)
+    by_fate: dict[str, Counter] = defaultdict(Counter)
+    downloaded = 0
+    for entry in ledger:
+        by_fate[entry["fate"]][entry["reason"]] += 1
+        if entry["sha256"] is not None and entry["fate"] not in ("blocked", "download_failed"):
+            downloaded += 1
+    return {
+        "input_rows": storage.read_json(INPUT_MANIFEST)["input_rows"],
+        "downloaded": downloaded,
+        "download_failed": dict(sorted(by_fate["download_failed"].items())),
+        "blocked": dict(sorted(by_fate["blocked"].items())),
+        "filtered": dict(sorted(by_fate["filtered"].items())),
+        "duplicates_exact": sum(by_fate["duplicate_exact"].values()),
+        "duplicates_near": sum(by_fate["duplicate_near"].values()),
+        "kept": sum(by_fate["kept"].values()),
+    }
+
+
+def publish_stage(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
+    """Write the ledger, the curated shards (manifest last) and reports/curate.json."""
+    ledger = _ledger(storage)
+    storage.write_table(SAMPLES_REPORT, pa.Table.from_pylist(ledger, schema=SAMPLES))
+    filter_rows = {r["uid"]: r for r in _passing(storage)}
+    kept = [e for e in ledger if e["fate"] == "kept"]
+    shards = []
+    for start in range(0, max(len(kept), 1), CURATED_ROWS_PER_SHARD):
+        chunk = kept[start : start + CURATED_ROWS_PER_SHARD]
+        if not chunk:
+            break
+        sources = [filter_rows[e["uid"]] for e in chunk]
+        images = _images_for(storage, sources)
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "uid": e["uid"],
+                    "url": e["url"],
+                    "caption": e["caption"].strip(),
+                    "image": image,
+                    "sha256": e["sha256"],
+                    "width": e["width"],
+                    "height": e["height"],
+                    "clip_score": e["clip_score"],
+                    "provenance": {
+                        "input_row": e["input_row"],
+                        "raw_key": src["raw_key"],
+                        "raw_shard": src["raw_shard"],
+                        "clip_model": clip_identity,
+                    },
+                }
+                for e, src, image in zip(chunk, sources, images)
+            ],
+            schema=CURATED,
+        )
+        rel = f"{CURATED_DIR}/{len(shards):05d}.parquet"
+        storage.write_table(rel, table)
+        shards.append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(storage.read_bytes(rel)).hexdigest()})
+    # Shards of an earlier, larger result are dropped only after the new manifest is in place.
+    storage.write_json(
+        CURATED_MANIFEST,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "rows": len(kept),
+            "shards": shards,
+            "clip_model": clip_identity,
+            "config_fingerprint": cfg.fingerprint("crawl", "filter", "clip", "dedup"),
+        },
+    )
+    current = {s["path"] for s in shards}
+    for rel in storage.list(CURATED_DIR, ".parquet"):
+        if rel not in current:
+            storage.delete(rel)
+    report = curate_report(storage, ledger)
+    storage.write_json(CURATE_REPORT, report)
+    return report
+
+
+def examples_of_removals(storage: Storage, per_reason: int = 2) -> list[dict]:
+    """A few removed samples per (fate, reason), for the flow's summary."""
+    seen: Counter = Counter()
+    examples = []
+    for entry in storage.read_table(SAMPLES_REPORT).to_pylist():
+        key = (entry["fate"], entry["reason"])
+        if entry["fate"] == "kept" or seen[key] >= per_reason:
+            continue
+        seen[key] += 1
+        examples.append(entry)
+    return examples

@@ -1,0 +1,196 @@
+"""One storage API for a local folder and `s3://bucket/prefix`.
+
+Paths inside a run are relative to the run root and always use '/'. The layout
+of a run root (which stage writes where) lives here and nowhere else.
+
+Writes are atomic: a local file is written under a temporary name in the same
+folder and renamed; an S3 object is uploaded from a finished local temporary
+file, so it appears only once complete. Endpoint and credentials for S3 come from
+the standard AWS environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...),
+never from parameters, and are never printed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class StorageError(RuntimeError):
+    """A storage location that cannot be used; the message says what to check."""
+
+
+# The run-root layout (DESIGN.md, "Storage"). Stages name these, never string literals.
+SOURCE = "source"  # the demo source's URL list
+RAW = "raw"
+RAW_INPUT = "raw/_input"
+CURATED = "curated"
+EMBEDDINGS = "embeddings"
+MODELS = "models"
+SHARDS = "shards"
+GALLERIES = "galleries"
+REPORTS = "reports"
+MANIFEST = "_manifest.json"
+CURATE_WORK = "curated/_stages"  # per-stage decisions of the curation flow, joined into reports/samples.parquet
+
+
+def checkpoint_dir(model: str, step: int) -> str:
+    """Relative folder of a model checkpoint: models/<model>/step_XXXXXXXX."""
+    return f"{MODELS}/{model}/step_{step:08d}"
+
+
+def latest_pointer(model: str) -> str:
+    """Relative path of models/<model>/latest.json, which names the newest checkpoint."""
+    return f"{MODELS}/{model}/latest.json"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _s3_filesystem() -> fsspec.AbstractFileSystem:
+    # s3fs reads AWS_ENDPOINT_URL and the credential chain itself; skip its listing cache so
+    # that a file another process just wrote is seen.
+    return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+
+
+def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it for a local path or s3:// URI."""
+    if is_s3(uri):
+        return _s3_filesystem(), uri[len("s3://") :].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported location {uri!r}: use a local folder or s3://bucket/prefix")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return fsspec.filesystem("file"), str(Path(path).expanduser().resolve())
+
+
+class Storage:
+    """A run root: read and write files relative to it, atomically."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        root = str(root)
+        self.fs, self._base = filesystem_for(root)
+        self.root = f"s3://{self._base}" if is_s3(root) else self._base
+        self.is_s3 = is_s3(root)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    # --- paths -----------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        """Path of `rel` inside the filesystem (no scheme)."""
+        rel = rel.strip("/")
+        return f"{self._base}/{rel}" if rel else self._base
+
+    def uri(self, rel: str = "") -> str:
+        """Full URI of `rel` (s3://... or an absolute local path), for img2dataset, logs and reports."""
+        return f"s3://{self.path(rel)}" if self.is_s3 else self.path(rel)
+
+    def check_writable(self) -> None:
+        """Fail early, with a clear message, when the root cannot be written (e.g. a missing bucket)."""
+        probe = f"_probe/{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)
+        except StorageError:
+            raise
+        except Exception as err:  # the underlying client error names the cause
+            hint = (
+                "check that the bucket exists and that AWS_ENDPOINT_URL and the AWS credentials are set"
+                if self.is_s3
+                else "check that the folder can be created and written"
+            )
+            raise StorageError(f"cannot write to {self.root}: {type(err).__name__}: {err}; {hint}") from None
+
+    # --- queries ---------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def list(self, rel_dir: str, suffix: str = "") -> list[str]:
+        """Files directly under `rel_dir` whose name ends with `suffix`, relative to the root, sorted."""
+        base = self.path(rel_dir)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            if entry.get("type") == "directory":
+                continue
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(suffix) and not name.startswith(".tmp-"):
+                names.append(f"{rel_dir.strip('/')}/{name}")
+        return sorted(names)
+
+    # --- reads -----------------------------------------------------------------
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri(rel)} does not exist") from None
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self.path(rel), "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def read_tables(self, rel_dir: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All `*.parquet` files under `rel_dir` concatenated, or None when there are none."""
+        tables = [self.read_table(rel, columns) for rel in self.list(rel_dir, ".parquet")]
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="default")
+
+    # --- atomic writes -----------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write a whole file atomically; returns its URI."""
+        target = self.path(rel)
+        if self.is_s3:
+            # A single PUT of a finished local file: the object appears whole or not at all.
+            with tempfile.NamedTemporaryFile(prefix="dalle-", delete=False) as tmp:
+                tmp.write(data)
+            try:
+                self.fs.put_file(tmp.name, target)
+            finally:
+                os.unlink(tmp.name)
+        else:
+            folder = os.path.dirname(target)
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp_name, target)
+            except BaseException:
+                if os.path.exists(tmp_name):
+                    os.unlink(tmp_name)
+                raise
+        return self.uri(rel)
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def write_table(self, rel: str, table: pa.Table) -> str:
+        """Write a Parquet file atomically; returns its URI."""
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        return self.write_bytes(rel, buffer.getvalue())
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass

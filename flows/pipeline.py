@@ -1,0 +1,41 @@
+"""The end-to-end pipeline on the embedded default: demo source → curation.
+
+The demo source is served over loopback HTTP for the length of the crawl, so the
+crawl is a real one. Later stages (dVAE, tokenize, transformer, galleries) join
+this flow as they are built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from dalle.config import config_from_dict
+from dalle.data.sources import DemoServer, build_site, url_table
+from dalle.storage import SOURCE, Storage
+from flows.curate import curate_flow
+
+DEMO_NETWORK = "127.0.0.0/8"
+DEMO_URLS = f"{SOURCE}/urls.parquet"
+DEMO_SERVER = f"{SOURCE}/server.json"
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(root: str, config: dict[str, Any] | None = None) -> dict:
+    """Generate and serve the captioned-shapes source, then curate it into `root`."""
+    cfg = config_from_dict(config)
+    if DEMO_NETWORK not in cfg.crawl.allow_networks:
+        cfg.crawl.allow_networks = [*cfg.crawl.allow_networks, DEMO_NETWORK]
+    storage = Storage(root)
+    # A re-run serves on the port of the first run, so the URL list (and the finished
+    # crawl shards) stay valid and the crawl resumes instead of starting over.
+    port = storage.read_json(DEMO_SERVER)["port"] if storage.exists(DEMO_SERVER) else 0
+    site = build_site(cfg.source)
+    with DemoServer(site, port=port) as server:
+        if not storage.exists(DEMO_SERVER):
+            storage.write_table(DEMO_URLS, url_table(site, server.base_url))
+            storage.write_json(DEMO_SERVER, {"port": server.port, "base_url": server.base_url})
+        get_run_logger().info(f"demo source: {len(site.rows)} URLs served at {server.base_url}")
+        report = curate_flow(storage.uri(DEMO_URLS), root, cfg.model_dump(mode="json"))
+    return {"root": storage.root, "curate": report}
