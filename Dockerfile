@@ -1,0 +1,25 @@
+# The pipeline as one image: Prefect workers, data stages and training all run from it.
+# CPU by default; for GPU nodes build FROM an NVIDIA CUDA runtime image with the same steps.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+WORKDIR /opt/dalle
+COPY pyproject.toml README.md ./
+COPY dalle ./dalle
+COPY flows ./flows
+COPY configs ./configs
+
+# img2dataset pulls in the `dataclasses` backport, which shadows the standard library
+# and breaks Prefect's API server: remove it after installing (see DESIGN.md).
+RUN pip install . \
+ && pip uninstall -y dataclasses \
+ && python -c "import dataclasses, sys; assert 'site-packages' not in dataclasses.__file__"
+
+RUN useradd --create-home dalle
+USER dalle
+ENTRYPOINT ["dalle"]
+CMD ["--help"]
