@@ -15,6 +15,7 @@ import functools
 import hashlib
 import http.server
 import io
+import socketserver
 import struct
 import threading
 import time
@@ -406,6 +407,13 @@ def bomb_png(side: int = 20000) -> bytes:
 
 class _QuietServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a handler still sleeping in /bad/slow never holds up close()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks socket.getfqdn for a name: a reverse DNS query that
+        # could leave the machine (127.0.0.2 is in no hosts file). The name is never used.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), port
 
     def handle_error(self, request, client_address) -> None:
         # Clients that time out and hang up are part of the tests; their broken pipes are not news.

@@ -1,0 +1,304 @@
+"""Duplicate removal: exact duplicates by sha256 of the image bytes, near duplicates by
+cosine similarity of CLIP image vectors searched with FAISS.
+
+Pure library: arrays in, a `DedupResult` out. The caller writes `{root}/reports/dedup.json`
+from `DedupResult.report`.
+
+Grouping is by connected components of the "near duplicate" graph, so groups can chain:
+a~b and b~c put a, b and c in one group even when a and c are below the threshold. That
+is accepted (it only ever removes more near-identical images); the similarity recorded for
+each removed row is its own cosine similarity to the survivor, so chained members are
+visible as rows whose similarity is below the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from dalle.config import DedupConfig
+
+# float32 inner products of unit vectors carry rounding of order 1e-7 (faiss and numpy
+# disagree in that digit); searching this much below the threshold keeps pairs at exactly
+# the threshold (threshold 1.0 on identical vectors included) and makes the flat index
+# agree with brute force.
+SIMILARITY_TOLERANCE = 1e-5
+
+# faiss warns below 39 training points per IVF cell; k-means gains little above 64.
+_MIN_TRAIN_PER_CELL = 39
+_MAX_TRAIN_PER_CELL = 64
+_INDEX_SEED = 1234
+
+
+@dataclass
+class DedupResult:
+    """Per-row decisions for removed rows (survivors have no entry) and the report for dedup.json."""
+
+    dup_of: dict[str, str] = field(default_factory=dict)
+    kind: dict[str, str] = field(default_factory=dict)
+    similarity: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def exact_groups(sha256: Sequence[str]) -> list[np.ndarray]:
+    """Indices of rows that share an image hash, one array per hash seen at least twice."""
+    hashes = np.asarray(list(sha256), dtype=object)
+    if len(hashes) == 0:
+        return []
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(counts)[:-1]
+    return [group for group in np.split(order, bounds) if len(group) >= 2]
+
+
+def _unit_vectors(vectors: np.ndarray, uids: Sequence[str] | None = None) -> np.ndarray:
+    """float32, C-contiguous, L2-normalised copy; NaN, inf or all-zero rows are an error."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be a 2-D array (rows, dim), got shape {vectors.shape}")
+    bad_value = ~np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(vectors, axis=1)
+    bad = bad_value | (norms == 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        who = f"uid {uids[row]!r}" if uids is not None else f"row {row}"
+        problem = "contains NaN or inf" if bad_value[row] else "is all zeros"
+        raise ValueError(
+            f"image vector of {who} {problem} ({int(bad.sum())} such rows in all); "
+            "re-run the embed stage for these images or drop them before dedup"
+        )
+    return np.ascontiguousarray(vectors / norms[:, None], dtype=np.float32)
+
+
+def choose_nlist(n: int, cfg: DedupConfig) -> int:
+    """IVF cells: cfg.ivf_nlist or about 4*sqrt(N), capped so every cell gets enough training points."""
+    wanted = cfg.ivf_nlist if cfg.ivf_nlist is not None else round(4 * math.sqrt(n))
+    return int(max(1, min(wanted, n // _MIN_TRAIN_PER_CELL)))
+
+
+def build_index(vectors: np.ndarray, cfg: DedupConfig) -> tuple[faiss.Index, dict[str, Any]]:
+    """Inner-product index over the (normalised) vectors: exact flat below cfg.ivf_min_size, IVF from it on."""
+    vectors = _unit_vectors(vectors)
+    n, dim = vectors.shape
+    if n < cfg.ivf_min_size:
+        index = faiss.IndexFlatIP(dim)
+        index.add(vectors)
+        return index, {"index": "flat", "nlist": None, "nprobe": None}
+
+    nlist = choose_nlist(n, cfg)
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = _INDEX_SEED
+    rng = np.random.default_rng(_INDEX_SEED)
+    train_size = min(n, _MAX_TRAIN_PER_CELL * nlist)
+    train_rows = np.sort(rng.choice(n, size=train_size, replace=False))
+    index.train(vectors[train_rows])
+    index.add(vectors)
+    index.nprobe = min(cfg.ivf_nprobe, nlist)
+    return index, {"index": "ivf", "nlist": nlist, "nprobe": int(index.nprobe), "train_size": int(train_size)}
+
+
+def range_neighbours(
+    index: faiss.Index, queries: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, indexed id, similarity) for every indexed vector at or above threshold, self included."""
+    # faiss keeps inner products strictly above the radius; search slightly lower, filter after.
+    lims, sims, ids = index.range_search(queries, float(threshold) - 2 * SIMILARITY_TOLERANCE)
+    keep = sims >= threshold - SIMILARITY_TOLERANCE
+    rows = np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64))
+    return rows[keep], ids[keep].astype(np.int64), sims[keep]
+
+
+def near_pairs(
+    index: faiss.Index, vectors: np.ndarray, threshold: float, chunk_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of indexed rows with inner product >= threshold, as arrays i, j, sim.
+
+    `vectors` are the rows that were added to `index`, in the same order. A pair is kept
+    when either endpoint finds the other, which matters for an approximate (IVF) index.
+    """
+    vectors = _unit_vectors(vectors)
+    n = len(vectors)
+    found_i, found_j, found_sim = [], [], []
+    for start in range(0, n, chunk_size):
+        rows, ids, sims = range_neighbours(index, vectors[start : start + chunk_size], threshold)
+        rows = rows + start
+        not_self = rows != ids
+        rows, ids, sims = rows[not_self], ids[not_self], sims[not_self]
+        found_i.append(np.minimum(rows, ids))
+        found_j.append(np.maximum(rows, ids))
+        found_sim.append(sims)
+    if not found_i:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    i, j, sim = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_sim)
+    _, first = np.unique(i * n + j, return_index=True)
+    return i[first], j[first], sim[first]
+
+
+def measure_recall(
+    vectors: np.ndarray, threshold: float, index: faiss.Index, sample_size: int, seed: int = 0
+) -> float | None:
+    """Share of brute-force neighbour pairs (>= threshold) of a seeded query sample that `index` finds.
+
+    None when brute force finds no pair for the sampled queries: there was nothing to miss,
+    and 1.0 would claim a measurement that was not made.
+    """
+    found, true_pairs, _ = recall_counts(vectors, threshold, index, sample_size, seed)
+    return found / true_pairs if true_pairs else None
+
+
+def recall_counts(
+    vectors: np.ndarray, threshold: float, index: faiss.Index, sample_size: int, seed: int = 0
+) -> tuple[int, int, int]:
+    """(pairs found by `index`, pairs found by brute force, queries) for a seeded sample of query rows.
+
+    Brute force is an exact numpy product of each query with every vector. Each query is
+    searched once, so this is a lower bound on `near_pairs`, which also keeps a pair that
+    only its other endpoint finds.
+    """
+    vectors = _unit_vectors(vectors)
+    n = len(vectors)
+    if n == 0:
+        return 0, 0, 0
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
+
+    truth_keys = []
+    for start in range(0, len(queries), 256):
+        chunk = queries[start : start + 256]
+        rows, ids = np.nonzero(vectors[chunk] @ vectors.T >= threshold)
+        not_self = chunk[rows] != ids
+        truth_keys.append((rows[not_self] + start) * n + ids[not_self])
+    truth_keys = np.concatenate(truth_keys)
+    if len(truth_keys) == 0:
+        return 0, 0, len(queries)
+
+    rows, ids, _ = range_neighbours(index, vectors[queries], threshold)
+    found = int(np.isin(truth_keys, rows * n + ids).sum())
+    return found, len(truth_keys), len(queries)
+
+
+def _survivor(members: np.ndarray, clip_scores: np.ndarray, uids: np.ndarray) -> int:
+    """Highest CLIP score wins; ties go to the smallest uid so reruns keep the same row."""
+    return min(members, key=lambda row: (-clip_scores[row], uids[row]))
+
+
+def deduplicate(
+    uids: Sequence[str],
+    sha256: Sequence[str],
+    vectors: np.ndarray,
+    clip_scores: Sequence[float],
+    cfg: DedupConfig,
+) -> DedupResult:
+    """Mark exact, then near duplicates; one survivor per group, every other member gets `dup_of`.
+
+    `dup_of` always names the group's final survivor. `kind` is "exact" when the row has the
+    survivor's sha256 and "near" otherwise; `similarity` is 1.0 for exact and the cosine
+    similarity to the survivor for near duplicates. A missing (NaN) CLIP score never wins.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    uids = np.asarray(list(uids), dtype=object)
+    sha256 = np.asarray(list(sha256), dtype=object)
+    scores = np.asarray(clip_scores, dtype=np.float64)
+    n = len(uids)
+    if not (len(sha256) == len(scores) == len(vectors) == n):
+        raise ValueError(
+            f"deduplicate needs one sha256, vector and clip_score per uid: got {n} uids, {len(sha256)} "
+            f"hashes, {len(vectors)} vectors, {len(scores)} clip scores"
+        )
+    if len(set(uids.tolist())) != n:
+        _, counts = np.unique(uids, return_counts=True)
+        raise ValueError(f"uids must be unique; {int((counts > 1).sum())} uids appear more than once")
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if n == 0 and vectors.ndim != 2:
+        vectors = vectors.reshape(0, 0)
+    vectors = _unit_vectors(vectors, uids)
+
+    # Exact stage: each hash group keeps its best row; only those rows go on to near search.
+    t0 = time.perf_counter()
+    exact_parent = np.arange(n)
+    hash_groups = exact_groups(sha256)
+    for group in hash_groups:
+        exact_parent[group] = _survivor(group, scores, uids)
+    reps = np.flatnonzero(exact_parent == np.arange(n))
+    timings["exact"] = time.perf_counter() - t0
+
+    # Near stage over the exact survivors.
+    t0 = time.perf_counter()
+    if len(reps) >= 2:
+        index, description = build_index(vectors[reps], cfg)
+    else:
+        index, description = None, {"index": "flat", "nlist": None, "nprobe": None}
+    timings["index_build"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if index is not None:
+        pair_i, pair_j, _ = near_pairs(index, vectors[reps], cfg.near_threshold)
+    else:
+        pair_i = pair_j = np.empty(0, np.int64)
+    timings["search"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if index is not None:
+        recall_found, recall_pairs, recall_queries = recall_counts(
+            vectors[reps], cfg.near_threshold, index, cfg.recall_sample, seed=0
+        )
+    else:
+        recall_found, recall_pairs, recall_queries = 0, 0, len(reps)
+    recall = recall_found / recall_pairs if recall_pairs else None
+    timings["recall"] = time.perf_counter() - t0
+
+    # Components over the exact survivors; a component of size >= 2 is a near group.
+    m = len(reps)
+    graph = coo_matrix((np.ones(len(pair_i), np.int8), (pair_i, pair_j)), shape=(m, m))
+    _, labels = connected_components(graph, directed=False) if m else (0, np.empty(0, np.int64))
+    near_parent = np.arange(n)
+    by_component = np.split(reps[np.argsort(labels, kind="stable")], np.cumsum(np.bincount(labels))[:-1])
+    near_groups = [members for members in by_component if len(members) >= 2]
+    for members in near_groups:
+        near_parent[members] = _survivor(members, scores, uids)
+
+    result = DedupResult()
+    final = near_parent[exact_parent]
+    for row in np.flatnonzero(final != np.arange(n)):
+        survivor = int(final[row])
+        uid = str(uids[row])
+        result.dup_of[uid] = str(uids[survivor])
+        if sha256[row] == sha256[survivor]:
+            result.kind[uid] = "exact"
+            result.similarity[uid] = 1.0
+        else:
+            result.kind[uid] = "near"
+            result.similarity[uid] = float(np.dot(vectors[row], vectors[survivor]))
+
+    group_sizes = np.bincount(final, minlength=n) if n else np.zeros(0, int)
+    kinds = list(result.kind.values())
+    timings["total"] = time.perf_counter() - started
+    result.report = {
+        "threshold": cfg.near_threshold,
+        "index": description,
+        "num_vectors": n,
+        "num_searched": m,
+        "duplicates_exact": kinds.count("exact"),
+        "duplicates_near": kinds.count("near"),
+        "groups_exact": len(hash_groups),
+        "groups_near": len(near_groups),
+        "largest_group": int(group_sizes.max()) if n else 0,
+        "survivors": n - len(result.dup_of),
+        "recall": recall,
+        "recall_sample": recall_queries,
+        "recall_true_pairs": recall_pairs,
+        "seconds": {name: round(value, 4) for name, value in timings.items()},
+    }
+    return result

@@ -1,0 +1,218 @@
+"""Exact and near duplicate removal (dalle/data/dedup.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dalle.config import DedupConfig
+from dalle.data.dedup import build_index, deduplicate, exact_groups, measure_recall, near_pairs
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def random_with_planted(n: int, dim: int, dups: int, seed: int = 0):
+    """n random unit vectors whose last `dups` rows are noisy copies (cosine ~0.98) of distinct earlier rows."""
+    rng = np.random.default_rng(seed)
+    vectors = unit(rng.standard_normal((n, dim)))
+    originals = rng.choice(n - dups, size=dups, replace=False)
+    noise = rng.standard_normal((dups, dim)) * (0.2 / np.sqrt(dim))
+    vectors[n - dups :] = unit(vectors[originals] + noise)
+    copies = np.arange(n - dups, n)
+    return vectors, originals, copies
+
+
+def table(n: int, seed: int = 0):
+    uids = [f"u{i:05d}" for i in range(n)]
+    sha = [f"sha{i}" for i in range(n)]
+    scores = np.random.default_rng(seed).uniform(0.2, 0.4, n)
+    return uids, sha, scores
+
+
+def test_exact_groups_are_rows_sharing_a_hash():
+    groups = exact_groups(["a", "b", "a", "c", "b", "a"])
+    assert sorted(g.tolist() for g in groups) == [[0, 2, 5], [1, 4]]
+    assert exact_groups(["a", "b"]) == []
+    assert exact_groups([]) == []
+
+
+def test_exact_duplicates_keep_the_highest_clip_score():
+    vectors, _, _ = random_with_planted(50, 16, 0)
+    uids, sha, scores = table(50)
+    for row in (3, 17, 40):  # same bytes at three URLs; the embedder may jitter the vector
+        sha[row] = "same"
+        vectors[row] = vectors[3] + np.float32(1e-3)
+    scores[[3, 17, 40]] = [0.30, 0.35, 0.10]
+
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig())
+
+    assert result.dup_of == {"u00003": "u00017", "u00040": "u00017"}
+    assert result.kind == {"u00003": "exact", "u00040": "exact"}
+    assert result.similarity == {"u00003": 1.0, "u00040": 1.0}
+    assert result.report["duplicates_exact"] == 2
+    assert result.report["duplicates_near"] == 0
+    assert result.report["largest_group"] == 3
+
+
+def test_planted_near_duplicates_found_with_flat_index():
+    vectors, originals, copies = random_with_planted(2000, 64, 60)
+    uids, sha, scores = table(2000)
+    scores[originals] = 0.9  # originals win, so every copy points at its own original
+
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.95, recall_sample=2000))
+
+    assert result.report["index"]["index"] == "flat"
+    assert result.dup_of == {uids[c]: uids[o] for o, c in zip(originals, copies)}
+    assert set(result.kind.values()) == {"near"}
+    for o, c in zip(originals, copies):
+        assert result.similarity[uids[c]] == pytest.approx(float(vectors[o] @ vectors[c]), abs=1e-5)
+        assert result.similarity[uids[c]] >= 0.95
+    assert result.report["duplicates_near"] == 60
+    assert result.report["groups_near"] == 60
+    assert result.report["recall"] == 1.0
+    assert result.report["recall_true_pairs"] == 120  # both directions of each planted pair
+
+
+def test_planted_near_duplicates_found_with_ivf_index():
+    n, dups = 25_000, 300  # large enough that nlist = 4*sqrt(N) is not capped by training points
+    vectors, originals, copies = random_with_planted(n, 64, dups, seed=1)
+    uids, sha, scores = table(n, seed=1)
+    cfg = DedupConfig(near_threshold=0.95, ivf_min_size=1000, ivf_nprobe=8, recall_sample=5000)
+
+    result = deduplicate(uids, sha, vectors, scores, cfg)
+
+    assert result.report["index"]["index"] == "ivf"
+    assert result.report["index"]["nlist"] == round(4 * np.sqrt(n))
+    assert result.report["index"]["nprobe"] == 8
+    assert result.report["recall"] >= 0.9
+    assert result.report["recall_true_pairs"] >= 30
+    planted = {frozenset((uids[o], uids[c])) for o, c in zip(originals, copies)}
+    found = {frozenset(pair) for pair in result.dup_of.items()}
+    assert len(planted & found) / len(planted) >= 0.9
+    assert found <= planted  # random 64-d vectors are never this similar by chance
+
+
+def test_ivf_recall_is_measured_not_assumed():
+    # One probed cell out of many: the index misses pairs that straddle cells, and recall says so.
+    vectors, _, _ = random_with_planted(4000, 32, 400, seed=2)
+    vectors[-400:] = unit(vectors[-400:] + np.random.default_rng(3).standard_normal((400, 32)) * 0.12)
+    cfg = DedupConfig(ivf_min_size=1, ivf_nlist=64, ivf_nprobe=1)
+    index, description = build_index(vectors, cfg)
+    assert description["index"] == "ivf"
+    ivf_recall = measure_recall(vectors, 0.9, index, sample_size=4000, seed=0)
+    flat_index, _ = build_index(vectors, DedupConfig())
+    assert measure_recall(vectors, 0.9, flat_index, sample_size=4000, seed=0) == 1.0
+    assert ivf_recall < 1.0
+
+
+def test_near_groups_chain_through_a_middle_member():
+    # a~b and b~c at cos 0.99, but a and c only at cos(2*acos 0.99) ~ 0.96 < threshold 0.985.
+    angle = np.arccos(0.99)
+    chain = np.zeros((3, 8), np.float32)
+    for k in range(3):
+        chain[k, 0], chain[k, 1] = np.cos(k * angle), np.sin(k * angle)
+    others = unit(np.random.default_rng(4).standard_normal((20, 8)))
+    others[:, :2] = 0  # orthogonal to the chain's plane
+    others = unit(others)
+    vectors = np.vstack([chain, others])
+    uids, sha, scores = table(len(vectors))
+    scores[:3] = [0.5, 0.1, 0.2]
+
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.985))
+
+    assert result.dup_of == {"u00001": "u00000", "u00002": "u00000"}
+    assert result.similarity["u00001"] == pytest.approx(0.99, abs=1e-5)
+    assert result.similarity["u00002"] == pytest.approx(np.cos(2 * angle), abs=1e-5)
+    assert result.similarity["u00002"] < 0.985
+    assert result.report["groups_near"] == 1
+    assert result.report["largest_group"] == 3
+
+
+def test_exact_group_joins_a_near_group_and_points_at_the_final_survivor():
+    vectors, _, _ = random_with_planted(10, 16, 0)
+    vectors[1] = vectors[0]
+    vectors[2] = unit(vectors[0] + 0.01)
+    uids, sha, scores = table(10)
+    sha[1] = sha[0]
+    scores[:3] = [0.3, 0.2, 0.4]
+
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig())
+
+    assert result.dup_of == {"u00000": "u00002", "u00001": "u00002"}
+    assert result.kind == {"u00000": "near", "u00001": "near"}
+    assert result.report["largest_group"] == 3
+
+
+def test_ties_go_to_the_smallest_uid_whatever_the_input_order():
+    vectors = np.tile(unit(np.ones((1, 8))), (4, 1))
+    uids = ["d", "b", "c", "a"]
+    sha = ["h"] * 4
+    scores = [0.3, 0.3, 0.1, 0.3]
+    first = deduplicate(uids, sha, vectors, scores, DedupConfig())
+    order = [2, 0, 3, 1]
+    second = deduplicate([uids[i] for i in order], sha, vectors, [scores[i] for i in order], DedupConfig())
+    assert first.dup_of == second.dup_of == {"b": "a", "c": "a", "d": "a"}
+
+
+def test_all_identical_vectors_form_one_group():
+    vectors = np.tile(unit(np.arange(1, 9, dtype=np.float32)), (30, 1))
+    uids, sha, scores = table(30)
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=1.0))
+    best = uids[int(np.argmax(scores))]
+    assert set(result.dup_of.values()) == {best}
+    assert len(result.dup_of) == 29
+    assert result.report["largest_group"] == 30
+
+
+def test_no_duplicates_gives_no_dup_of():
+    vectors, _, _ = random_with_planted(500, 32, 0)
+    uids, sha, scores = table(500)
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig(recall_sample=500))
+    assert result.dup_of == {} and result.kind == {} and result.similarity == {}
+    assert result.report["duplicates_exact"] == result.report["duplicates_near"] == 0
+    assert result.report["largest_group"] == 1
+    assert result.report["recall"] is None  # no true pair to miss: no claim made
+
+
+def test_nan_vector_is_an_error_naming_the_uid():
+    vectors, _, _ = random_with_planted(20, 8, 0)
+    vectors[7, 3] = np.nan
+    uids, sha, scores = table(20)
+    with pytest.raises(ValueError, match="u00007.*NaN"):
+        deduplicate(uids, sha, vectors, scores, DedupConfig())
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(vectors, DedupConfig())
+
+
+def test_zero_and_one_rows():
+    empty = deduplicate([], [], np.zeros((0, 16), np.float32), [], DedupConfig())
+    assert empty.dup_of == {}
+    assert empty.report["num_vectors"] == 0 and empty.report["largest_group"] == 0
+    one = deduplicate(["a"], ["h"], np.ones((1, 16), np.float32), [0.2], DedupConfig())
+    assert one.dup_of == {}
+    assert one.report["num_vectors"] == 1 and one.report["largest_group"] == 1
+
+
+def test_near_pairs_include_the_threshold_and_list_each_pair_once():
+    vectors = unit(np.array([[1, 0], [0.6, 0.8], [1, 0], [0, 1]], np.float32))
+    index, _ = build_index(vectors, DedupConfig())
+    i, j, _ = near_pairs(index, vectors, 0.6, chunk_size=1)
+    pairs = sorted(zip(i.tolist(), j.tolist()))
+    assert pairs == [(0, 1), (0, 2), (1, 2), (1, 3)]  # cos 0.6 and 0.8 at threshold 0.6 count
+
+
+def test_mismatched_lengths_are_an_error():
+    with pytest.raises(ValueError, match="one sha256, vector and clip_score per uid"):
+        deduplicate(["a", "b"], ["h"], np.ones((2, 4)), [0.1, 0.2], DedupConfig())
+
+
+def test_ivf_cells_are_capped_so_each_gets_enough_training_points():
+    vectors, _, _ = random_with_planted(2000, 16, 0)
+    _, default = build_index(vectors, DedupConfig(ivf_min_size=1000))
+    assert default["nlist"] == 2000 // 39  # 4*sqrt(2000) ~ 179 cells would get ~11 points each
+    _, chosen = build_index(vectors, DedupConfig(ivf_min_size=1000, ivf_nlist=20, ivf_nprobe=4))
+    assert (chosen["index"], chosen["nlist"], chosen["nprobe"]) == ("ivf", 20, 4)
+    _, flat = build_index(vectors, DedupConfig(ivf_min_size=2001))
+    assert flat["index"] == "flat"
