@@ -160,6 +160,10 @@ class ClipConfig(_Section):
 class DedupConfig(_Section):
     """Exact (sha256) and near (cosine similarity of CLIP image vectors) duplicate removal."""
 
+    vectors: Literal["clip", "clip_tokens"] = Field(
+        "clip",
+        description="Vectors compared for near duplicates: CLIP image embeddings, or the image tower's patch tokens.",
+    )
     near_threshold: float = Field(
         0.985, gt=0, le=1, description="Cosine similarity at or above which two images are near duplicates."
     )

@@ -42,6 +42,7 @@ CONFIG = {
             "max_steps": 300,
         }
     },
+    "dedup": {"vectors": "clip_tokens", "near_threshold": 0.95},
 }
 
 

@@ -29,7 +29,7 @@ from dalle.data.crawl import (
     read_raw_shard,
 )
 from dalle.data.dedup import deduplicate
-from dalle.data.embed import embed_stage
+from dalle.data.embed import embed_stage, vectors as embedding_matrix
 from dalle.data.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
 from dalle.models.clip import ClipModel, load_clip, save_clip, train_small_clip
 from dalle.schemas import CURATED, SAMPLES, SCHEMA_VERSION
@@ -222,6 +222,17 @@ def score_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict[str, 
     return dict(Counter(r["fate"] for r in out))
 
 
+def _token_vectors(clip: ClipModel, images: list[bytes], batch_size: int) -> np.ndarray:
+    """Patch-token vectors, centred on their mean over the set so that the shared background
+    does not make every pair look alike, then L2-normalised."""
+    tokens = clip.encode_image_tokens([_decode_rgb(b) for b in images], batch_size)
+    if len(tokens) == 0:
+        return np.zeros((0, clip.embed_dim), dtype=np.float32)
+    tokens -= tokens.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(tokens, axis=1, keepdims=True)
+    return (tokens / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
 # --- 4. deduplication ---------------------------------------------------------------------
 def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
     """Exact (sha256) then near (CLIP image vectors, FAISS) duplicates among the scored survivors."""
@@ -230,9 +241,9 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
     uids = [r["uid"] for r in rows]
     # Everything needed is cached by now, so embed_stage only reads.
     vectors_table = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)
-    vectors = np.asarray(vectors_table.column("image_embedding").to_pylist(), dtype=np.float32).reshape(
-        len(uids), clip.embed_dim
-    )
+    vectors = embedding_matrix(vectors_table, "image_embedding")
+    if cfg.dedup.vectors == "clip_tokens":
+        vectors = _token_vectors(clip, _images_for(storage, rows), cfg.clip.batch_size)
     scores = np.asarray([scored[u]["clip_score"] for u in uids], dtype=np.float32)
     result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, cfg.dedup)
     out = []
@@ -249,7 +260,7 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
         else:
             out.append({"uid": uid, "fate": PASS, "dup_of": None, "similarity": None})
     storage.write_table(DEDUP_TABLE, pa.Table.from_pylist(out, schema=DEDUP_SCHEMA))
-    report = {"clip_model": clip.identity, **result.report}
+    report = {"clip_model": clip.identity, "vectors": cfg.dedup.vectors, **result.report}
     storage.write_json(DEDUP_REPORT, report)
     return report
 

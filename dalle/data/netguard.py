@@ -298,6 +298,8 @@ def url_refusal(url: object) -> tuple[str, str] | None:
     except ValueError as err:
         return "malformed_url", f"{_short(text)!r} cannot be parsed: {err}"
     scheme = parts.scheme.lower()
+    if not scheme:
+        return "malformed_url", f"{_short(text)!r} is not an absolute URL (no scheme)"
     if scheme not in _FETCHED_SCHEMES:
         shown = repr(scheme) if scheme else "no scheme"
         return "scheme_not_allowed", f"{_short(text)!r} has {shown}; only http and https URLs are fetched"

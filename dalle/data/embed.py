@@ -1,0 +1,171 @@
+"""CLIP vectors of image-caption pairs, stored under {root}/embeddings/ keyed by uid.
+
+Each part file carries the identity of the CLIP that made it (schema metadata). A re-run
+with the same CLIP embeds only the uids it has not stored yet and adds one part for them;
+parts made by another CLIP are ignored, never mixed in and never deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dalle.models.clip import ClipModel, row_cosine
+from dalle.schemas import SchemaError, check_schema, embeddings_schema
+from dalle.storage import EMBEDDINGS, Storage
+
+CLIP_MODEL_KEY = b"dalle.clip_model"
+_PART_NAME = re.compile(r"part-(\d+)\.parquet$")
+
+
+def _decode(data: bytes, label: str) -> PIL.Image.Image:
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"{label} cannot be decoded as an image: {err}") from None
+
+
+def _embed(
+    clip: ClipModel, images: Sequence[bytes], captions: Sequence[str], batch_size: int, labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if len(images) != len(captions):
+        raise ValueError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
+    image_emb = np.zeros((len(images), clip.embed_dim), dtype=np.float32)
+    # Decode one batch at a time so that only a batch of decoded images is ever in memory.
+    for start in range(0, len(images), batch_size):
+        decoded = [
+            _decode(data, labels[start + i]) for i, data in enumerate(images[start : start + batch_size])
+        ]
+        image_emb[start : start + len(decoded)] = clip.encode_images(decoded, batch_size)
+    text_emb = clip.encode_texts(list(captions), batch_size)
+    return image_emb, text_emb, row_cosine(image_emb, text_emb)
+
+
+def embed_pairs(
+    clip: ClipModel, images: Sequence[bytes], captions: Sequence[str], batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image vectors, caption vectors, clip_score) of encoded images and their captions; vectors are unit-norm."""
+    return _embed(clip, images, captions, batch_size, [f"image {i}" for i in range(len(images))])
+
+
+def tagged_schema(clip: ClipModel) -> pa.Schema:
+    """`embeddings_schema` for this CLIP, tagged with its identity."""
+    schema = embeddings_schema(clip.embed_dim)
+    return schema.with_metadata({**schema.metadata, CLIP_MODEL_KEY: clip.identity.encode()})
+
+
+def vectors(table: pa.Table, column: str = "image_embedding") -> np.ndarray:
+    """A fixed-size-list column of an embeddings table as an (N, dim) float32 array."""
+    values = table.column(column).combine_chunks()
+    dim = values.type.list_size
+    return np.asarray(values.flatten(), dtype=np.float32).reshape(len(values), dim)
+
+
+def _to_table(schema: pa.Schema, uids: Sequence[str], image_emb, text_emb, clip_score) -> pa.Table:
+    dim = image_emb.shape[1]
+
+    def fixed(matrix: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), dim)
+
+    return pa.Table.from_arrays(
+        [pa.array(uids, pa.string()), fixed(image_emb), fixed(text_emb), pa.array(clip_score, pa.float32())],
+        schema=schema,
+    )
+
+
+def _read_stored(storage: Storage, wanted: set[str], schema: pa.Schema) -> list[pa.Table]:
+    """Rows of `wanted` uids from parts tagged with the same CLIP, reading only the row groups that hold them."""
+    identity = schema.metadata[CLIP_MODEL_KEY]
+    found: list[pa.Table] = []
+    remaining = set(wanted)
+    for rel in storage.list(EMBEDDINGS, ".parquet"):
+        if not remaining:
+            break
+        if not _PART_NAME.search(rel):
+            continue
+        with storage.fs.open(storage.path(rel), "rb") as handle:
+            part = pq.ParquetFile(handle)
+            stored_schema = part.schema_arrow
+            if (stored_schema.metadata or {}).get(CLIP_MODEL_KEY) != identity:
+                continue
+            check_schema(stored_schema, schema, storage.uri(rel))
+            if stored_schema.field("image_embedding").type != schema.field("image_embedding").type:
+                raise SchemaError(
+                    f"{storage.uri(rel)} holds {stored_schema.field('image_embedding').type} vectors but its CLIP "
+                    f"makes {schema.field('image_embedding').type}; delete the part"
+                )
+            value_set = pa.array(sorted(remaining), pa.string())
+            hits = pc.is_in(part.read(columns=["uid"]).column("uid"), value_set=value_set).to_numpy(
+                zero_copy_only=False
+            )
+            if not hits.any():
+                continue
+            bounds = np.cumsum(
+                [0] + [part.metadata.row_group(i).num_rows for i in range(part.num_row_groups)]
+            )
+            groups = [i for i in range(part.num_row_groups) if hits[bounds[i] : bounds[i + 1]].any()]
+            rows = part.read_row_groups(groups, columns=schema.names)
+        rows = rows.filter(pc.is_in(rows.column("uid"), value_set=value_set))
+        # A uid stored twice (two writers racing) is taken once, from the first part.
+        _, first = np.unique(rows.column("uid").to_numpy(zero_copy_only=False), return_index=True)
+        rows = rows.take(np.sort(first))
+        remaining -= set(rows.column("uid").to_pylist())
+        found.append(rows.cast(schema))
+    return found
+
+
+def _next_part(storage: Storage) -> str:
+    numbers = [
+        int(m.group(1)) for rel in storage.list(EMBEDDINGS, ".parquet") if (m := _PART_NAME.search(rel))
+    ]
+    return f"{EMBEDDINGS}/part-{max(numbers, default=-1) + 1:05d}.parquet"
+
+
+def embed_stage(
+    storage: Storage,
+    uids: Sequence[str],
+    images: Sequence[bytes],
+    captions: Sequence[str],
+    clip: ClipModel,
+    batch_size: int,
+) -> pa.Table:
+    """Embeddings of `uids` in the given order, embedding (and storing, as one new part) only those not yet stored for this CLIP."""
+    if not len(uids) == len(images) == len(captions):
+        raise ValueError(
+            f"embed_stage needs one image and one caption per uid, got {len(uids)} uids, "
+            f"{len(images)} images and {len(captions)} captions"
+        )
+    schema = tagged_schema(clip)
+    first_index = {}
+    for i, uid in enumerate(uids):
+        first_index.setdefault(uid, i)
+    tables = _read_stored(storage, set(first_index), schema)
+    stored = {uid for table in tables for uid in table.column("uid").to_pylist()}
+
+    missing = [i for uid, i in first_index.items() if uid not in stored]
+    if missing:
+        new_uids = [uids[i] for i in missing]
+        image_emb, text_emb, clip_score = _embed(
+            clip,
+            [images[i] for i in missing],
+            [captions[i] for i in missing],
+            batch_size,
+            [f"image of uid {uid}" for uid in new_uids],
+        )
+        new = _to_table(schema, new_uids, image_emb, text_emb, clip_score)
+        storage.write_table(_next_part(storage), new)
+        tables.append(new)
+
+    if not tables:
+        return schema.empty_table()
+    combined = pa.concat_tables(tables)
+    position = {uid: i for i, uid in enumerate(combined.column("uid").to_pylist())}
+    return combined.take(pa.array([position[uid] for uid in uids], pa.int64()))

@@ -1,0 +1,340 @@
+"""The pipeline's CLIP: a small one trained on shapes, checkpoints in and out, and the embed stage."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image, ImageDraw
+
+from dalle.config import ClipConfig, ClipTrainConfig, ConfigError
+from dalle.data.embed import CLIP_MODEL_KEY, embed_pairs, embed_stage, vectors
+from dalle.models.clip import CheckpointError, ClipModel, load_clip, save_clip, train_small_clip
+from dalle.storage import EMBEDDINGS, Storage
+
+COLORS = {"red": (215, 35, 35), "green": (35, 165, 45), "blue": (35, 60, 215), "yellow": (225, 195, 25)}
+SHAPES = ("circle", "square")
+CLASSES = [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
+
+SMALL = ClipTrainConfig(
+    image_size=32,
+    embed_dim=64,
+    vision_width=64,
+    vision_layers=2,
+    patch_size=8,
+    text_width=64,
+    text_layers=2,
+    text_heads=2,
+    context_length=16,
+    batch_size=64,
+    lr=2e-3,
+    max_steps=300,
+    max_seconds=20,
+    seed=0,
+)
+
+
+def make_shapes(count: int, seed: int, size: int = 40) -> tuple[list[Image.Image], list[str], np.ndarray]:
+    """`count` images of one coloured circle or square at a random place and size, with their captions."""
+    rng = random.Random(seed)
+    images, captions, labels = [], [], []
+    for i in range(count):
+        label = i % len(CLASSES)
+        _, color, shape = CLASSES[label].split()
+        image = Image.new("RGB", (size, size), (236, 234, 226))
+        radius = rng.randint(size // 6, size // 3)
+        x, y = rng.randint(radius, size - radius), rng.randint(radius, size - radius)
+        box = [x - radius, y - radius, x + radius, y + radius]
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
+        images.append(image)
+        captions.append(CLASSES[label])
+        labels.append(label)
+    return images, captions, np.array(labels)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # The machine's cores are shared; a model this small gains little from a second thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[ClipModel, list[tuple[int, float]]]:
+    images, captions, _ = make_shapes(200, seed=0)
+    losses: list[tuple[int, float]] = []
+    clip = train_small_clip(images, captions, SMALL, log=lambda step, loss: losses.append((step, loss)))
+    return clip, losses
+
+
+# --- the small CLIP ------------------------------------------------------------------
+
+
+def test_small_clip_finds_unseen_images_by_caption(trained):
+    clip, losses = trained
+    assert losses[-1][1] < losses[0][1] - 1.0, f"loss went {losses[0][1]:.2f} -> {losses[-1][1]:.2f}"
+    images, _, labels = make_shapes(80, seed=1)  # positions and sizes never seen in training
+    similarity = clip.encode_images(images) @ clip.encode_texts(CLASSES).T
+
+    separated = [
+        similarity[labels == k, k].mean() > similarity[labels != k, k].mean() + 0.1
+        for k in range(len(CLASSES))
+    ]
+    assert sum(separated) >= 7, (
+        f"matching images do not score higher for {np.flatnonzero(~np.array(separated))}"
+    )
+    accuracy = float((similarity.argmax(axis=1) == labels).mean())
+    assert accuracy >= 0.4, f"caption-of-image accuracy {accuracy:.2f}; chance is {1 / len(CLASSES):.2f}"
+
+
+def test_vectors_are_unit_norm_and_scores_are_cosines(trained):
+    clip, _ = trained
+    images, captions, _ = make_shapes(16, seed=2)
+    image_emb, text_emb = clip.encode_images(images, batch_size=5), clip.encode_texts(captions, batch_size=3)
+    assert image_emb.shape == text_emb.shape == (16, clip.embed_dim) and image_emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(clip.score(images, captions), (image_emb * text_emb).sum(axis=1), atol=1e-5)
+    np.testing.assert_allclose(clip.encode_images(images, batch_size=16), image_emb, atol=1e-5)
+
+
+def test_rerank_puts_matching_images_first(trained):
+    clip, _ = trained
+    images, _, labels = make_shapes(40, seed=3)
+    ranked = clip.rerank(images, "a blue square", top=5)
+    expected_scores = clip.score(images, ["a blue square"] * len(images))
+    assert [i for i, _ in ranked] == list(np.argsort(-expected_scores, kind="stable")[:5])
+    np.testing.assert_allclose([score for _, score in ranked], np.sort(expected_scores)[::-1][:5], atol=1e-5)
+    assert len(clip.rerank(images, "a blue square")) == len(images)
+    for color in COLORS:
+        best = [CLASSES[labels[i]] for i, _ in clip.rerank(images, f"a {color} square", top=3)]
+        assert all(caption.split()[1] == color for caption in best), (color, best)
+
+
+def test_training_starts_from_the_seeded_initialisation():
+    images, captions, _ = make_shapes(12, seed=4)
+    one_step = SMALL.model_copy(update={"max_steps": 1, "batch_size": 64})  # batch larger than the data
+    first = train_small_clip(images, captions, one_step)
+    again = train_small_clip(images, captions, one_step)
+    other = train_small_clip(images, captions, one_step.model_copy(update={"seed": 1}))
+    assert first.identity == again.identity != other.identity
+    assert first.identity.startswith("trained:")
+
+
+# --- checkpoints ---------------------------------------------------------------------
+
+
+def test_saved_clip_loads_back_identical(trained, run_root):
+    clip, _ = trained
+    storage = Storage(run_root)
+    uri = save_clip(clip, storage, "models/clip/step_00000300")
+    assert uri == storage.uri("models/clip/step_00000300")
+    assert storage.list("models/clip/step_00000300") == [
+        "models/clip/step_00000300/config.json",
+        "models/clip/step_00000300/model.safetensors",
+    ]
+
+    loaded = load_clip(ClipConfig(checkpoint=uri, device="cpu"))
+    assert loaded.identity == clip.identity
+    images, captions, _ = make_shapes(10, seed=5)
+    assert np.array_equal(loaded.encode_images(images), clip.encode_images(images))
+    assert np.array_equal(loaded.encode_texts(captions), clip.encode_texts(captions))
+
+
+def test_damaged_saved_weights_are_refused(trained, tmp_path):
+    clip, _ = trained
+    uri = save_clip(clip, Storage(tmp_path), "clip")
+    weights = Path(uri) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_clip(ClipConfig(checkpoint=uri, device="cpu"))
+
+
+TINY_ARCH = "dalle-test-tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def registered_tiny_architecture(tmp_path_factory) -> str:
+    """A small architecture registered with open_clip, as a user's own model config would be."""
+    folder = tmp_path_factory.mktemp("open_clip_configs")
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (folder / f"{TINY_ARCH}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{TINY_ARCH}.json")
+    return TINY_ARCH
+
+
+@pytest.mark.parametrize("layout", ["state_dict.pt", "training_checkpoint.pt", "weights.safetensors"])
+def test_open_clip_weights_file_loads_for_its_architecture(registered_tiny_architecture, tmp_path, layout):
+    torch.manual_seed(7)
+    reference = open_clip.create_model(registered_tiny_architecture).eval()
+    state_dict = reference.state_dict()
+    path = tmp_path / layout
+    if layout == "state_dict.pt":
+        torch.save(state_dict, path)
+    elif layout == "training_checkpoint.pt":  # open_clip's trainer saves DDP names inside a dict
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, path)
+    else:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+
+    clip = load_clip(ClipConfig(model=registered_tiny_architecture, checkpoint=str(path), device="cpu"))
+
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert clip.identity == f"checkpoint:{path}#{sha[:16]}"
+    assert clip.embed_dim == 32
+    texts = ["a red circle", "a green square"]
+    with torch.no_grad():
+        expected = reference.encode_text(
+            open_clip.get_tokenizer("", context_length=16)(texts), normalize=True
+        )
+    np.testing.assert_allclose(clip.encode_texts(texts), expected.numpy(), atol=1e-5)
+
+
+def test_weights_for_another_architecture_are_refused(registered_tiny_architecture, tmp_path):
+    small = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg={"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16},
+        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    )
+    torch.save(small.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not fit the architecture"):
+        load_clip(
+            ClipConfig(
+                model=registered_tiny_architecture, checkpoint=str(tmp_path / "other.pt"), device="cpu"
+            )
+        )
+
+
+def _leave_mark(path: str) -> None:
+    Path(path).write_text("unpickled")
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, mark: Path):
+        self.mark = str(mark)
+
+    def __reduce__(self):
+        return (_leave_mark, (self.mark,))
+
+
+def test_checkpoint_with_pickled_objects_is_refused(registered_tiny_architecture, tmp_path):
+    mark = tmp_path / "unpickled.txt"
+    weights = open_clip.create_model(registered_tiny_architecture).state_dict()
+    path = tmp_path / "trap.pt"
+    torch.save({"state_dict": weights, "extra": _RunsCodeWhenUnpickled(mark)}, path)
+
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_clip(ClipConfig(model=registered_tiny_architecture, checkpoint=str(path), device="cpu"))
+    assert not mark.exists()
+
+    torch.load(path, weights_only=False)  # the trap is armed: a plain unpickle runs its code
+    assert mark.exists()
+
+
+def test_no_pretrained_and_no_checkpoint_says_to_train():
+    with pytest.raises(ConfigError, match="train_small_clip"):
+        load_clip(ClipConfig(device="cpu"))
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_clip(ClipConfig(checkpoint=str(tmp_path / "nowhere.pt"), device="cpu"))
+
+
+# --- the embed stage -------------------------------------------------------------------
+
+
+def _parts(storage: Storage) -> list[str]:
+    return storage.list(EMBEDDINGS, ".parquet")
+
+
+def _clip_of_part(storage: Storage, rel: str) -> bytes:
+    with storage.fs.open(storage.path(rel), "rb") as handle:
+        return pq.read_schema(handle).metadata[CLIP_MODEL_KEY]
+
+
+def test_embed_stage_embeds_each_uid_once_per_clip(trained, run_root):
+    clip, _ = trained
+    storage = Storage(run_root)
+    images, captions, _ = make_shapes(23, seed=6)
+    encoded = [png(image) for image in images]
+    uids = [f"uid-{i:03d}" for i in range(23)]
+
+    first = embed_stage(storage, uids[:20], encoded[:20], captions[:20], clip, batch_size=8)
+    assert first.column("uid").to_pylist() == uids[:20]
+    assert _parts(storage) == [f"{EMBEDDINGS}/part-00000.parquet"]
+    assert _clip_of_part(storage, _parts(storage)[0]) == clip.identity.encode()
+    image_emb, text_emb = vectors(first, "image_embedding"), vectors(first, "text_embedding")
+    np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(
+        first.column("clip_score").to_numpy(), (image_emb * text_emb).sum(1), atol=1e-5
+    )
+    expected = embed_pairs(clip, encoded[:20], captions[:20], batch_size=8)
+    np.testing.assert_allclose(image_emb, expected[0], atol=1e-5)
+    np.testing.assert_allclose(text_emb, expected[1], atol=1e-5)
+
+    again = embed_stage(storage, uids[:20], encoded[:20], captions[:20], clip, batch_size=8)
+    assert _parts(storage) == [f"{EMBEDDINGS}/part-00000.parquet"]
+    assert again.equals(first)
+
+    # Three new uids among known ones, in another order: one new part with exactly those three.
+    order = [22, 3, 20, 0, 21, 7]
+    mixed = embed_stage(
+        storage, [uids[i] for i in order], [encoded[i] for i in order], [captions[i] for i in order], clip, 8
+    )
+    assert mixed.column("uid").to_pylist() == [uids[i] for i in order]
+    assert _parts(storage) == [f"{EMBEDDINGS}/part-00000.parquet", f"{EMBEDDINGS}/part-00001.parquet"]
+    new_part = storage.read_table(f"{EMBEDDINGS}/part-00001.parquet")
+    assert sorted(new_part.column("uid").to_pylist()) == [uids[20], uids[21], uids[22]]
+    np.testing.assert_array_equal(vectors(mixed)[[1, 3, 5]], image_emb[[3, 0, 7]])
+
+
+def test_embed_stage_ignores_vectors_of_another_clip(trained, tmp_path):
+    clip, _ = trained
+    storage = Storage(tmp_path / "run")
+    images, captions, _ = make_shapes(5, seed=7)
+    encoded, uids = [png(image) for image in images], [f"u{i}" for i in range(5)]
+    embed_stage(storage, uids, encoded, captions, clip, batch_size=4)
+
+    other = copy.copy(clip)
+    other.identity = "trained:another-model"
+    table = embed_stage(storage, uids, encoded, captions, other, batch_size=4)
+    assert table.column("uid").to_pylist() == uids
+    parts = _parts(storage)
+    assert len(parts) == 2  # the first CLIP's part is kept, a full part made for the other
+    identities = {_clip_of_part(storage, rel) for rel in parts}
+    assert identities == {clip.identity.encode(), b"trained:another-model"}
+    assert storage.read_table(parts[1]).num_rows == 5
+
+
+def test_embed_stage_names_an_undecodable_image(trained, tmp_path):
+    clip, _ = trained
+    with pytest.raises(ValueError, match="uid broken"):
+        embed_stage(Storage(tmp_path), ["broken"], [b"not an image"], ["a red circle"], clip, batch_size=4)
+    assert _parts(Storage(tmp_path)) == []
