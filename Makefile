@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/dalle demo --out $(DEMO_OUT)
+	$(BIN)/dalle demo --out $(DEMO_OUT) --config configs/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -160,12 +160,13 @@ class ClipConfig(_Section):
 class DedupConfig(_Section):
     """Exact (sha256) and near (cosine similarity of CLIP image vectors) duplicate removal."""
 
-    vectors: Literal["clip", "clip_tokens"] = Field(
-        "clip",
-        description="Vectors compared for near duplicates: CLIP image embeddings, or the image tower's patch tokens.",
+    vectors: Literal["auto", "clip", "clip_tokens"] = Field(
+        "auto",
+        description="Near-duplicate vectors: CLIP image embeddings, the image tower's patch tokens, or auto "
+        "(tokens for a small CLIP trained here, embeddings for a pretrained one).",
     )
     near_threshold: float = Field(
-        0.985, gt=0, le=1, description="Cosine similarity at or above which two images are near duplicates."
+        0.95, gt=0, le=1, description="Cosine similarity at or above which two images are near duplicates."
     )
     ivf_min_size: int = Field(
         50_000, ge=1, description="From this many vectors on, search with an IVF index instead of exact search."

@@ -14,14 +14,26 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from dalle.config import RunConfig, config_from_dict, dump_config
 from dalle.data import crawl as crawl_lib
 from dalle.data import curate as curate_lib
+from dalle.errors import USER_ERRORS
 from dalle.storage import Storage
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry I/O hiccups, never a bad input or setting: those fail the same way every time."""
+    try:
+        state.result()
+    except USER_ERRORS:
+        return False
+    except Exception:
+        return True
+    return False
 
 
 def _log(message: str) -> None:
     get_run_logger().info(message)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
     storage = Storage(root)
     storage.check_writable()
@@ -31,7 +43,7 @@ def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
     return prepared.__dict__
 
 
-@task(retries=1, retry_delay_seconds=10)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
 def crawl(root: str, cfg: RunConfig, prepared: dict) -> list[str]:
     shards = crawl_lib.run_crawl(Storage(root), cfg.crawl, crawl_lib.PreparedInput(**prepared))
     _log(f"{len(shards)} raw shards finished under {Storage(root).uri('raw')}")
@@ -64,7 +76,7 @@ def deduplicate(root: str, cfg: RunConfig, clip_uri: str | None, scored: dict) -
     return report
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def publish(root: str, cfg: RunConfig, clip_uri: str | None, dedup_report: dict) -> dict:
     return curate_lib.publish_stage(Storage(root), cfg, dedup_report["clip_model"])
 

@@ -222,6 +222,14 @@ def score_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict[str, 
     return dict(Counter(r["fate"] for r in out))
 
 
+def dedup_vectors(cfg: RunConfig) -> str:
+    """Which vectors near-duplicate search compares. A small CLIP trained on captions maps every
+    image of one caption to nearly one pooled vector, so its patch tokens are used instead."""
+    if cfg.dedup.vectors != "auto":
+        return cfg.dedup.vectors
+    return "clip" if (cfg.clip.pretrained or cfg.clip.checkpoint) else "clip_tokens"
+
+
 def _token_vectors(clip: ClipModel, images: list[bytes], batch_size: int) -> np.ndarray:
     """Patch-token vectors, centred on their mean over the set so that the shared background
     does not make every pair look alike, then L2-normalised."""
@@ -242,7 +250,7 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
     # Everything needed is cached by now, so embed_stage only reads.
     vectors_table = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)
     vectors = embedding_matrix(vectors_table, "image_embedding")
-    if cfg.dedup.vectors == "clip_tokens":
+    if dedup_vectors(cfg) == "clip_tokens":
         vectors = _token_vectors(clip, _images_for(storage, rows), cfg.clip.batch_size)
     scores = np.asarray([scored[u]["clip_score"] for u in uids], dtype=np.float32)
     result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, cfg.dedup)
@@ -260,7 +268,7 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
         else:
             out.append({"uid": uid, "fate": PASS, "dup_of": None, "similarity": None})
     storage.write_table(DEDUP_TABLE, pa.Table.from_pylist(out, schema=DEDUP_SCHEMA))
-    report = {"clip_model": clip.identity, "vectors": cfg.dedup.vectors, **result.report}
+    report = {"clip_model": clip.identity, "vectors": dedup_vectors(cfg), **result.report}
     storage.write_json(DEDUP_REPORT, report)
     return report
 
