@@ -165,8 +165,12 @@ class DedupConfig(_Section):
         description="Near-duplicate vectors: CLIP image embeddings, the image tower's patch tokens, or auto "
         "(tokens for a small CLIP trained here, embeddings for a pretrained one).",
     )
-    near_threshold: float = Field(
-        0.95, gt=0, le=1, description="Cosine similarity at or above which two images are near duplicates."
+    near_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Cosine similarity at or above which two images are near duplicates; "
+        "default 0.95 for CLIP embeddings, 0.99 for patch tokens.",
     )
     ivf_min_size: int = Field(
         50_000, ge=1, description="From this many vectors on, search with an IVF index instead of exact search."

@@ -46,7 +46,7 @@ def test_exact_duplicates_keep_the_highest_clip_score():
         vectors[row] = vectors[3] + np.float32(1e-3)
     scores[[3, 17, 40]] = [0.30, 0.35, 0.10]
 
-    result = deduplicate(uids, sha, vectors, scores, DedupConfig())
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.95))
 
     assert result.dup_of == {"u00003": "u00017", "u00040": "u00017"}
     assert result.kind == {"u00003": "exact", "u00040": "exact"}
@@ -102,7 +102,7 @@ def test_ivf_recall_is_measured_not_assumed():
     index, description = build_index(vectors, cfg)
     assert description["index"] == "ivf"
     ivf_recall = measure_recall(vectors, 0.9, index, sample_size=4000, seed=0)
-    flat_index, _ = build_index(vectors, DedupConfig())
+    flat_index, _ = build_index(vectors, DedupConfig(near_threshold=0.95))
     assert measure_recall(vectors, 0.9, flat_index, sample_size=4000, seed=0) == 1.0
     assert ivf_recall < 1.0
 
@@ -138,7 +138,7 @@ def test_exact_group_joins_a_near_group_and_points_at_the_final_survivor():
     sha[1] = sha[0]
     scores[:3] = [0.3, 0.2, 0.4]
 
-    result = deduplicate(uids, sha, vectors, scores, DedupConfig())
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.95))
 
     assert result.dup_of == {"u00000": "u00002", "u00001": "u00002"}
     assert result.kind == {"u00000": "near", "u00001": "near"}
@@ -150,9 +150,9 @@ def test_ties_go_to_the_smallest_uid_whatever_the_input_order():
     uids = ["d", "b", "c", "a"]
     sha = ["h"] * 4
     scores = [0.3, 0.3, 0.1, 0.3]
-    first = deduplicate(uids, sha, vectors, scores, DedupConfig())
+    first = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.95))
     order = [2, 0, 3, 1]
-    second = deduplicate([uids[i] for i in order], sha, vectors, [scores[i] for i in order], DedupConfig())
+    second = deduplicate([uids[i] for i in order], sha, vectors, [scores[i] for i in order], DedupConfig(near_threshold=0.95))
     assert first.dup_of == second.dup_of == {"b": "a", "c": "a", "d": "a"}
 
 
@@ -181,23 +181,23 @@ def test_nan_vector_is_an_error_naming_the_uid():
     vectors[7, 3] = np.nan
     uids, sha, scores = table(20)
     with pytest.raises(ValueError, match="u00007.*NaN"):
-        deduplicate(uids, sha, vectors, scores, DedupConfig())
+        deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.95))
     with pytest.raises(ValueError, match="NaN"):
-        build_index(vectors, DedupConfig())
+        build_index(vectors, DedupConfig(near_threshold=0.95))
 
 
 def test_zero_and_one_rows():
-    empty = deduplicate([], [], np.zeros((0, 16), np.float32), [], DedupConfig())
+    empty = deduplicate([], [], np.zeros((0, 16), np.float32), [], DedupConfig(near_threshold=0.95))
     assert empty.dup_of == {}
     assert empty.report["num_vectors"] == 0 and empty.report["largest_group"] == 0
-    one = deduplicate(["a"], ["h"], np.ones((1, 16), np.float32), [0.2], DedupConfig())
+    one = deduplicate(["a"], ["h"], np.ones((1, 16), np.float32), [0.2], DedupConfig(near_threshold=0.95))
     assert one.dup_of == {}
     assert one.report["num_vectors"] == 1 and one.report["largest_group"] == 1
 
 
 def test_near_pairs_include_the_threshold_and_list_each_pair_once():
     vectors = unit(np.array([[1, 0], [0.6, 0.8], [1, 0], [0, 1]], np.float32))
-    index, _ = build_index(vectors, DedupConfig())
+    index, _ = build_index(vectors, DedupConfig(near_threshold=0.95))
     i, j, _ = near_pairs(index, vectors, 0.6, chunk_size=1)
     pairs = sorted(zip(i.tolist(), j.tolist()))
     assert pairs == [(0, 1), (0, 2), (1, 2), (1, 3)]  # cos 0.6 and 0.8 at threshold 0.6 count
@@ -205,7 +205,7 @@ def test_near_pairs_include_the_threshold_and_list_each_pair_once():
 
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="one sha256, vector and clip_score per uid"):
-        deduplicate(["a", "b"], ["h"], np.ones((2, 4)), [0.1, 0.2], DedupConfig())
+        deduplicate(["a", "b"], ["h"], np.ones((2, 4)), [0.1, 0.2], DedupConfig(near_threshold=0.95))
 
 
 def test_ivf_cells_are_capped_so_each_gets_enough_training_points():

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from dalle.config import RunConfig
+from dalle.config import DedupConfig, RunConfig
 from dalle.data.crawl import (
     INPUT_MANIFEST,
     RAW_IMAGE_COLUMN,
@@ -230,6 +230,16 @@ def dedup_vectors(cfg: RunConfig) -> str:
     return "clip" if (cfg.clip.pretrained or cfg.clip.checkpoint) else "clip_tokens"
 
 
+DEFAULT_NEAR_THRESHOLD = {"clip": 0.95, "clip_tokens": 0.99}
+
+
+def dedup_settings(cfg: RunConfig) -> DedupConfig:
+    """The dedup config with the near-duplicate threshold resolved for the vectors in use."""
+    if cfg.dedup.near_threshold is not None:
+        return cfg.dedup
+    return cfg.dedup.model_copy(update={"near_threshold": DEFAULT_NEAR_THRESHOLD[dedup_vectors(cfg)]})
+
+
 def _token_vectors(clip: ClipModel, images: list[bytes], batch_size: int) -> np.ndarray:
     """Patch-token vectors, centred on their mean over the set so that the shared background
     does not make every pair look alike, then L2-normalised."""
@@ -253,7 +263,7 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
     if dedup_vectors(cfg) == "clip_tokens":
         vectors = _token_vectors(clip, _images_for(storage, rows), cfg.clip.batch_size)
     scores = np.asarray([scored[u]["clip_score"] for u in uids], dtype=np.float32)
-    result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, cfg.dedup)
+    result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, dedup_settings(cfg))
     out = []
     for uid in uids:
         if uid in result.dup_of:

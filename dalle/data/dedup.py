@@ -205,6 +205,8 @@ def deduplicate(
     survivor's sha256 and "near" otherwise; `similarity` is 1.0 for exact and the cosine
     similarity to the survivor for near duplicates. A missing (NaN) CLIP score never wins.
     """
+    if cfg.near_threshold is None:
+        raise ValueError("dedup.near_threshold is unset: resolve it first (dalle.data.curate.dedup_settings)")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     uids = np.asarray(list(uids), dtype=object)
