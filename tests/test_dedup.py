@@ -169,7 +169,7 @@ def test_all_identical_vectors_form_one_group():
 def test_no_duplicates_gives_no_dup_of():
     vectors, _, _ = random_with_planted(500, 32, 0)
     uids, sha, scores = table(500)
-    result = deduplicate(uids, sha, vectors, scores, DedupConfig(recall_sample=500))
+    result = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.95, recall_sample=500))
     assert result.dup_of == {} and result.kind == {} and result.similarity == {}
     assert result.report["duplicates_exact"] == result.report["duplicates_near"] == 0
     assert result.report["largest_group"] == 1
