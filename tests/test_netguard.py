@@ -456,7 +456,7 @@ def test_use_guard_in_img2dataset_builds_picklable_guarded_downloaders_and_resto
         ("ftp://example.test/a.png", "scheme_not_allowed"),
         ("file:///etc/passwd", "scheme_not_allowed"),
         ("javascript:alert(1)", "scheme_not_allowed"),
-        ("example.test/a.png", "scheme_not_allowed"),
+        ("example.test/a.png", "malformed_url"),
     ],
 )
 def test_url_refusal_names_urls_that_are_never_fetched(url, reason):
