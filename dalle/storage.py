@@ -69,7 +69,7 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return _s3_filesystem(), uri[len("s3://") :].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"unsupported location {uri!r}: use a local folder or s3://bucket/prefix")
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    path = uri.removeprefix("file://")
     return fsspec.filesystem("file"), str(Path(path).expanduser().resolve())
 
 
@@ -103,7 +103,7 @@ class Storage:
             self.delete(probe)
         except StorageError:
             raise
-        except Exception as err:  # the underlying client error names the cause
+        except Exception as err:  # noqa: BLE001 - the underlying client error names the cause
             hint = (
                 "check that the bucket exists and that AWS_ENDPOINT_URL and the AWS credentials are set"
                 if self.is_s3

@@ -24,7 +24,7 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
         state.result()
     except USER_ERRORS:
         return False
-    except Exception:
+    except Exception:  # noqa: BLE001 - anything else may be a passing I/O failure
         return True
     return False
 
@@ -97,8 +97,10 @@ def _publish_artifacts(root: str, report: dict) -> None:
     lines = [
         f"# Curation of `{storage.root}`",
         "",
-        f"**{report['kept']}** of {report['input_rows']} input rows kept; "
-        f"{report['duplicates_exact']} exact and {report['duplicates_near']} near duplicates removed.",
+        (
+            f"**{report['kept']}** of {report['input_rows']} input rows kept; "
+            f"{report['duplicates_exact']} exact and {report['duplicates_near']} near duplicates removed."
+        ),
         "",
         "| fate | reason | url | caption | detail |",
         "| --- | --- | --- | --- | --- |",

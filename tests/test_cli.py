@@ -14,7 +14,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    return subprocess.run([sys.executable, "-m", "dalle.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dalle.cli", *args], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_help_lists_every_command():

@@ -29,11 +29,13 @@ from dalle.data.crawl import (
     read_raw_shard,
 )
 from dalle.data.dedup import deduplicate
-from dalle.data.embed import embed_stage, vectors as embedding_matrix
+from dalle.data.embed import embed_stage
+from dalle.data.embed import vectors as embedding_matrix
 from dalle.data.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
 from dalle.models.clip import ClipModel, load_clip, save_clip, train_small_clip
 from dalle.schemas import CURATED, SAMPLES, SCHEMA_VERSION
-from dalle.storage import CURATE_WORK, CURATED as CURATED_DIR, MANIFEST, REPORTS, Storage, checkpoint_dir, latest_pointer
+from dalle.storage import CURATE_WORK, MANIFEST, REPORTS, Storage, checkpoint_dir, latest_pointer
+from dalle.storage import CURATED as CURATED_DIR
 
 FILTER_TABLE = f"{CURATE_WORK}/filter.parquet"
 SCORES_TABLE = f"{CURATE_WORK}/clip.parquet"
