@@ -259,11 +259,12 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
     scored = {r["uid"]: r for r in storage.read_table(SCORES_TABLE).to_pylist() if r["fate"] == PASS}
     rows = [r for r in _passing(storage) if r["uid"] in scored]
     uids = [r["uid"] for r in rows]
-    # Everything needed is cached by now, so embed_stage only reads.
-    vectors_table = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)
-    vectors = embedding_matrix(vectors_table, "image_embedding")
     if dedup_vectors(cfg) == "clip_tokens":
         vectors = _token_vectors(clip, _images_for(storage, rows), cfg.clip.batch_size)
+    else:
+        # Everything needed is cached by now, so embed_stage only reads.
+        stored = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)
+        vectors = embedding_matrix(stored, "image_embedding")
     scores = np.asarray([scored[u]["clip_score"] for u in uids], dtype=np.float32)
     result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, dedup_settings(cfg))
     out = []
