@@ -180,6 +180,105 @@ class DedupConfig(_Section):
     recall_sample: int = Field(500, ge=1, description="Queries used to measure the index's recall against brute force.")
 
 
+class DVAEConfig(_Section):
+    """The discrete VAE that turns an image into a grid of codes (stage one of the paper)."""
+
+    image_size: int = Field(64, ge=8, description="Side of the square images the dVAE encodes (paper: 256).")
+    downsample_steps: int = Field(
+        3, ge=1, le=6, description="Halvings from image to code grid: grid = image_size / 2**steps (paper: 3, 32x32)."
+    )
+    codebook_size: int = Field(512, ge=2, description="Number of distinct image codes (paper: 8192).")
+    hidden_width: int = Field(64, ge=8, description="Channels of the first encoder group; doubles per group (paper: 256).")
+    blocks_per_group: int = Field(1, ge=1, description="Residual blocks per resolution group (paper: 2).")
+    reconstruction: Literal["logit_laplace", "mse"] = Field(
+        "logit_laplace", description="Reconstruction likelihood: the paper's logit-Laplace, or mean squared error."
+    )
+    logit_laplace_eps: float = Field(
+        0.1, gt=0, lt=0.5, description="Pixels are squeezed into [eps, 1-eps] for the logit-Laplace likelihood."
+    )
+    temperature_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at step 0.")
+    temperature_end: float = Field(1 / 16, gt=0, description="Gumbel-softmax temperature reached after annealing.")
+    temperature_anneal_steps: int = Field(
+        5000, ge=1, description="Steps of the cosine annealing of the temperature (paper: 150,000)."
+    )
+    kl_weight: float = Field(
+        6.6, ge=0, description="Final weight beta of the KL term toward the uniform prior, in the paper's units."
+    )
+    kl_warmup_steps: int = Field(500, ge=0, description="Steps over which beta rises linearly from 0 (paper: 5,000).")
+
+    @model_validator(mode="after")
+    def _grid_divides(self) -> DVAEConfig:
+        if self.image_size % 2**self.downsample_steps:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**downsample_steps = {2**self.downsample_steps}"
+            )
+        return self
+
+    @property
+    def grid(self) -> int:
+        """Side of the code grid."""
+        return self.image_size // 2**self.downsample_steps
+
+
+ATTENTION_KINDS = ("full", "row", "column", "conv")
+
+
+class TransformerConfig(_Section):
+    """The decoder-only transformer over [text tokens ; image codes] (stage two of the paper)."""
+
+    text_seq_len: int = Field(32, ge=1, description="Text tokens per caption, padded or cut (paper: 256).")
+    text_vocab_size: int = Field(10_000, ge=2, description="Size of the text tokenizer's vocabulary (paper: 16,384).")
+    width: int = Field(256, ge=8, description="Model width (paper: 3,968).")
+    depth: int = Field(4, ge=1, description="Transformer layers (paper: 64).")
+    heads: int = Field(4, ge=1, description="Attention heads per layer (paper: 62).")
+    mlp_ratio: int = Field(4, ge=1, description="Hidden width of the feed-forward block, as a multiple of width.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on residual branches and attention.")
+    attention: str | list[str] = Field(
+        "full",
+        description="Attention mask per layer: 'full' (causal everywhere), 'paper' (row, column every fourth "
+        "layer from the second, convolutional last), or a list naming one of full/row/column/conv per layer.",
+    )
+    conv_kernel: int = Field(11, ge=1, description="Side of the convolutional attention mask's window (odd).")
+    text_loss_weight: float = Field(
+        0.125, ge=0, le=1, description="Weight of the text loss; the image loss gets the rest (paper: 1/8 and 7/8)."
+    )
+    cond_drop_prob: float = Field(
+        0.0, ge=0, lt=1, description="Chance of training a sample with its text dropped, for classifier-free guidance."
+    )
+    checkpoint_activations: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass to save memory."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TransformerConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
+        self.layer_attention()  # raises on a bad value
+        return self
+
+    def layer_attention(self) -> list[str]:
+        """The attention mask kind of every layer, first to last."""
+        if isinstance(self.attention, list):
+            kinds = list(self.attention)
+            if len(kinds) != self.depth:
+                raise ValueError(f"attention lists {len(kinds)} layers but depth is {self.depth}")
+        elif self.attention == "full":
+            kinds = ["full"] * self.depth
+        elif self.attention == "paper":
+            # Appendix B.1: layer i (1-based) uses column attention when (i - 2) % 4 == 0, row attention
+            # otherwise, and the last layer uses convolutional attention.
+            kinds = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, self.depth + 1)]
+            kinds[-1] = "conv"
+        else:
+            raise ValueError(f"attention must be 'full', 'paper' or a list of {ATTENTION_KINDS}, got {self.attention!r}")
+        unknown = sorted(set(kinds) - set(ATTENTION_KINDS))
+        if unknown:
+            raise ValueError(f"unknown attention kind(s) {unknown}; use {ATTENTION_KINDS}")
+        return kinds
+
+
 class RunConfig(_Section):
     """Everything a run needs; `configs/demo.yaml` is an instance of it."""
 
@@ -188,6 +287,10 @@ class RunConfig(_Section):
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Rule and CLIP-score filters.")
     clip: ClipConfig = Field(default_factory=ClipConfig, description="The CLIP model for scores and vectors.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate removal.")
+    dvae: DVAEConfig = Field(default_factory=DVAEConfig, description="The discrete VAE (image to codes).")
+    transformer: TransformerConfig = Field(
+        default_factory=TransformerConfig, description="The transformer over text tokens and image codes."
+    )
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none): a changed setting invalidates finished work."""

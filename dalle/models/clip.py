@@ -101,7 +101,9 @@ class ClipModel:
         return out
 
     @torch.inference_mode()
-    def encode_image_tokens(self, images: Sequence[PIL.Image.Image], batch_size: int | None = None) -> np.ndarray:
+    def encode_image_tokens(
+        self, images: Sequence[PIL.Image.Image], batch_size: int | None = None
+    ) -> np.ndarray:
         """The image tower's patch tokens, flattened: (N, patches * width) float32, not normalised.
 
         Unlike the pooled embedding, they keep where things are in the image; a small CLIP
@@ -118,7 +120,9 @@ class ClipModel:
         visual.output_tokens = True
         try:
             for start in range(0, len(images), batch_size):
-                batch = torch.stack([self.preprocess(_rgb(img)) for img in images[start : start + batch_size]])
+                batch = torch.stack(
+                    [self.preprocess(_rgb(img)) for img in images[start : start + batch_size]]
+                )
                 _, tokens = visual(batch.to(self.device))
                 chunks.append(tokens.float().reshape(len(batch), -1).cpu().numpy())
         finally:

@@ -1,0 +1,1 @@
+"""Sampling: generating image codes, CLIP reranking and galleries."""

@@ -1,0 +1,170 @@
+"""The discrete VAE: objective, schedules, codebook usage and reconstructions of the demo shapes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle.config import ConfigError, DVAEConfig, SourceConfig, config_from_dict
+from dalle.data.sources import BACKGROUND, COLORS, generate_samples
+from dalle.models.dvae import (
+    DiscreteVAE,
+    _logit_laplace_nll,
+    codebook_usage,
+    gumbel_temperature,
+    kl_weight,
+)
+
+TINY = DVAEConfig(image_size=16, downsample_steps=2, codebook_size=32, hidden_width=8)
+
+
+def test_round_trip_shapes_and_range():
+    torch.manual_seed(0)
+    model = DiscreteVAE(TINY).eval()
+    images = torch.rand(3, 3, 16, 16)
+    codes = model.encode(images)
+    assert codes.shape == (3, 4, 4) and codes.dtype == torch.long
+    assert codes.min() >= 0 and codes.max() < 32
+    assert torch.equal(codes, model.encode(images)), "encoding takes the argmax: no noise"
+    decoded = model.decode(codes)
+    assert decoded.shape == (3, 3, 16, 16)
+    assert decoded.min() >= 0 and decoded.max() <= 1
+    assert torch.equal(model.decode(codes.flatten(1)), decoded)
+
+
+@pytest.mark.parametrize("reconstruction", ["logit_laplace", "mse"])
+def test_bad_images_and_codes_are_named(reconstruction):
+    model = DiscreteVAE(TINY.model_copy(update={"reconstruction": reconstruction}))
+    with pytest.raises(ValueError, match="expected images of shape \\(batch, 3, 16, 16\\)"):
+        model.encode(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="codes must lie in \\[0, 32\\)"):
+        model.decode(torch.full((1, 4, 4), 32))
+
+
+def test_image_size_must_divide_into_the_grid():
+    with pytest.raises(ConfigError, match="not divisible by 2\\*\\*downsample_steps"):
+        config_from_dict({"dvae": {"image_size": 60, "downsample_steps": 3}})
+    assert DVAEConfig(image_size=256, downsample_steps=3).grid == 32  # the paper's 32x32 grid
+
+
+def test_temperature_anneals_on_a_cosine_from_one_to_a_sixteenth():
+    cfg = DVAEConfig(temperature_anneal_steps=1000)
+    taus = [gumbel_temperature(cfg, step) for step in range(0, 1201, 100)]
+    assert taus[0] == 1.0
+    assert taus[10] == pytest.approx(1 / 16) and taus[12] == pytest.approx(1 / 16)
+    assert all(a > b for a, b in zip(taus[:10], taus[1:11]))
+    assert taus[5] == pytest.approx((1 + 1 / 16) / 2)  # the cosine's midpoint
+
+
+def test_kl_weight_warms_up_linearly():
+    cfg = DVAEConfig(kl_weight=6.6, kl_warmup_steps=500)
+    assert kl_weight(cfg, 0) == 0
+    assert kl_weight(cfg, 250) == pytest.approx(3.3)
+    assert kl_weight(cfg, 500) == kl_weight(cfg, 10_000) == pytest.approx(6.6)
+
+
+def test_logit_laplace_is_a_laplace_in_logit_space():
+    x = torch.tensor([0.1, 0.3, 0.5, 0.85])
+    mu = torch.tensor([0.0, -1.0, 0.5, 2.0])
+    log_b = torch.tensor([0.0, -1.0, 0.3, -2.0])
+    laplace = torch.distributions.Laplace(mu, log_b.exp())
+    logit = torch.log(x / (1 - x))
+    # Change of variables: p(x) = Laplace(logit x) * |d logit x / dx| = Laplace(logit x) / (x (1 - x)).
+    expected = -(laplace.log_prob(logit) - torch.log(x * (1 - x)))
+    torch.testing.assert_close(_logit_laplace_nll(x, mu, log_b), expected)
+
+
+def test_kl_is_zero_for_uniform_codes_and_weighted_per_pixel_value():
+    model = DiscreteVAE(TINY)
+    with torch.no_grad():
+        model.encoder.net[-1].weight.zero_()
+        model.encoder.net[-1].bias.zero_()
+    out = model(torch.rand(2, 3, 16, 16), step=10_000)
+    assert out.kl == pytest.approx(0.0, abs=1e-6)
+    assert out.kl_weight == TINY.kl_weight
+
+
+def test_codebook_usage_shows_collapse():
+    spread = codebook_usage(torch.arange(64) % 16, 16)
+    assert spread["codebook_perplexity"] == pytest.approx(16) and spread["codebook_used_share"] == 1.0
+    collapsed = codebook_usage(torch.zeros(64, dtype=torch.long), 16)
+    assert collapsed["codebook_perplexity"] == pytest.approx(1) and collapsed["codebook_used_share"] == 1 / 16
+
+
+def test_a_tiny_dvae_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = TINY.model_copy(update={"reconstruction": "mse", "kl_weight": 0.0, "temperature_anneal_steps": 200})
+    model = DiscreteVAE(cfg)
+    # Four flat demo colours: each image needs one code, repeated over the grid.
+    names = ["red", "green", "blue", "yellow"]
+    colours = torch.tensor([COLORS[n] for n in names], dtype=torch.float32).view(4, 3, 1, 1) / 255
+    images = colours.expand(4, 3, 16, 16).contiguous()
+    optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
+    for step in range(300):
+        out = model(images, step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert out.reconstruction < 1e-3, out
+    codes = model.eval().encode(images)
+    assert len({int(c) for c in codes[:, 0, 0]}) == 4, "one code per colour"
+    error = (model.decode(codes) - images).abs().max()
+    assert error < 0.03, f"largest pixel error {error:.3f}"
+
+
+# ----- the demo shapes --------------------------------------------------------------------
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255
+
+
+def object_colour(reconstruction: torch.Tensor, original: torch.Tensor) -> str:
+    """Nearest demo colour to the reconstruction's most saturated half of the object's pixels."""
+    background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None] / 255
+    inside = (original.flatten(1) - background).abs().sum(0) > 0.3
+    pixels = reconstruction.flatten(1)[:, inside]
+    distance = (pixels - background).abs().sum(0)
+    colour = pixels[:, distance >= distance.median()].mean(1)
+    names = list(COLORS)
+    palette = torch.tensor([COLORS[n] for n in names], dtype=torch.float32) / 255
+    return names[int(((palette - colour) ** 2).sum(1).argmin())]
+
+
+def test_reconstructions_of_demo_shapes_keep_the_colour():
+    source = SourceConfig(num_images=600, image_size=32, pair_fraction=0.0, heldout=[])
+    samples = generate_samples(source)
+    images = torch.tensor(np.stack([_pixels(s.image) for s in samples])).permute(0, 3, 1, 2)
+    train, test = images[:500], images[500:]
+    steps = 500  # about 45 s on two cores
+    cfg = DVAEConfig(  # the paper's objective (logit-Laplace, KL weight 6.6), scaled down
+        image_size=32,
+        downsample_steps=2,
+        codebook_size=128,
+        hidden_width=32,
+        temperature_anneal_steps=steps,
+        kl_warmup_steps=steps // 5,
+    )
+    torch.manual_seed(0)
+    model = DiscreteVAE(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        out = model(train[torch.randint(0, len(train), (32,), generator=g)], step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.eval()
+    reconstructions = model.decode(model.encode(test))
+    right = [
+        object_colour(r, x) == s.objects[0].color for r, x, s in zip(reconstructions, test, samples[500:])
+    ]
+    assert np.mean(right) >= 0.8, f"object colour right in {np.mean(right):.0%} of held-out images"
+    usage = codebook_usage(model.encode(test), cfg.codebook_size)
+    assert usage["codebook_used_share"] > 0.05, usage
+    assert math.isfinite(out.loss.item())
