@@ -56,7 +56,9 @@ def cmd_serve_demo(args: argparse.Namespace) -> int:
     with DemoServer(site, host=args.host, port=args.port) as server:
         uri = Storage(args.out).write_table("urls.parquet", url_table(site, server.base_url))
         print(f"serving {len(site.rows)} demo images at {server.base_url}; URL list: {uri}")
-        print(f"crawl it with: dalle curate --urls {uri} --out RUN --allow-network 127.0.0.0/8   (Ctrl-C stops)")
+        print(
+            f"crawl it with: dalle curate --urls {uri} --out RUN --allow-network 127.0.0.0/8   (Ctrl-C stops)"
+        )
         try:
             while True:
                 time.sleep(3600)
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     curate = commands.add_parser("curate", help="crawl a URL list and curate it (filter, CLIP, dedup)")
-    curate.add_argument("--urls", required=True, help="URL list: .parquet, .csv, .tsv, .txt or .jsonl, local or s3://")
+    curate.add_argument(
+        "--urls", required=True, help="URL list: .parquet, .csv, .tsv, .txt or .jsonl, local or s3://"
+    )
     common(curate, "run root: a local folder or s3://bucket/prefix")
     networks(curate)
     curate.set_defaults(func=cmd_curate)

@@ -27,8 +27,12 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """The built-in captioned-shapes source (the demo's embedded default)."""
 
-    seed: int = Field(0, description="Seed of the generator: the same seed gives the same images and captions.")
-    num_images: int = Field(1200, ge=1, description="Number of distinct generated images (before planted duplicates).")
+    seed: int = Field(
+        0, description="Seed of the generator: the same seed gives the same images and captions."
+    )
+    num_images: int = Field(
+        1200, ge=1, description="Number of distinct generated images (before planted duplicates)."
+    )
     image_size: int = Field(64, ge=16, description="Side of the generated square images, in pixels.")
     colors: list[str] = Field(
         default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"],
@@ -43,10 +47,17 @@ class SourceConfig(_Section):
         description="'colour shape' combinations never shown in training images; prompted later for zero-shot.",
     )
     pair_fraction: float = Field(
-        0.2, ge=0, le=1, description="Share of images with two objects and a relation ('a red circle above ...')."
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of images with two objects and a relation ('a red circle above ...').",
     )
-    exact_duplicates: int = Field(30, ge=0, description="Planted exact duplicates: the same bytes at another URL.")
-    near_duplicates: int = Field(30, ge=0, description="Planted near duplicates: resized and re-encoded copies.")
+    exact_duplicates: int = Field(
+        30, ge=0, description="Planted exact duplicates: the same bytes at another URL."
+    )
+    near_duplicates: int = Field(
+        30, ge=0, description="Planted near duplicates: resized and re-encoded copies."
+    )
 
     @model_validator(mode="after")
     def _heldout_known(self) -> SourceConfig:
@@ -76,11 +87,16 @@ class CrawlConfig(_Section):
     threads: int = Field(32, ge=1, description="Download threads per worker process.")
     timeout_s: float = Field(10.0, gt=0, description="Per-request timeout in seconds.")
     retries: int = Field(0, ge=0, description="Download retries per URL after a failure.")
-    samples_per_shard: int = Field(10_000, ge=1, description="URLs per img2dataset shard (the unit of resume).")
-    user_agent_token: str = Field(
-        "dalle-pipeline", description="Token sent in the User-Agent and matched in robots.txt and X-Robots-Tag."
+    samples_per_shard: int = Field(
+        10_000, ge=1, description="URLs per img2dataset shard (the unit of resume)."
     )
-    respect_robots_txt: bool = Field(True, description="Skip URLs that the site's robots.txt disallows for us.")
+    user_agent_token: str = Field(
+        "dalle-pipeline",
+        description="Token sent in the User-Agent and matched in robots.txt and X-Robots-Tag.",
+    )
+    respect_robots_txt: bool = Field(
+        True, description="Skip URLs that the site's robots.txt disallows for us."
+    )
     robots_timeout_s: float = Field(5.0, gt=0, description="Timeout for fetching one robots.txt.")
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
@@ -94,7 +110,9 @@ class CrawlConfig(_Section):
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as err:
-                raise ValueError(f"allow_networks entry {cidr!r} is not a CIDR like 127.0.0.0/8: {err}") from None
+                raise ValueError(
+                    f"allow_networks entry {cidr!r} is not a CIDR like 127.0.0.0/8: {err}"
+                ) from None
         return value
 
 
@@ -102,10 +120,14 @@ class FilterConfig(_Section):
     """Rule filters and the CLIP-score filter; every decision is recorded with its threshold."""
 
     min_side: int = Field(32, ge=1, description="Smallest accepted image side, in pixels.")
-    max_aspect_ratio: float = Field(3.0, ge=1, description="Largest accepted ratio of long side to short side.")
+    max_aspect_ratio: float = Field(
+        3.0, ge=1, description="Largest accepted ratio of long side to short side."
+    )
     min_image_bytes: int = Field(200, ge=0, description="Smallest accepted encoded image size, in bytes.")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Largest accepted declared width*height (guards against decompression bombs)."
+        40_000_000,
+        ge=1,
+        description="Largest accepted declared width*height (guards against decompression bombs).",
     )
     min_caption_chars: int = Field(3, ge=0, description="Shortest accepted caption, in characters.")
     max_caption_chars: int = Field(512, ge=1, description="Longest accepted caption, in characters.")
@@ -115,7 +137,10 @@ class FilterConfig(_Section):
         None, description="Drop pairs whose image-caption CLIP cosine similarity is below this value."
     )
     clip_keep_top_fraction: float | None = Field(
-        None, gt=0, le=1, description="Keep only this top fraction of pairs by CLIP score, over the whole input."
+        None,
+        gt=0,
+        le=1,
+        description="Keep only this top fraction of pairs by CLIP score, over the whole input.",
     )
 
     @model_validator(mode="after")
@@ -140,21 +165,29 @@ class ClipTrainConfig(_Section):
     batch_size: int = Field(64, ge=2, description="Pairs per contrastive batch.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     max_steps: int = Field(600, ge=1, description="Upper bound on optimisation steps.")
-    max_seconds: float = Field(90.0, gt=0, description="Wall-clock budget for training; stops early when spent.")
+    max_seconds: float = Field(
+        90.0, gt=0, description="Wall-clock budget for training; stops early when spent."
+    )
     seed: int = Field(0, description="Seed for initialisation and batch order.")
 
 
 class ClipConfig(_Section):
     """Which open_clip model embeds images and captions."""
 
-    model: str = Field("ViT-B-32", description="open_clip architecture name, used with `pretrained` or `checkpoint`.")
+    model: str = Field(
+        "ViT-B-32", description="open_clip architecture name, used with `pretrained` or `checkpoint`."
+    )
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag (e.g. laion2b_s34b_b79k); needs network access."
     )
     checkpoint: str | None = Field(None, description="Local or S3 path of a CLIP checkpoint to load instead.")
-    train: ClipTrainConfig = Field(default_factory=ClipTrainConfig, description="Small CLIP trained when neither is set.")
+    train: ClipTrainConfig = Field(
+        default_factory=ClipTrainConfig, description="Small CLIP trained when neither is set."
+    )
     batch_size: int = Field(128, ge=1, description="Images or captions per embedding batch.")
-    device: str = Field("auto", description="torch device for CLIP: 'auto' picks cuda when available, else cpu.")
+    device: str = Field(
+        "auto", description="torch device for CLIP: 'auto' picks cuda when available, else cpu."
+    )
 
 
 class DedupConfig(_Section):
@@ -173,11 +206,15 @@ class DedupConfig(_Section):
         "default 0.95 for CLIP embeddings, 0.99 for patch tokens.",
     )
     ivf_min_size: int = Field(
-        50_000, ge=1, description="From this many vectors on, search with an IVF index instead of exact search."
+        50_000,
+        ge=1,
+        description="From this many vectors on, search with an IVF index instead of exact search.",
     )
     ivf_nlist: int | None = Field(None, ge=1, description="IVF cells; default about 4*sqrt(N).")
     ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
-    recall_sample: int = Field(500, ge=1, description="Queries used to measure the index's recall against brute force.")
+    recall_sample: int = Field(
+        500, ge=1, description="Queries used to measure the index's recall against brute force."
+    )
 
 
 class DVAEConfig(_Section):
@@ -185,26 +222,41 @@ class DVAEConfig(_Section):
 
     image_size: int = Field(64, ge=8, description="Side of the square images the dVAE encodes (paper: 256).")
     downsample_steps: int = Field(
-        3, ge=1, le=6, description="Halvings from image to code grid: grid = image_size / 2**steps (paper: 3, 32x32)."
+        3,
+        ge=1,
+        le=6,
+        description="Halvings from image to code grid: grid = image_size / 2**steps (paper: 3, 32x32).",
     )
     codebook_size: int = Field(512, ge=2, description="Number of distinct image codes (paper: 8192).")
-    hidden_width: int = Field(64, ge=8, description="Channels of the first encoder group; doubles per group (paper: 256).")
+    hidden_width: int = Field(
+        64, ge=8, description="Channels of the first encoder group; doubles per group (paper: 256)."
+    )
     blocks_per_group: int = Field(1, ge=1, description="Residual blocks per resolution group (paper: 2).")
     reconstruction: Literal["logit_laplace", "mse"] = Field(
-        "logit_laplace", description="Reconstruction likelihood: the paper's logit-Laplace, or mean squared error."
+        "logit_laplace",
+        description="Reconstruction likelihood: the paper's logit-Laplace, or mean squared error.",
     )
     logit_laplace_eps: float = Field(
-        0.1, gt=0, lt=0.5, description="Pixels are squeezed into [eps, 1-eps] for the logit-Laplace likelihood."
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="Pixels are squeezed into [eps, 1-eps] for the logit-Laplace likelihood.",
     )
     temperature_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at step 0.")
-    temperature_end: float = Field(1 / 16, gt=0, description="Gumbel-softmax temperature reached after annealing.")
+    temperature_end: float = Field(
+        1 / 16, gt=0, description="Gumbel-softmax temperature reached after annealing."
+    )
     temperature_anneal_steps: int = Field(
         5000, ge=1, description="Steps of the cosine annealing of the temperature (paper: 150,000)."
     )
     kl_weight: float = Field(
-        6.6, ge=0, description="Final weight beta of the KL term toward the uniform prior, in the paper's units."
+        6.6,
+        ge=0,
+        description="Final weight beta of the KL term toward the uniform prior, in the paper's units.",
     )
-    kl_warmup_steps: int = Field(500, ge=0, description="Steps over which beta rises linearly from 0 (paper: 5,000).")
+    kl_warmup_steps: int = Field(
+        500, ge=0, description="Steps over which beta rises linearly from 0 (paper: 5,000)."
+    )
 
     @model_validator(mode="after")
     def _grid_divides(self) -> DVAEConfig:
@@ -227,11 +279,15 @@ class TransformerConfig(_Section):
     """The decoder-only transformer over [text tokens ; image codes] (stage two of the paper)."""
 
     text_seq_len: int = Field(32, ge=1, description="Text tokens per caption, padded or cut (paper: 256).")
-    text_vocab_size: int = Field(10_000, ge=2, description="Size of the text tokenizer's vocabulary (paper: 16,384).")
+    text_vocab_size: int = Field(
+        10_000, ge=2, description="Size of the text tokenizer's vocabulary (paper: 16,384)."
+    )
     width: int = Field(256, ge=8, description="Model width (paper: 3,968).")
     depth: int = Field(4, ge=1, description="Transformer layers (paper: 64).")
     heads: int = Field(4, ge=1, description="Attention heads per layer (paper: 62).")
-    mlp_ratio: int = Field(4, ge=1, description="Hidden width of the feed-forward block, as a multiple of width.")
+    mlp_ratio: int = Field(
+        4, ge=1, description="Hidden width of the feed-forward block, as a multiple of width."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on residual branches and attention.")
     attention: str | list[str] = Field(
         "full",
@@ -240,10 +296,16 @@ class TransformerConfig(_Section):
     )
     conv_kernel: int = Field(11, ge=1, description="Side of the convolutional attention mask's window (odd).")
     text_loss_weight: float = Field(
-        0.125, ge=0, le=1, description="Weight of the text loss; the image loss gets the rest (paper: 1/8 and 7/8)."
+        0.125,
+        ge=0,
+        le=1,
+        description="Weight of the text loss; the image loss gets the rest (paper: 1/8 and 7/8).",
     )
     cond_drop_prob: float = Field(
-        0.0, ge=0, lt=1, description="Chance of training a sample with its text dropped, for classifier-free guidance."
+        0.0,
+        ge=0,
+        lt=1,
+        description="Chance of training a sample with its text dropped, for classifier-free guidance.",
     )
     checkpoint_activations: bool = Field(
         False, description="Recompute each layer's activations in the backward pass to save memory."
@@ -272,7 +334,9 @@ class TransformerConfig(_Section):
             kinds = ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, self.depth + 1)]
             kinds[-1] = "conv"
         else:
-            raise ValueError(f"attention must be 'full', 'paper' or a list of {ATTENTION_KINDS}, got {self.attention!r}")
+            raise ValueError(
+                f"attention must be 'full', 'paper' or a list of {ATTENTION_KINDS}, got {self.attention!r}"
+            )
         unknown = sorted(set(kinds) - set(ATTENTION_KINDS))
         if unknown:
             raise ValueError(f"unknown attention kind(s) {unknown}; use {ATTENTION_KINDS}")
@@ -282,7 +346,9 @@ class TransformerConfig(_Section):
 class RunConfig(_Section):
     """Everything a run needs; `configs/demo.yaml` is an instance of it."""
 
-    source: SourceConfig = Field(default_factory=SourceConfig, description="The built-in captioned-shapes source.")
+    source: SourceConfig = Field(
+        default_factory=SourceConfig, description="The built-in captioned-shapes source."
+    )
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Downloading with img2dataset.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Rule and CLIP-score filters.")
     clip: ClipConfig = Field(default_factory=ClipConfig, description="The CLIP model for scores and vectors.")
@@ -316,7 +382,9 @@ def config_from_dict(data: dict[str, Any] | None, origin: str = "configuration")
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{origin} must be a mapping of sections (source, crawl, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{origin} must be a mapping of sections (source, crawl, ...), got {type(data).__name__}"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

@@ -40,7 +40,9 @@ SHARDS = "shards"
 GALLERIES = "galleries"
 REPORTS = "reports"
 MANIFEST = "_manifest.json"
-CURATE_WORK = "curated/_stages"  # per-stage decisions of the curation flow, joined into reports/samples.parquet
+CURATE_WORK = (
+    "curated/_stages"  # per-stage decisions of the curation flow, joined into reports/samples.parquet
+)
 
 
 def checkpoint_dir(model: str, step: int) -> str:

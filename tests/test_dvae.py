@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 
 import numpy as np
@@ -42,6 +43,12 @@ def test_bad_images_and_codes_are_named(reconstruction):
     model = DiscreteVAE(TINY.model_copy(update={"reconstruction": reconstruction}))
     with pytest.raises(ValueError, match="expected images of shape \\(batch, 3, 16, 16\\)"):
         model.encode(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="images must lie in \\[0, 1\\]"):
+        model(torch.rand(2, 3, 16, 16) * 255, step=0)
+    with pytest.raises(ValueError, match="images must lie in"):
+        model.encode(torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(ValueError, match="divide bytes by 255"):
+        model.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match="codes must lie in \\[0, 32\\)"):
         model.decode(torch.full((1, 4, 4), 32))
 
@@ -57,7 +64,7 @@ def test_temperature_anneals_on_a_cosine_from_one_to_a_sixteenth():
     taus = [gumbel_temperature(cfg, step) for step in range(0, 1201, 100)]
     assert taus[0] == 1.0
     assert taus[10] == pytest.approx(1 / 16) and taus[12] == pytest.approx(1 / 16)
-    assert all(a > b for a, b in zip(taus[:10], taus[1:11]))
+    assert all(a > b for a, b in itertools.pairwise(taus[:11]))
     assert taus[5] == pytest.approx((1 + 1 / 16) / 2)  # the cosine's midpoint
 
 

@@ -159,6 +159,12 @@ def test_bad_tokens_and_codes_are_named():
         model(text, codes + CODEBOOK)
     with pytest.raises(ValueError, match="shape \\(batch, 6\\)"):
         model(text[:, :3], codes)
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        generate(model, text, top_k=-1)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(model, text[:0])
+    # A (batch, grid, grid) code tensor, as the dVAE's encode returns it, is the same as flat codes.
+    assert model(text, codes.view(4, GRID, GRID)).loss.item() == pytest.approx(model(text, codes).loss.item())
 
 
 # ----- sampling ---------------------------------------------------------------------------
@@ -168,11 +174,11 @@ def test_bad_tokens_and_codes_are_named():
 def test_cached_sampling_equals_uncached(attention):
     model = tiny(attention)
     text, codes = batch(2)
-    kwargs = dict(num_images=2, temperature=1.0, top_k=10, top_p=0.95, seed=7)
+    kwargs = {"num_images": 2, "temperature": 1.0, "top_k": 10, "top_p": 0.95, "seed": 7}
     cached = generate(model, text, **kwargs)
     uncached = generate(model, text, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
-    guided = dict(kwargs, cond_scale=3.0, prime_codes=codes[:, :GRID])
+    guided = {**kwargs, "cond_scale": 3.0, "prime_codes": codes[:, :GRID]}
     assert torch.equal(generate(model, text, **guided), generate(model, text, use_cache=False, **guided))
 
 
@@ -181,7 +187,7 @@ def test_cache_gives_the_full_forward_pass_one_position_at_a_time(attention):
     model = tiny(attention).eval()
     text, codes = batch(3)
     _, image_logits = model.logits(text, codes)
-    cache = model.new_cache(3)
+    cache = model.new_cache()
     hidden = model.backbone(model.embed_text(model.prepare_text(text)), 0, cache)
     stepwise = [model.image_logits(hidden[:, -1])]
     for index in range(GRID * GRID - 1):
@@ -267,8 +273,10 @@ def test_bf16_autocast_trains():
     text, codes = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(text, codes)
+        sampled = generate(model, text[:1], top_k=5)  # the cache takes the dtype autocast computes in
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
+    assert sampled.shape == (1, GRID * GRID)
 
 
 def test_weight_decay_only_on_linear_weights():

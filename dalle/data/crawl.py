@@ -60,7 +60,14 @@ def _input_fingerprint(urls_uri: str, cfg: CrawlConfig) -> str:
     except FileNotFoundError:
         raise CrawlError(f"URL list {urls_uri} does not exist") from None
     settings = cfg.model_dump(
-        include={"input_format", "url_col", "caption_col", "allow_networks", "respect_robots_txt", "user_agent_token"}
+        include={
+            "input_format",
+            "url_col",
+            "caption_col",
+            "allow_networks",
+            "respect_robots_txt",
+            "user_agent_token",
+        }
     )
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
@@ -101,7 +108,14 @@ def prepare_input(urls_uri: str, storage: Storage, cfg: CrawlConfig) -> Prepared
 
     def refuse(row: int, fate: str, reason: str, detail: str) -> None:
         refused.append(
-            {"input_row": row, "url": urls[row], "caption": captions[row], "fate": fate, "reason": reason, "detail": detail}
+            {
+                "input_row": row,
+                "url": urls[row],
+                "caption": captions[row],
+                "fate": fate,
+                "reason": reason,
+                "detail": detail,
+            }
         )
         refused_rows.add(row)
 
@@ -216,7 +230,11 @@ def classify_download_error(message: str) -> tuple[str, str]:
         return "download_failed", "connection_refused"
     if "connection reset" in lowered or "remote end closed" in lowered:
         return "download_failed", "connection_reset"
-    if "name or service not known" in lowered or "nodename nor servname" in lowered or "getaddrinfo" in lowered:
+    if (
+        "name or service not known" in lowered
+        or "nodename nor servname" in lowered
+        or "getaddrinfo" in lowered
+    ):
         return "download_failed", "dns_failure"
     if "unknown url type" in lowered:
         return "blocked", "scheme_not_allowed"
@@ -235,7 +253,9 @@ def read_raw_shard(storage: Storage, rel: str, with_images: bool = True) -> pa.T
     table = storage.read_table(rel)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise CrawlError(f"{storage.uri(rel)} lacks columns {missing}; it was not written by this crawl stage")
+        raise CrawlError(
+            f"{storage.uri(rel)} lacks columns {missing}; it was not written by this crawl stage"
+        )
     return table.select(columns)
 
 

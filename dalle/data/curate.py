@@ -89,7 +89,9 @@ def sample_uid(url: str, image_sha256: str | None) -> str:
     return digest.hexdigest()[:24]
 
 
-def _decision(fate: str, reason: str | None = None, detail: str | None = None, value=None, threshold=None) -> dict:
+def _decision(
+    fate: str, reason: str | None = None, detail: str | None = None, value=None, threshold=None
+) -> dict:
     return {"fate": fate, "reason": reason, "detail": detail, "value": value, "threshold": threshold}
 
 
@@ -130,7 +132,14 @@ def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
                 row["width"], row["height"] = info.width, info.height
             decision = decision or image_decision
             if decision is not None:
-                rows.append({**row, **_decision("filtered", decision.reason, decision.detail, decision.value, decision.threshold)})
+                rows.append(
+                    {
+                        **row,
+                        **_decision(
+                            "filtered", decision.reason, decision.detail, decision.value, decision.threshold
+                        ),
+                    }
+                )
             else:
                 rows.append({**row, **_decision(PASS)})
     rows.sort(key=lambda r: r["input_row"])
@@ -199,7 +208,9 @@ def clip_stage(storage: Storage, cfg: RunConfig, log: Log = print) -> str | None
 
 
 def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
-    clip_cfg = cfg.clip if checkpoint_uri is None else cfg.clip.model_copy(update={"checkpoint": checkpoint_uri})
+    clip_cfg = (
+        cfg.clip if checkpoint_uri is None else cfg.clip.model_copy(update={"checkpoint": checkpoint_uri})
+    )
     return load_clip(clip_cfg)
 
 
@@ -216,8 +227,10 @@ def score_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict[str, 
     out = []
     for row, score in zip(rows, scores):
         decision = clip_decision(float(score), cutoff)
-        fate = _decision(PASS) if decision is None else _decision(
-            "filtered", decision.reason, decision.detail, decision.value, decision.threshold
+        fate = (
+            _decision(PASS)
+            if decision is None
+            else _decision("filtered", decision.reason, decision.detail, decision.value, decision.threshold)
         )
         out.append({"uid": row["uid"], **fate, "clip_score": float(score)})
     storage.write_table(SCORES_TABLE, pa.Table.from_pylist(out, schema=SCORES_SCHEMA))
@@ -372,7 +385,13 @@ def publish_stage(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
         )
         rel = f"{CURATED_DIR}/{len(shards):05d}.parquet"
         storage.write_table(rel, table)
-        shards.append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(storage.read_bytes(rel)).hexdigest()})
+        shards.append(
+            {
+                "path": rel,
+                "rows": table.num_rows,
+                "sha256": hashlib.sha256(storage.read_bytes(rel)).hexdigest(),
+            }
+        )
     # Shards of an earlier, larger result are dropped only after the new manifest is in place.
     storage.write_json(
         CURATED_MANIFEST,

@@ -43,12 +43,18 @@ def caption_decision(caption: str | None, utf8: bool, cfg: FilterConfig) -> Deci
         return Decision("caption_not_text", f"caption has no letters: {text[:40]!r}")
     chars = len(text)
     if chars < cfg.min_caption_chars:
-        return Decision("caption_too_short", f"{chars} characters < {cfg.min_caption_chars}", chars, cfg.min_caption_chars)
+        return Decision(
+            "caption_too_short", f"{chars} characters < {cfg.min_caption_chars}", chars, cfg.min_caption_chars
+        )
     if chars > cfg.max_caption_chars:
-        return Decision("caption_too_long", f"{chars} characters > {cfg.max_caption_chars}", chars, cfg.max_caption_chars)
+        return Decision(
+            "caption_too_long", f"{chars} characters > {cfg.max_caption_chars}", chars, cfg.max_caption_chars
+        )
     words = len(text.split())
     if words < cfg.min_caption_words:
-        return Decision("caption_too_few_words", f"{words} words < {cfg.min_caption_words}", words, cfg.min_caption_words)
+        return Decision(
+            "caption_too_few_words", f"{words} words < {cfg.min_caption_words}", words, cfg.min_caption_words
+        )
     if words > cfg.max_caption_words:
         return Decision(
             "caption_too_many_words", f"{words} words > {cfg.max_caption_words}", words, cfg.max_caption_words
@@ -60,7 +66,9 @@ def inspect_image(data: bytes | None, cfg: FilterConfig) -> tuple[ImageInfo | No
     """Decode an image safely: size checks run on the header before any pixel is decoded."""
     size = len(data or b"")
     if size < cfg.min_image_bytes:
-        return None, Decision("image_too_few_bytes", f"{size} bytes < {cfg.min_image_bytes}", size, cfg.min_image_bytes)
+        return None, Decision(
+            "image_too_few_bytes", f"{size} bytes < {cfg.min_image_bytes}", size, cfg.min_image_bytes
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -84,7 +92,9 @@ def inspect_image(data: bytes | None, cfg: FilterConfig) -> tuple[ImageInfo | No
     info = ImageInfo(width, height, image.format or "")
     short, long = min(width, height), max(width, height)
     if short < cfg.min_side:
-        return info, Decision("image_too_small", f"short side {short}px < {cfg.min_side}px", short, cfg.min_side)
+        return info, Decision(
+            "image_too_small", f"short side {short}px < {cfg.min_side}px", short, cfg.min_side
+        )
     ratio = long / short
     if ratio > cfg.max_aspect_ratio:
         return info, Decision(

@@ -98,7 +98,9 @@ def _read_delimited(data: bytes, uri: str, cfg: CrawlConfig, delimiter: str) -> 
             convert_options=pacsv.ConvertOptions(include_columns=[], include_missing_columns=False),
         ).schema.names
     except pa.ArrowInvalid as err:
-        raise UrlListError(f"{uri} is not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file: {err}") from None
+        raise UrlListError(
+            f"{uri} is not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file: {err}"
+        ) from None
     # Read URL and caption as raw bytes, so a caption with invalid UTF-8 is recorded, not fatal.
     types = {name: pa.binary() for name in (cfg.url_col, cfg.caption_col)}
     try:

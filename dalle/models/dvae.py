@@ -153,6 +153,13 @@ class DiscreteVAE(nn.Module):
             raise ValueError(
                 f"expected images of shape (batch, 3, {size}, {size}), got {tuple(images.shape)}"
             )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be floats in [0, 1], got dtype {images.dtype}; divide bytes by 255"
+            )
+        low, high = float(images.min()), float(images.max())
+        if not (low >= 0.0 and high <= 1.0):  # also true for NaN
+            raise ValueError(f"images must lie in [0, 1], got values in [{low}, {high}]")
 
     def _squeeze(self, images: torch.Tensor) -> torch.Tensor:
         # The logit-Laplace likelihood lives on (0, 1): map [0, 1] into [eps, 1 - eps].

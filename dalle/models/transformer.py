@@ -62,13 +62,25 @@ def attention_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11) -
     return mask
 
 
-@dataclass
 class KVCache:
-    """Keys and values of every layer for positions [0, length), preallocated to the full sequence."""
+    """Keys and values of every layer for positions [0, length), preallocated to the full sequence
+    on first use, in the dtype the layer computes in (bf16 under autocast)."""
 
-    keys: list[torch.Tensor]  # per layer (B, heads, max_len, head_dim)
-    values: list[torch.Tensor]
-    length: int = 0
+    def __init__(self, num_layers: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self._layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int):
+        """Store keys/values (B, heads, L, head_dim) at positions [start, start + L); return all up to there."""
+        if self._layers[layer] is None:
+            shape = (*keys.shape[:2], self.max_len, keys.shape[3])
+            self._layers[layer] = (keys.new_empty(shape), values.new_empty(shape))
+        cache_k, cache_v = self._layers[layer]
+        end = start + keys.shape[2]
+        cache_k[:, :, start:end] = keys
+        cache_v[:, :, start:end] = values
+        return cache_k[:, :, :end], cache_v[:, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -83,17 +95,15 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
         start: int = 0,
     ) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         end = start + length
         if cache is not None:
-            cache_k, cache_v = cache
-            cache_k[:, :, start:end] = k
-            cache_v[:, :, start:end] = v
-            k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+            k, v = cache.update(layer, k, v, start)
         dropout = self.dropout if self.training else 0.0
         if mask is None:  # full causal attention over a prefix starting at 0, or a single new query
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=length > 1)
@@ -116,8 +126,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, cache=None, start: int = 0):
-        x = x + self.drop(self.attention(self.norm1(x), mask, cache, start))
+    def forward(self, x, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        x = x + self.drop(self.attention(self.norm1(x), mask, cache, layer, start))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -223,11 +233,10 @@ class DalleTransformer(nn.Module):
             if block.kind == "full" and (start == 0 or x.shape[1] == 1):
                 # The fast paths: is_causal over a prefix, or one new query that sees every cached key.
                 mask = None
-            layer_cache = (cache.keys[layer], cache.values[layer]) if cache is not None else None
             if self.cfg.checkpoint_activations and self.training and cache is None:
-                x = checkpoint(block, x, mask, None, start, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, layer, start, use_reentrant=False)
             else:
-                x = block(x, mask, layer_cache, start)
+                x = block(x, mask, cache, layer, start)
         if cache is not None:
             cache.length = start + x.shape[1]
         return self.final_norm(x)
@@ -242,6 +251,7 @@ class DalleTransformer(nn.Module):
         self, text_tokens: torch.Tensor, image_codes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text logits (B, T, text_vocab + T) and image logits (B, N, image_vocab) for full sequences."""
+        image_codes = image_codes.flatten(1) if image_codes.ndim == 3 else image_codes  # (B, grid, grid) too
         self.check_codes(image_codes)
         if image_codes.shape[1] != self.num_codes:
             raise ValueError(f"expected {self.num_codes} image codes per sample, got {image_codes.shape[1]}")
@@ -255,6 +265,7 @@ class DalleTransformer(nn.Module):
         if self.training and self.cfg.cond_drop_prob > 0:
             dropped = torch.rand(text_tokens.shape[0], device=text_tokens.device) < self.cfg.cond_drop_prob
             text_tokens = torch.where(dropped[:, None], torch.zeros_like(text_tokens), text_tokens)
+        image_codes = image_codes.flatten(1) if image_codes.ndim == 3 else image_codes
         text_logits, image_logits = self.logits(text_tokens, image_codes)
         text_target = self.prepare_text(text_tokens)
         text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text_target.flatten())
@@ -268,18 +279,9 @@ class DalleTransformer(nn.Module):
 
     # ----- sampling support
 
-    def new_cache(
-        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """An empty key-value cache for `batch` sequences."""
-        ref = self.text_head.weight
-        shape = (batch, self.cfg.heads, self.seq_len, self.cfg.width // self.cfg.heads)
-        device = device or ref.device
-        dtype = dtype or ref.dtype
-        return KVCache(
-            keys=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
-            values=[torch.empty(shape, device=device, dtype=dtype) for _ in self.blocks],
-        )
+    def new_cache(self) -> KVCache:
+        """An empty key-value cache for sampling."""
+        return KVCache(len(self.blocks), self.seq_len)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for AdamW: decay on the weights of linear layers only, never on

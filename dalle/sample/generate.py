@@ -63,11 +63,15 @@ def generate(
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None for no cut), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     device = model.text_head.weight.device
     text = _as_batch(text_tokens, "text_tokens", device)
     prompts = text.shape[0]
+    if prompts == 0:
+        raise ValueError("no prompts: text_tokens has no rows")
     model.prepare_text(text)  # validates shape and range
     codes = torch.zeros(prompts, 0, dtype=torch.long, device=device)
     if prime_codes is not None:
@@ -118,7 +122,7 @@ def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
 
 def _cached_steps(model: DalleTransformer, text: torch.Tensor, codes: torch.Tensor):
     """Yield the next code's logits; receive the code sampled, feed only that position."""
-    cache = model.new_cache(text.shape[0])
+    cache = model.new_cache()
     x = torch.cat([model.embed_text(model.prepare_text(text)), model.embed_codes(codes)], dim=1)
     hidden = model.backbone(x, 0, cache)
     while True:
