@@ -67,13 +67,12 @@ def measure_ours(name: str, steps: int, device: torch.device, dvae_width: int) -
     )
     tcfg = TransformerConfig(
         text_seq_len=spec["text_len"],
-        text_vocab_size=spec["text_vocab"],
         width=spec["dim"],
         depth=spec["depth"],
         heads=spec["heads"],
     )
     grid = dvae_cfg.grid
-    model = DalleTransformer(tcfg, image_vocab_size=spec["codebook"], image_grid=grid).to(device)
+    model = DalleTransformer(tcfg, spec["text_vocab"], spec["codebook"], grid).to(device)
     batch = spec["batch"]
     text = torch.randint(1, spec["text_vocab"], (batch, spec["text_len"]), device=device)
     codes = torch.randint(0, spec["codebook"], (batch, grid * grid), device=device)

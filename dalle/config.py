@@ -272,6 +272,35 @@ class DVAEConfig(_Section):
         return self.image_size // 2**self.downsample_steps
 
 
+class TokenizerConfig(_Section):
+    """The text tokenizer: a byte-level BPE trained on the run's captions, or open_clip's."""
+
+    kind: Literal["bpe", "open_clip"] = Field(
+        "bpe",
+        description="'bpe': trained here on the captions; 'open_clip': open_clip's fixed BPE (49,408 tokens).",
+    )
+    vocab_size: int = Field(
+        10_000,
+        ge=64,
+        description="Largest BPE vocabulary, special tokens included (paper: 16,384); bpe only.",
+    )
+    min_frequency: int = Field(2, ge=1, description="Fewest occurrences for a BPE merge; bpe only.")
+    lowercase: bool = Field(True, description="Lower-case captions before tokenizing.")
+    bpe_dropout: float = Field(
+        0.0, ge=0, lt=1, description="BPE dropout while training the transformer (0 disables it); bpe only."
+    )
+
+
+class TokenizeConfig(_Section):
+    """Turning curated pairs into token shards."""
+
+    rows_per_shard: int = Field(10_000, ge=1, description="Rows per token shard (the unit of resume).")
+    batch_size: int = Field(64, ge=1, description="Images per dVAE encoding batch.")
+    device: str = Field(
+        "auto", description="torch device for encoding: 'auto' picks cuda when available, else cpu."
+    )
+
+
 ATTENTION_KINDS = ("full", "row", "column", "conv")
 
 
@@ -279,9 +308,6 @@ class TransformerConfig(_Section):
     """The decoder-only transformer over [text tokens ; image codes] (stage two of the paper)."""
 
     text_seq_len: int = Field(32, ge=1, description="Text tokens per caption, padded or cut (paper: 256).")
-    text_vocab_size: int = Field(
-        10_000, ge=2, description="Size of the text tokenizer's vocabulary (paper: 16,384)."
-    )
     width: int = Field(256, ge=8, description="Model width (paper: 3,968).")
     depth: int = Field(4, ge=1, description="Transformer layers (paper: 64).")
     heads: int = Field(4, ge=1, description="Attention heads per layer (paper: 62).")
@@ -357,6 +383,8 @@ class RunConfig(_Section):
     transformer: TransformerConfig = Field(
         default_factory=TransformerConfig, description="The transformer over text tokens and image codes."
     )
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The text tokenizer.")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Writing token shards.")
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none): a changed setting invalidates finished work."""

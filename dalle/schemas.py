@@ -103,6 +103,20 @@ CURATED = _versioned(
 )
 
 
+def token_shard_schema(num_codes: int) -> pa.Schema:
+    """A token shard row, the unit the transformer trains on; num_codes = grid * grid of the dVAE."""
+    return _versioned(
+        "token_shard",
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("caption", pa.string(), nullable=False),
+            pa.field("text_tokens", pa.list_(pa.int32()), nullable=False),
+            pa.field("image_codes", pa.list_(pa.int16(), num_codes), nullable=False),
+            pa.field("clip_score", pa.float32()),
+        ],
+    )
+
+
 def check_schema(table: pa.Table | pa.Schema, expected: pa.Schema, origin: str) -> None:
     """Raise SchemaError unless `table` was written with `expected`'s name and version and has its columns."""
     schema = table.schema if isinstance(table, pa.Table) else table

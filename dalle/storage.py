@@ -45,6 +45,10 @@ CURATE_WORK = (
 )
 
 
+TOKENIZER = f"{MODELS}/tokenizer"  # the run's text tokenizer (tokenizer.json + tokenizer_meta.json)
+METRICS = f"{REPORTS}/metrics.jsonl"
+
+
 def checkpoint_dir(model: str, step: int) -> str:
     """Relative folder of a model checkpoint: models/<model>/step_XXXXXXXX."""
     return f"{MODELS}/{model}/step_{step:08d}"

@@ -17,7 +17,6 @@ TEXT_LEN, TEXT_VOCAB, GRID, CODEBOOK = 6, 40, 4, 24
 def tiny(attention="full", **overrides) -> DalleTransformer:
     cfg = TransformerConfig(
         text_seq_len=TEXT_LEN,
-        text_vocab_size=TEXT_VOCAB,
         width=32,
         depth=len(attention) if isinstance(attention, list) else 4 if attention == "paper" else 2,
         heads=2,
@@ -26,7 +25,7 @@ def tiny(attention="full", **overrides) -> DalleTransformer:
         **overrides,
     )
     torch.manual_seed(0)
-    return DalleTransformer(cfg, image_vocab_size=CODEBOOK, image_grid=GRID)
+    return DalleTransformer(cfg, text_vocab_size=TEXT_VOCAB, image_vocab_size=CODEBOOK, image_grid=GRID)
 
 
 def batch(size=4, seed=0):

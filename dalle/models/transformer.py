@@ -141,9 +141,11 @@ class TransformerLoss:
 class DalleTransformer(nn.Module):
     """Decoder-only transformer over text tokens and image codes, with separate output heads."""
 
-    def __init__(self, cfg: TransformerConfig, image_vocab_size: int, image_grid: int):
+    def __init__(self, cfg: TransformerConfig, text_vocab_size: int, image_vocab_size: int, image_grid: int):
+        """The vocabulary sizes and the grid come from the tokenizer and the dVAE the model is trained with."""
         super().__init__()
         self.cfg = cfg
+        self.text_vocab_size = text_vocab_size
         self.image_vocab_size = image_vocab_size
         self.grid = image_grid
         self.text_len = cfg.text_seq_len
@@ -151,7 +153,7 @@ class DalleTransformer(nn.Module):
         self.seq_len = self.text_len + self.num_codes
         width = cfg.width
         # Text inputs: the vocabulary, one padding token per position, and BOS.
-        self.text_embedding = nn.Embedding(cfg.text_vocab_size + self.text_len + 1, width)
+        self.text_embedding = nn.Embedding(text_vocab_size + self.text_len + 1, width)
         self.text_position = nn.Embedding(self.text_len + 1, width)
         self.image_embedding = nn.Embedding(image_vocab_size, width)
         self.image_row = nn.Embedding(image_grid, width)
@@ -160,16 +162,14 @@ class DalleTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in self.layer_kinds)
         self.final_norm = nn.LayerNorm(width)
         # Text targets include the per-position padding tokens; image targets are codes only.
-        self.text_head = nn.Linear(width, cfg.text_vocab_size + self.text_len, bias=False)
+        self.text_head = nn.Linear(width, text_vocab_size + self.text_len, bias=False)
         self.image_head = nn.Linear(width, image_vocab_size, bias=False)
         for kind in set(self.layer_kinds):
             mask = attention_mask(kind, self.text_len + 1, image_grid, cfg.conv_kernel)
             self.register_buffer(f"mask_{kind}", mask, persistent=False)
         self.register_buffer("image_rows", torch.arange(self.num_codes) // image_grid, persistent=False)
         self.register_buffer("image_columns", torch.arange(self.num_codes) % image_grid, persistent=False)
-        self.register_buffer(
-            "pad_tokens", cfg.text_vocab_size + torch.arange(self.text_len), persistent=False
-        )
+        self.register_buffer("pad_tokens", text_vocab_size + torch.arange(self.text_len), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -191,16 +191,16 @@ class DalleTransformer(nn.Module):
             raise ValueError(
                 f"text tokens must have shape (batch, {self.text_len}), got {tuple(text_tokens.shape)}"
             )
-        if text_tokens.min() < 0 or text_tokens.max() >= self.cfg.text_vocab_size:
+        if text_tokens.min() < 0 or text_tokens.max() >= self.text_vocab_size:
             raise ValueError(
-                f"text tokens must lie in [0, {self.cfg.text_vocab_size}) (0 is padding), "
-                f"got [{int(text_tokens.min())}, {int(text_tokens.max())}]; is text_vocab_size the tokenizer's?"
+                f"text tokens must lie in [0, {self.text_vocab_size}) (0 is padding), "
+                f"got [{int(text_tokens.min())}, {int(text_tokens.max())}]; was the model built for this tokenizer?"
             )
         return torch.where(text_tokens == TEXT_PAD, self.pad_tokens, text_tokens)
 
     def embed_text(self, prepared_text: torch.Tensor) -> torch.Tensor:
         """BOS plus the prepared text: (B, T + 1, width)."""
-        bos = torch.full_like(prepared_text[:, :1], self.cfg.text_vocab_size + self.text_len)
+        bos = torch.full_like(prepared_text[:, :1], self.text_vocab_size + self.text_len)
         tokens = torch.cat([bos, prepared_text], dim=1)
         return self.text_embedding(tokens) + self.text_position.weight
 
