@@ -67,6 +67,35 @@ def cmd_serve_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_arg(args: argparse.Namespace) -> dict | None:
+    """A given --config as a mapping for the flow (validated here first); None: the run root's own."""
+    return load_config(args.config).model_dump(mode="json") if args.config else None
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from flows.tokenize import tokenize_flow
+
+    print(tokenize_flow(args.out, _config_arg(args)))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows import train as train_flows
+
+    flow = {"dvae": train_flows.train_dvae_flow, "transformer": train_flows.train_transformer_flow}[
+        args.model
+    ]
+    print(flow(args.out, _config_arg(args), args.max_steps, args.resume))
+    return 0
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from flows.train import train_clip_flow
+
+    print(train_clip_flow(args.out, _config_arg(args), args.max_steps))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dalle", description="DALL·E end to end: crawl, curate, train and sample, as Prefect flows."
@@ -103,6 +132,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="port (default: any free one)")
     serve.set_defaults(func=cmd_serve_demo)
+
+    run_root = "run root made by `dalle curate` (folder or s3://bucket/prefix)"
+    run_config = "configuration YAML; saved as the run's. Default: the run root's config.yaml"
+    tokenize = commands.add_parser(
+        "tokenize", help="curated pairs -> token shards (BPE captions, dVAE codes)"
+    )
+    tokenize.add_argument("--out", required=True, help=run_root)
+    tokenize.add_argument("--config", help=run_config)
+    tokenize.set_defaults(func=cmd_tokenize)
+
+    for name, model, what in (
+        ("train-dvae", "dvae", "train the dVAE on the curated images"),
+        ("train", "transformer", "train the transformer on the token shards"),
+        ("train-clip", "clip", "train the small CLIP on the curated pairs"),
+    ):
+        sub = commands.add_parser(name, help=what)
+        sub.add_argument("--out", required=True, help=run_root)
+        sub.add_argument("--config", help=run_config)
+        sub.add_argument("--max-steps", type=int, help="total steps to reach, counting steps already done")
+        if model == "clip":
+            sub.set_defaults(func=cmd_train_clip)
+        else:
+            sub.add_argument(
+                "--resume",
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help="continue from the newest checkpoint (default); --no-resume refuses to touch existing ones",
+            )
+            sub.set_defaults(func=cmd_train, model=model)
     return parser
 
 

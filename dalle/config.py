@@ -301,6 +301,63 @@ class TokenizeConfig(_Section):
     )
 
 
+class TrainConfig(_Section):
+    """One model's optimisation: the training loop shared by the dVAE, the transformer and the CLIP."""
+
+    batch_size: int = Field(16, ge=1, description="Samples per micro-batch on each process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    max_steps: int = Field(
+        1000, ge=1, description="Optimizer steps to reach (the total, counting steps already done)."
+    )
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.96), description="AdamW betas (paper, transformer: 0.9, 0.96)."
+    )
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(
+        4.5e-2, ge=0, description="AdamW weight decay, on linear and conv weights only."
+    )
+    grad_clip: float | None = Field(
+        4.0, gt=0, description="Clip the global gradient norm to this (paper: 4); null: off."
+    )
+    warmup_steps: int = Field(100, ge=0, description="Steps of linear learning-rate warm-up from 0.")
+    schedule: Literal["cosine", "step", "constant"] = Field(
+        "cosine",
+        description="Decay after warm-up: cosine to min_lr_ratio, step (x step_gamma every step_every), constant.",
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate of the cosine, as a share of lr."
+    )
+    step_every: int = Field(1000, ge=1, description="Steps between decays of the step schedule.")
+    step_gamma: float = Field(
+        0.5, gt=0, le=1, description="Factor applied at each decay of the step schedule."
+    )
+    checkpoint_every: int = Field(
+        500, ge=1, description="Steps between checkpoints (one is also written at the end)."
+    )
+    log_every: int = Field(10, ge=1, description="Steps between lines of reports/metrics.jsonl.")
+    max_bad_steps: int = Field(
+        5,
+        ge=1,
+        description="Consecutive steps with a NaN/Inf loss or gradient (each skipped) before training stops.",
+    )
+    seed: int = Field(0, description="Seed of initialisation, data order and sampling noise.")
+    device: str = Field(
+        "auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="'auto': bf16 autocast on cuda, fp32 on cpu."
+    )
+    nproc: int = Field(1, ge=1, description="Processes on this node; more than 1 launches torchrun (DDP).")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl on cuda."
+    )
+    fsdp: bool = Field(
+        False, description="Shard parameters and optimizer state with FSDP instead of DDP (large models)."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+
+
 ATTENTION_KINDS = ("full", "row", "column", "conv")
 
 
@@ -385,6 +442,16 @@ class RunConfig(_Section):
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The text tokenizer.")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Writing token shards.")
+    train_dvae: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            batch_size=32, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=None, warmup_steps=0
+        ),
+        description="Training the dVAE.",
+    )
+    train_transformer: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="Training the transformer (defaults: the paper's AdamW settings).",
+    )
 
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none): a changed setting invalidates finished work."""

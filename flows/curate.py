@@ -8,29 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dalle.config import RunConfig, config_from_dict, dump_config
 from dalle.data import crawl as crawl_lib
 from dalle.data import curate as curate_lib
-from dalle.errors import USER_ERRORS
 from dalle.storage import Storage
-
-
-def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry I/O hiccups, never a bad input or setting: those fail the same way every time."""
-    try:
-        state.result()
-    except USER_ERRORS:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be a passing I/O failure
-        return True
-    return False
-
-
-def _log(message: str) -> None:
-    get_run_logger().info(message)
+from flows.common import log as _log
+from flows.common import retry_unless_user_error as _retry_unless_user_error
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
@@ -39,7 +25,9 @@ def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
     storage.check_writable()
     storage.write_bytes("config.yaml", dump_config(cfg).encode())
     prepared = crawl_lib.prepare_input(urls, storage, cfg.crawl)
-    _log(f"{prepared.input_rows} input rows, {prepared.to_crawl} to crawl, refused before crawling: {prepared.refused}")
+    _log(
+        f"{prepared.input_rows} input rows, {prepared.to_crawl} to crawl, refused before crawling: {prepared.refused}"
+    )
     return prepared.__dict__
 
 
@@ -93,7 +81,9 @@ def _publish_artifacts(root: str, report: dict) -> None:
         {"stage": "near duplicates", "count": report["duplicates_near"]},
         {"stage": "kept", "count": report["kept"]},
     ]
-    create_table_artifact(key="curation-funnel", table=funnel, description=f"Curation funnel of {storage.root}")
+    create_table_artifact(
+        key="curation-funnel", table=funnel, description=f"Curation funnel of {storage.root}"
+    )
     lines = [
         f"# Curation of `{storage.root}`",
         "",
@@ -106,7 +96,13 @@ def _publish_artifacts(root: str, report: dict) -> None:
         "| --- | --- | --- | --- | --- |",
     ]
     for entry in curate_lib.examples_of_removals(storage):
-        cells = [entry["fate"], entry["reason"], entry["url"], (entry["caption"] or "")[:60], entry["detail"] or ""]
+        cells = [
+            entry["fate"],
+            entry["reason"],
+            entry["url"],
+            (entry["caption"] or "")[:60],
+            entry["detail"] or "",
+        ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     lines += ["", f"Per-sample ledger: `{storage.uri(curate_lib.SAMPLES_REPORT)}`"]
     create_markdown_artifact(key="curation-summary", markdown="\n".join(lines))

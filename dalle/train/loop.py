@@ -1,0 +1,326 @@
+"""The training loop shared by the dVAE, the transformer and the CLIP.
+
+A `TrainTask` says what is trained (model, data, loss); `train` does the rest: AdamW with
+decay only where the task says, warm-up then cosine or step decay, bf16 autocast on GPU,
+gradient accumulation, a NaN/Inf guard, checkpoints with everything needed to resume
+exactly (optimizer, scheduler, step, data position, every rank's RNG), metrics, and DDP
+or FSDP when started by torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+from dalle.config import RunConfig, TrainConfig, dump_config
+from dalle.data.loader import ShardDataset, make_loader
+from dalle.storage import METRICS, Storage, checkpoint_dir
+from dalle.train import checkpoint as ckpt
+from dalle.train.distributed import DistInfo, all_agree, barrier, gather_objects, setup, teardown
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a NaN or Inf loss or gradient."""
+
+
+class TrainTask(Protocol):
+    """What a model's training needs beyond the shared loop."""
+
+    name: str  # folder under models/
+    tokens_per_sample: int  # for tokens/s in the metrics (1 for image models)
+
+    def build_model(self) -> nn.Module: ...
+
+    def model_meta(self) -> dict[str, Any]:
+        """The architecture, saved with each checkpoint; resuming requires an equal one."""
+        ...
+
+    def dataset(
+        self, batch_size: int, seed: int, start_batch: int, rank: int, world_size: int
+    ) -> ShardDataset: ...
+
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def optimizer_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+    def save_extra(self, storage: Storage, rel_dir: str, model: nn.Module) -> None:
+        """Anything else a checkpoint folder holds for this model (written before latest.json)."""
+        ...
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of cfg.lr at `step`: linear warm-up, then the configured decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    after = step - cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** (after // cfg.step_every)
+    progress = min(after / max(1, cfg.max_steps - cfg.warmup_steps), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MetricsLog:
+    """reports/metrics.jsonl: one JSON line per logged step of any model, rewritten whole (atomic)."""
+
+    def __init__(self, storage: Storage, model: str, resume_step: int):
+        self.storage = storage
+        self.lines: list[str] = []
+        if storage.exists(METRICS):
+            for line in storage.read_bytes(METRICS).decode().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                # Lines past the checkpoint we resume from were made by the killed run: drop them,
+                # the resumed run writes them again.
+                if record.get("model") != model or record.get("step", 0) <= resume_step:
+                    self.lines.append(line)
+        self.last_flush = time.monotonic()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record))
+
+    def flush(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.last_flush > 10:
+            self.storage.write_bytes(METRICS, ("\n".join(self.lines) + "\n").encode())
+            self.last_flush = time.monotonic()
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
+    if not info.distributed:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _weights_checksum(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _state_options(**extra) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+
+
+def _check_meta(found: dict, expected: dict, where: str) -> None:
+    found = {k: v for k, v in found.items() if k != "weights_sha256"}
+    if found != expected:
+        keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        details = "; ".join(f"{k}: checkpoint {found.get(k)!r}, now {expected.get(k)!r}" for k in keys)
+        raise ckpt.CheckpointMismatch(
+            f"{where} was trained with another model configuration ({details}); "
+            "use the run's own config (omit --config), or train into another --out"
+        )
+
+
+def train(
+    task: TrainTask,
+    storage: Storage,
+    run_cfg: RunConfig,
+    cfg: TrainConfig,
+    resume: bool = True,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Train `task` up to cfg.max_steps (a total: steps already in the checkpoint count) and return the
+    URI of the newest checkpoint. Runs alone or as one rank of a torchrun job."""
+    info = setup(cfg)
+    try:
+        return _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log)
+    finally:
+        teardown()
+
+
+def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str:
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().to(info.device)
+    meta = task.model_meta()
+    existing = ckpt.latest_checkpoint(storage, task.name)
+    if existing is not None and not resume:
+        raise ckpt.CheckpointMismatch(
+            f"{storage.uri(f'models/{task.name}')} already has checkpoints up to step {existing.step}; "
+            "resume it (the default), or train into another --out"
+        )
+
+    step, batches, bad_total, train_state = 0, 0, 0, None
+    if existing is not None:
+        state, found_meta = ckpt.load_model_state(storage, existing.rel_dir)
+        _check_meta(found_meta, meta, existing.uri)
+        model.load_state_dict(state)
+        train_state = ckpt.load_train_state(storage, existing.rel_dir)
+        step, batches, bad_total = train_state["step"], train_state["batches"], train_state["skipped_steps"]
+        if info.is_main:
+            log(f"{task.name}: resuming from step {step} ({existing.uri})")
+    if step >= cfg.max_steps:
+        if info.is_main:
+            log(f"{task.name}: already at step {step} >= max_steps {cfg.max_steps}; nothing to do")
+        return existing.uri
+
+    # Every rank starts from identical weights (seeded); the noise of each step differs per rank.
+    wrapped = _wrap(model, cfg, info)
+    groups = task.optimizer_groups(model, cfg.weight_decay)
+    fused = not cfg.fsdp and info.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    # Made before the RNG is seeded or restored: starting a DataLoader iterator draws from torch's
+    # generator, and that draw must not shift the noise of a resumed run.
+    dataset = task.dataset(cfg.batch_size, cfg.seed, batches, info.rank, info.world_size)
+    batch_iter = iter(make_loader(dataset, num_workers=cfg.num_workers))
+    if train_state is not None:
+        set_optimizer_state_dict(wrapped, optimizer, train_state["optimizer"], options=_state_options())
+        scheduler.load_state_dict(train_state["scheduler"])
+        rngs = train_state["rng"]
+        if len(rngs) == info.world_size:
+            ckpt.set_rng_state(rngs[info.rank])
+        else:
+            torch.manual_seed(cfg.seed + 1000 * step + info.rank)
+            if info.is_main:
+                log(f"{task.name}: checkpoint had {len(rngs)} processes, now {info.world_size}: RNG reseeded")
+    else:
+        torch.manual_seed(cfg.seed + 1 + info.rank)
+
+    metrics = MetricsLog(storage, task.name, step) if info.is_main else None
+    autocast = _autocast(cfg, info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bad_in_row, last_saved = 0, step
+    window_start, window_steps, sums = time.perf_counter(), 0, {}
+
+    def save() -> str:
+        nonlocal last_saved
+        model_state = get_model_state_dict(wrapped, options=_state_options())
+        optim_state = get_optimizer_state_dict(wrapped, optimizer, options=_state_options())
+        rngs = gather_objects(ckpt.rng_state(), info)
+        # Every rank reports a checksum of its weights: DDP/FSDP must keep them identical.
+        checksums = [] if cfg.fsdp else gather_objects(_weights_checksum(model.state_dict()), info)
+        if len(set(checksums)) > 1:
+            raise RuntimeError(f"{task.name}: the ranks' weights differ at step {step}: {checksums}")
+        uri = storage.uri(checkpoint_dir(task.name, step))
+        if info.is_main:
+            rel = checkpoint_dir(task.name, step)
+            ckpt.save_model(storage, rel, model_state, meta)
+            ckpt.save_train_state(
+                storage,
+                rel,
+                {
+                    "step": step,
+                    "batches": batches,
+                    "skipped_steps": bad_total,
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs,
+                    "world_size": info.world_size,
+                    "rank_weight_checksums": checksums,
+                },
+            )
+            storage.write_bytes(f"{rel}/{ckpt.RUN_CONFIG}", dump_config(run_cfg).encode())
+            task.save_extra(storage, rel, model)
+            metrics.flush(force=True)
+            uri = ckpt.publish(storage, task.name, step)
+            log(f"{task.name}: checkpoint at step {step}: {uri}")
+            if on_checkpoint is not None:
+                on_checkpoint({"model": task.name, "step": step, "uri": uri, "metrics": last_record})
+        barrier(info)
+        last_saved = step
+        return uri
+
+    last_record: dict[str, Any] = {}
+    uri = existing.uri if existing is not None else ""
+    wrapped.train()
+    while step < cfg.max_steps:
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, step_metrics = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            batch = next(batch_iter)
+            batches += 1
+            batch = {
+                k: v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
+            last_micro = micro == cfg.grad_accum - 1
+            sync = (
+                contextlib.nullcontext()
+                if last_micro or not hasattr(wrapped, "no_sync")
+                else wrapped.no_sync()
+            )
+            with sync:
+                with autocast:
+                    loss, parts = task.loss(wrapped, batch, step)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            for key, value in parts.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        if not all_agree(math.isfinite(loss_sum) and math.isfinite(grad_norm), info):
+            bad_in_row += 1
+            bad_total += 1
+            optimizer.zero_grad(set_to_none=True)
+            if info.is_main:
+                log(f"{task.name}: step {step + 1} skipped: loss {loss_sum}, gradient norm {grad_norm}")
+            if bad_in_row >= cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{task.name}: {bad_in_row} steps in a row had a NaN/Inf loss or gradient (last loss {loss_sum}); "
+                    f"lower train lr (now {cfg.lr}) or check the data; the last good checkpoint is kept"
+                )
+            continue
+        bad_in_row = 0
+        optimizer.step()
+        scheduler.step()
+        task.after_step(model)
+        step += 1
+        window_steps += 1
+        for key, value in {"loss": loss_sum, "grad_norm": grad_norm, **step_metrics}.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if info.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            elapsed = time.perf_counter() - window_start
+            samples = window_steps * cfg.batch_size * cfg.grad_accum * info.world_size
+            last_record = {
+                "model": task.name,
+                "step": step,
+                **{key: value / window_steps for key, value in sums.items()},
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": samples / elapsed,
+                "tokens_per_s": samples * task.tokens_per_sample / elapsed,
+                "skipped_steps": bad_total,
+                "time": time.time(),
+            }
+            metrics.add(last_record)
+            metrics.flush()
+            window_start, window_steps, sums = time.perf_counter(), 0, {}
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            uri = save()
+    if last_saved != step:
+        uri = save()
+    return uri

@@ -1,0 +1,32 @@
+"""The tokenize flow: curated pairs -> token shards (captions by the run's BPE, images by the dVAE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from dalle.data.tokenize import tokenize_stage
+from dalle.storage import Storage
+from dalle.train.run import run_config
+from flows.common import log, retry_unless_user_error
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+def tokenize(root: str, config: dict[str, Any] | None) -> dict:
+    storage = Storage(root)
+    cfg = run_config(storage, config)
+    return tokenize_stage(storage, cfg, log=log)
+
+
+@flow(name="tokenize")
+def tokenize_flow(root: str, config: dict[str, Any] | None = None) -> str:
+    """Tokenize every curated pair not in a shard yet; returns the shards folder's URI."""
+    summary = tokenize(root, config)
+    create_table_artifact(
+        key="token-shards",
+        table=[{"key": k, "value": str(v)} for k, v in summary.items()],
+        description="token shards",
+    )
+    return summary["uri"]

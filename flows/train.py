@@ -1,0 +1,93 @@
+"""Training flows: the dVAE, the transformer and the small CLIP, each returning the URI it produced.
+
+Training runs in this process, or under torchrun when the config asks for more than one
+process; either way each new checkpoint becomes artifacts and a `dalle.checkpoint.saved` event.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from typing import Any
+
+from prefect import flow, task
+
+from dalle.storage import Storage
+from dalle.train.checkpoint import latest_checkpoint
+from dalle.train.run import MODELS, run_config, run_training, train_clip, train_config
+from flows.common import log, publish_checkpoint, retry_unless_user_error
+
+
+class _CheckpointWatcher:
+    """Publishes checkpoints that torchrun children write, by polling latest.json."""
+
+    def __init__(self, storage: Storage, name: str, interval_s: float = 2.0):
+        self.storage, self.name, self.interval_s = storage, name, interval_s
+        latest = latest_checkpoint(storage, name)
+        self.seen = latest.step if latest else -1
+        self.stop = threading.Event()
+        context = contextvars.copy_context()  # the flow run's context, so artifacts attach to it
+        self.thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True)
+
+    def _poll(self) -> None:
+        latest = latest_checkpoint(self.storage, self.name)
+        if latest is not None and latest.step > self.seen:
+            self.seen = latest.step
+            publish_checkpoint({"model": self.name, "step": latest.step, "uri": latest.uri})
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self._poll()
+        self._poll()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)
+def train_model(
+    model: str, root: str, config: dict[str, Any] | None, max_steps: int | None, resume: bool
+) -> str:
+    """Train up to max_steps; a retry resumes from the last checkpoint, so it never repeats work."""
+    storage = Storage(root)
+    cfg = run_config(storage, config)
+    if train_config(model, cfg).nproc > 1:
+        with _CheckpointWatcher(storage, MODELS[model]):
+            return run_training(model, root, cfg, max_steps, resume, log=log)
+    return run_training(model, root, cfg, max_steps, resume, on_checkpoint=publish_checkpoint, log=log)
+
+
+@flow(name="train-dvae")
+def train_dvae_flow(
+    root: str, config: dict[str, Any] | None = None, max_steps: int | None = None, resume: bool = True
+) -> str:
+    """Train the dVAE on the curated images; returns the newest checkpoint's URI."""
+    return train_model("dvae", root, config, max_steps, resume)
+
+
+@flow(name="train-transformer")
+def train_transformer_flow(
+    root: str, config: dict[str, Any] | None = None, max_steps: int | None = None, resume: bool = True
+) -> str:
+    """Train the transformer on the token shards; returns the newest checkpoint's URI."""
+    return train_model("transformer", root, config, max_steps, resume)
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)
+def train_small_clip_task(root: str, config: dict[str, Any] | None, max_steps: int | None) -> str:
+    storage = Storage(root)
+    uri = train_clip(root, run_config(storage, config), max_steps, log=log)
+    latest = latest_checkpoint(storage, "clip")
+    publish_checkpoint({"model": "clip", "step": latest.step if latest else 0, "uri": uri})
+    return uri
+
+
+@flow(name="train-clip")
+def train_clip_flow(root: str, config: dict[str, Any] | None = None, max_steps: int | None = None) -> str:
+    """Train the small CLIP on the curated pairs (when no pretrained one is configured); returns its URI."""
+    return train_small_clip_task(root, config, max_steps)

@@ -1,0 +1,281 @@
+"""Tokenizing and training: checkpoints, exact resume after SIGKILL, torchrun, the NaN guard, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+import torch
+
+from dalle.config import ConfigError, SourceConfig, TrainConfig, config_from_dict, dump_config
+from dalle.data.sources import generate_samples
+from dalle.data.tokenize import SHARDS_MANIFEST, ShardsMismatch, tokenize_stage
+from dalle.schemas import CURATED, SCHEMA_VERSION, token_shard_schema
+from dalle.storage import METRICS, Storage, checkpoint_dir, latest_pointer
+from dalle.train.checkpoint import CheckpointMismatch, load_train_state
+from dalle.train.loop import TrainingDiverged, lr_factor, train
+from dalle.train.run import run_config, run_training
+from dalle.train.tasks import DVAETask
+
+SETTINGS = {
+    "dvae": {"image_size": 16, "downsample_steps": 2, "codebook_size": 32, "hidden_width": 8},
+    "transformer": {"text_seq_len": 12, "width": 32, "depth": 2, "heads": 2},
+    "tokenizer": {"vocab_size": 300},
+    "tokenize": {"rows_per_shard": 25, "batch_size": 16},
+    "train_dvae": {"batch_size": 8, "max_steps": 6, "checkpoint_every": 3, "log_every": 1},
+    "train_transformer": {
+        "batch_size": 8,
+        "max_steps": 6,
+        "checkpoint_every": 3,
+        "log_every": 1,
+        "warmup_steps": 2,
+    },
+}
+
+
+def write_curated(storage: Storage, first: int, count: int, shard_index: int) -> None:
+    """Curated pairs made from demo images (as the curation flow publishes them), one shard per call."""
+    samples = generate_samples(SourceConfig(num_images=first + count, image_size=16, pair_fraction=0.0))
+    rows = [
+        {
+            "uid": f"uid{i:05d}",
+            "url": f"http://127.0.0.1/{s.name}",
+            "caption": s.caption,
+            "image": s.image,
+            "sha256": hashlib.sha256(s.image).hexdigest(),
+            "width": 16,
+            "height": 16,
+            "clip_score": 0.3,
+            "provenance": {
+                "input_row": i,
+                "raw_key": str(i),
+                "raw_shard": "raw/00000.parquet",
+                "clip_model": "t",
+            },
+        }
+        for i, s in enumerate(samples[first:], start=first)
+    ]
+    rel = f"curated/{shard_index:05d}.parquet"
+    storage.write_table(rel, pa.Table.from_pylist(rows, schema=CURATED))
+    shards = (
+        storage.read_json("curated/_manifest.json")["shards"]
+        if storage.exists("curated/_manifest.json")
+        else []
+    )
+    shards.append({"path": rel, "rows": count, "sha256": hashlib.sha256(storage.read_bytes(rel)).hexdigest()})
+    total = sum(s["rows"] for s in shards)
+    storage.write_json(
+        "curated/_manifest.json", {"schema_version": SCHEMA_VERSION, "rows": total, "shards": shards}
+    )
+
+
+def make_run(root: str, **overrides) -> tuple[Storage, object]:
+    storage = Storage(root)
+    write_curated(storage, 0, 48, 0)
+    settings = {**SETTINGS, **overrides}
+    cfg = run_config(storage, settings)
+    return storage, cfg
+
+
+def metric_lines(storage: Storage, model: str) -> list[dict]:
+    lines = [json.loads(line) for line in storage.read_bytes(METRICS).decode().splitlines()]
+    return [line for line in lines if line["model"] == model]
+
+
+# ----- the whole chain, local and on S3 -------------------------------------------------------
+
+
+def test_train_tokenize_train_and_resume(run_root):
+    storage, cfg = make_run(run_root)
+    dvae_uri = run_training("dvae", run_root, cfg, log=lambda m: None)
+    assert dvae_uri == storage.uri(checkpoint_dir("dvae", 6))
+    for name in ("model.safetensors", "model.json", "train_state.pt", "config.yaml"):
+        assert storage.exists(f"{checkpoint_dir('dvae', 3)}/{name}")
+    assert storage.read_json(latest_pointer("dvae")) == {"step": 6, "uri": dvae_uri}
+    dvae_metrics = metric_lines(storage, "dvae")
+    assert [m["step"] for m in dvae_metrics] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "codebook_perplexity", "codebook_used_share"} <= set(
+        dvae_metrics[0]
+    )
+
+    summary = tokenize_stage(storage, cfg, log=lambda m: None)
+    assert summary["rows"] == 48 and summary["shards"] == 2 and summary["new_rows"] == 48
+    manifest = storage.read_json(SHARDS_MANIFEST)
+    assert manifest["dvae"]["uri"] == dvae_uri and manifest["tokenizer"].startswith("bpe:")
+    for shard in manifest["shards"]:
+        assert hashlib.sha256(storage.read_bytes(shard["path"])).hexdigest() == shard["sha256"]
+        table = storage.read_table(shard["path"])
+        assert table.schema.equals(token_shard_schema(16), check_metadata=False)
+
+    run_training("transformer", run_root, cfg, log=lambda m: None)
+    # --max-steps is the total to reach: 4 more steps from the checkpoint at 6.
+    uri = run_training("transformer", run_root, cfg, max_steps=10, log=lambda m: None)
+    assert uri == storage.uri(checkpoint_dir("dalle", 10))
+    assert [m["step"] for m in metric_lines(storage, "dalle")] == list(range(1, 11))
+    state = load_train_state(storage, checkpoint_dir("dalle", 10))
+    assert state["step"] == 10 and state["batches"] == 10
+
+
+# ----- exact resume after SIGKILL -------------------------------------------------------------
+
+
+def _train_process(root: str, max_steps: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dalle.train", "dvae", "--out", root, "--max-steps", str(max_steps)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_run_killed_with_sigkill_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
+    steps = 40
+    settings = {"train_dvae": {**SETTINGS["train_dvae"], "checkpoint_every": 5, "max_steps": steps}}
+    whole, _ = make_run(str(tmp_path / "whole"), **settings)
+    killed, _ = make_run(str(tmp_path / "killed"), **settings)
+
+    assert _train_process(whole.uri(), steps).wait(timeout=300) == 0
+    process = _train_process(killed.uri(), steps)
+    deadline = time.monotonic() + 120
+    while not (
+        killed.exists(latest_pointer("dvae")) and killed.read_json(latest_pointer("dvae"))["step"] >= 10
+    ):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed_from = killed.read_json(latest_pointer("dvae"))["step"]
+    assert resumed_from < steps, "the kill came after the end; nothing was resumed"
+
+    assert _train_process(killed.uri(), steps).wait(timeout=300) == 0
+    expected = {m["step"]: m["loss"] for m in metric_lines(whole, "dvae")}
+    got = {m["step"]: m["loss"] for m in metric_lines(killed, "dvae")}
+    assert sorted(got) == list(range(1, steps + 1)), "metrics hold each step once, none duplicated"
+    for step in range(resumed_from + 1, steps + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-9), step
+
+
+# ----- torchrun ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_keeps_the_ranks_weights_equal(tmp_path):
+    root = str(tmp_path / "ddp")
+    storage, cfg = make_run(
+        root, train_dvae={**SETTINGS["train_dvae"], "nproc": 2, "max_steps": 4, "checkpoint_every": 2}
+    )
+    uri = run_training("dvae", root, cfg)
+    assert uri == storage.uri(checkpoint_dir("dvae", 4))
+    state = load_train_state(storage, checkpoint_dir("dvae", 4))
+    assert state["world_size"] == 2
+    assert len(state["rank_weight_checksums"]) == 2 and len(set(state["rank_weight_checksums"])) == 1
+    assert len(state["rng"]) == 2  # each rank's generator, so a resume continues each one
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"]), "ranks draw different noise"
+    # Both ranks together consumed 2 batches per step: the dataset is split between them.
+    assert state["batches"] == 4
+
+
+# ----- the NaN guard ------------------------------------------------------------------------------
+
+
+class _PoisonedDVAE(DVAETask):
+    """The dVAE task with a NaN loss from `first_bad` on: what a diverging run looks like."""
+
+    def __init__(self, storage, cfg, first_bad: int, bad_steps: int):
+        super().__init__(storage, cfg)
+        self.first_bad, self.bad_steps, self.calls = first_bad, bad_steps, 0
+
+    def loss(self, model, batch, step):
+        loss, parts = super().loss(model, batch, step)
+        self.calls += 1
+        if self.first_bad <= self.calls < self.first_bad + self.bad_steps:
+            loss = loss * float("nan")
+        return loss, parts
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    storage, cfg = make_run(str(tmp_path / "run"))
+    tcfg = cfg.train_dvae.model_copy(update={"max_steps": 6, "max_bad_steps": 3})
+    train(_PoisonedDVAE(storage, cfg, first_bad=3, bad_steps=2), storage, cfg, tcfg, log=lambda m: None)
+    state = load_train_state(storage, checkpoint_dir("dvae", 6))
+    assert state["skipped_steps"] == 2 and state["step"] == 6 and state["batches"] == 8
+    assert all(math.isfinite(m["loss"]) for m in metric_lines(storage, "dvae"))
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
+    storage, cfg = make_run(str(tmp_path / "run"))
+    tcfg = cfg.train_dvae.model_copy(update={"max_steps": 10, "max_bad_steps": 3, "checkpoint_every": 2})
+    with pytest.raises(TrainingDiverged, match="3 steps in a row had a NaN/Inf loss"):
+        train(_PoisonedDVAE(storage, cfg, first_bad=3, bad_steps=100), storage, cfg, tcfg, log=lambda m: None)
+    assert storage.read_json(latest_pointer("dvae"))["step"] == 2, "the last good checkpoint stays"
+
+
+# ----- bad input ---------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_from_another_config_is_refused(tmp_path):
+    root = str(tmp_path / "run")
+    storage, cfg = make_run(root)
+    run_training("dvae", root, cfg, max_steps=3, log=lambda m: None)
+    other = config_from_dict({**SETTINGS, "dvae": {**SETTINGS["dvae"], "codebook_size": 64}})
+    with pytest.raises(CheckpointMismatch, match="codebook_size"):
+        run_training("dvae", root, other, max_steps=6, log=lambda m: None)
+    with pytest.raises(CheckpointMismatch, match="already has checkpoints up to step 3"):
+        run_training("dvae", root, cfg, max_steps=6, resume=False, log=lambda m: None)
+    assert storage.read_json(latest_pointer("dvae"))["step"] == 3
+
+
+def test_tokenize_is_incremental_and_never_mixes_dvaes(tmp_path):
+    root = str(tmp_path / "run")
+    storage, cfg = make_run(root)
+    run_training("dvae", root, cfg, max_steps=3, log=lambda m: None)
+    first = tokenize_stage(storage, cfg, log=lambda m: None)
+    assert (first["shards"], first["rows"]) == (2, 48)
+    before = {s["path"]: s["sha256"] for s in storage.read_json(SHARDS_MANIFEST)["shards"]}
+
+    # A crash left a shard file the manifest does not list: it is removed, not trusted.
+    storage.write_bytes("shards/00009.parquet", b"partial")
+    # New curated data becomes new shards; finished shards are not rewritten.
+    write_curated(storage, 48, 20, 1)
+    second = tokenize_stage(storage, cfg, log=lambda m: None)
+    assert (second["rows"], second["new_rows"]) == (68, 20)
+    after = {s["path"]: s["sha256"] for s in storage.read_json(SHARDS_MANIFEST)["shards"]}
+    assert all(after[path] == digest for path, digest in before.items())
+    assert not storage.exists("shards/00009.parquet")
+    uids = [u for s in after for u in storage.read_table(s, columns=["uid"]).column("uid").to_pylist()]
+    assert len(uids) == len(set(uids)) == 68
+
+    # Another dVAE must not add codes to these shards.
+    run_training("dvae", root, cfg, max_steps=6, log=lambda m: None)
+    with pytest.raises(ShardsMismatch, match="codes of two dVAEs must never be mixed"):
+        tokenize_stage(storage, cfg, log=lambda m: None)
+    assert {s["path"]: s["sha256"] for s in storage.read_json(SHARDS_MANIFEST)["shards"]} == after
+
+
+def test_commands_need_what_comes_before_them(tmp_path):
+    storage = Storage(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="pass --config"):
+        run_config(storage)
+    cfg = run_config(storage, SETTINGS)
+    with pytest.raises(FileNotFoundError, match="run `dalle curate` first"):
+        tokenize_stage(storage, cfg)
+    with pytest.raises(FileNotFoundError, match="no token shards .* run `dalle tokenize` first"):
+        run_training("transformer", storage.uri(), cfg)
+    assert storage.read_bytes("config.yaml").decode() == dump_config(cfg)
+
+
+def test_learning_rate_schedules():
+    cosine = TrainConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(cosine, 0) == pytest.approx(0.1) and lr_factor(cosine, 9) == 1.0
+    assert lr_factor(cosine, 60) == pytest.approx(0.55) and lr_factor(cosine, 110) == pytest.approx(0.1)
+    step = TrainConfig(warmup_steps=0, schedule="step", step_every=100, step_gamma=0.5)
+    assert [lr_factor(step, s) for s in (0, 99, 100, 250)] == [1.0, 1.0, 0.5, 0.25]
