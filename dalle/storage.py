@@ -63,10 +63,20 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+S3_MAX_ATTEMPTS = 8
+
+
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
     # s3fs reads AWS_ENDPOINT_URL and the credential chain itself; skip its listing cache so
     # that a file another process just wrote is seen.
-    return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    # botocore's standard retry mode backs off exponentially (with jitter) on throttling and 5xx
+    # answers, so an endpoint that fails a request now and then costs time, not the run.
+    return fsspec.filesystem(
+        "s3",
+        skip_instance_cache=True,
+        use_listings_cache=False,
+        config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}},
+    )
 
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -148,8 +158,9 @@ class Storage:
         return json.loads(self.read_bytes(rel))
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(self.path(rel), "rb") as handle:
-            return pq.read_table(handle, columns=columns)
+        # One whole GET (retried as a unit) rather than a file handle: a ranged read through a
+        # handle whose size lookup was answered by a transient error came back empty.
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
 
     def read_tables(self, rel_dir: str, columns: list[str] | None = None) -> pa.Table | None:
         """All `*.parquet` files under `rel_dir` concatenated, or None when there are none."""

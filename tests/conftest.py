@@ -38,7 +38,10 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="testing-key-id",
@@ -61,7 +64,9 @@ def s3_bucket(s3_endpoint, request):
     """A fresh bucket on the moto server; yields its s3:// URI."""
     import boto3
 
-    name = "dalle-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
+    name = "dalle-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[
+        :40
+    ].strip("-")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
 
@@ -73,3 +78,81 @@ def run_root(request, tmp_path):
         return str(tmp_path / "run")
     bucket = request.getfixturevalue("s3_bucket")
     return f"{bucket}/runs/test"
+
+
+class _FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 endpoint that answers every `every`-th request
+    with 503 SlowDown, as a busy S3 or MinIO does now and then."""
+
+    def __init__(self, upstream: str, every: int = 4):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        proxy = self
+        self.requests = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy.lock:
+                    proxy.requests += 1
+                    fail = proxy.requests % every == 0
+                    proxy.failed += fail
+                if fail:
+                    payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":  # a HEAD answer has headers only
+                        self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = target.netloc
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky_s3(s3_bucket, s3_endpoint):
+    """`s3_bucket` reached through a proxy that fails every 4th request with 503; yields the proxy."""
+    proxy = _FlakyProxy(s3_endpoint)
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
+    try:
+        yield proxy
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+        proxy.close()

@@ -15,18 +15,35 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.run(
-        [sys.executable, "-m", "dalle.cli", *args], check=False, capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "dalle.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "dalle.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dalle.cli", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("curate", "demo", "serve-demo"):
         assert command in out.stdout
 
 
 def test_bad_allow_network_is_a_clear_error(tmp_path, capsys):
-    code = main(["curate", "--urls", str(tmp_path / "u.parquet"), "--out", str(tmp_path / "run"), "--allow-network", "lan"])
+    code = main(
+        [
+            "curate",
+            "--urls",
+            str(tmp_path / "u.parquet"),
+            "--out",
+            str(tmp_path / "run"),
+            "--allow-network",
+            "lan",
+        ]
+    )
     assert code == 2
     assert "not a CIDR" in capsys.readouterr().err
 

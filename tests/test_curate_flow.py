@@ -27,7 +27,13 @@ REPORT_KEYS = {
 
 CONFIG = {
     "source": {"num_images": 160, "image_size": 48, "exact_duplicates": 8, "near_duplicates": 8},
-    "crawl": {"allow_networks": ["127.0.0.1/32"], "processes": 1, "threads": 8, "timeout_s": 2, "samples_per_shard": 64},
+    "crawl": {
+        "allow_networks": ["127.0.0.1/32"],
+        "processes": 1,
+        "threads": 8,
+        "timeout_s": 2,
+        "samples_per_shard": 64,
+    },
     "filter": {"min_side": 24, "min_image_bytes": 20},
     "clip": {
         "train": {
@@ -75,7 +81,11 @@ def write_url_list(tmp_path, site, server, forbidden) -> tuple[str, dict[str, st
         (server.url("/bad/noai.png"), b"a red circle", ("blocked", "x_robots_tag")),
         (server.url("/private/secret.png"), b"a red circle", ("blocked", "robots_txt")),
         (forbidden.url(site.rows[1][0]), b"a red circle", ("blocked", "blocked_address")),
-        (server.url(f"/bad/redirect?to={forbidden.url(site.rows[2][0])}"), b"a red circle", ("blocked", "blocked_address")),
+        (
+            server.url(f"/bad/redirect?to={forbidden.url(site.rows[2][0])}"),
+            b"a red circle",
+            ("blocked", "blocked_address"),
+        ),
         ("file:///etc/passwd", b"a red circle", ("blocked", "scheme_not_allowed")),
         ("not a url at all", b"a red circle", ("blocked", "malformed_url")),
         (good_image + "?empty", b"", ("filtered", "caption_empty")),
@@ -84,7 +94,10 @@ def write_url_list(tmp_path, site, server, forbidden) -> tuple[str, dict[str, st
         (good_image, b"a repeated url", ("duplicate_exact", "repeated_url")),
     ]
     lines = [b"url,caption"]
-    lines += [_csv_field(server.url(path).encode()) + b"," + _csv_field(caption.encode()) for path, caption in site.rows]
+    lines += [
+        _csv_field(server.url(path).encode()) + b"," + _csv_field(caption.encode())
+        for path, caption in site.rows
+    ]
     lines += [_csv_field(url.encode()) + b"," + _csv_field(caption) for url, caption, _ in bad]
     path = tmp_path / "urls.csv"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -132,7 +145,10 @@ def test_curate_flow_end_to_end(where, demo, tmp_path, prefect_server, request):
     found_near = 0
     for dup_path, original_path in site.planted_near:
         a, b = fate_of[uid_of[server.url(dup_path)]], fate_of[uid_of[server.url(original_path)]]
-        if {a["fate"], b["fate"]} == {"duplicate_near", "kept"} and (a["dup_of"] or b["dup_of"]) in (a["uid"], b["uid"]):
+        if {a["fate"], b["fate"]} == {"duplicate_near", "kept"} and (a["dup_of"] or b["dup_of"]) in (
+            a["uid"],
+            b["uid"],
+        ):
             found_near += 1
     assert found_near >= 0.75 * len(site.planted_near), f"only {found_near} planted near duplicates found"
     # ... without throwing away the distinct images.
@@ -153,5 +169,7 @@ def test_curate_flow_end_to_end(where, demo, tmp_path, prefect_server, request):
     assert downloads > 0
     again = curate_flow(urls, root, cfg.model_dump(mode="json"))
     assert again == report
-    assert sum(server.requests.values()) - sum(before.values()) == downloads  # nothing refetched, robots.txt included
+    assert (
+        sum(server.requests.values()) - sum(before.values()) == downloads
+    )  # nothing refetched, robots.txt included
     assert storage.read_tables("curated").num_rows == report["kept"]

@@ -152,7 +152,9 @@ def test_ties_go_to_the_smallest_uid_whatever_the_input_order():
     scores = [0.3, 0.3, 0.1, 0.3]
     first = deduplicate(uids, sha, vectors, scores, DedupConfig(near_threshold=0.95))
     order = [2, 0, 3, 1]
-    second = deduplicate([uids[i] for i in order], sha, vectors, [scores[i] for i in order], DedupConfig(near_threshold=0.95))
+    second = deduplicate(
+        [uids[i] for i in order], sha, vectors, [scores[i] for i in order], DedupConfig(near_threshold=0.95)
+    )
     assert first.dup_of == second.dup_of == {"b": "a", "c": "a", "d": "a"}
 
 

@@ -39,7 +39,13 @@ def test_flow_runs_on_ephemeral_api(tmp_path):
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     )
     done = subprocess.run(
-        [sys.executable, "-c", FLOW], check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [sys.executable, "-c", FLOW],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert "RESULT 41" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert "unexpected keyword argument 'slots'" not in done.stderr

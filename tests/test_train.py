@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from dalle.storage import METRICS, Storage, checkpoint_dir, latest_pointer
 from dalle.train.checkpoint import CheckpointMismatch, load_train_state
 from dalle.train.loop import TrainingDiverged, lr_factor, train
 from dalle.train.run import run_config, run_training
-from dalle.train.tasks import DVAETask
+from dalle.train.tasks import DVAETask, load_trained
 
 SETTINGS = {
     "dvae": {"image_size": 16, "downsample_steps": 2, "codebook_size": 32, "hidden_width": 8},
@@ -168,20 +167,31 @@ def test_a_run_killed_with_sigkill_resumes_with_the_losses_of_an_uninterrupted_r
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_processes_keeps_the_ranks_weights_equal(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_with_two_processes(tmp_path, fsdp):
     root = str(tmp_path / "ddp")
     storage, cfg = make_run(
-        root, train_dvae={**SETTINGS["train_dvae"], "nproc": 2, "max_steps": 4, "checkpoint_every": 2}
+        root,
+        train_dvae={
+            **SETTINGS["train_dvae"],
+            "nproc": 2,
+            "fsdp": fsdp,
+            "max_steps": 4,
+            "checkpoint_every": 2,
+        },
     )
     uri = run_training("dvae", root, cfg)
     assert uri == storage.uri(checkpoint_dir("dvae", 4))
     state = load_train_state(storage, checkpoint_dir("dvae", 4))
     assert state["world_size"] == 2
-    assert len(state["rank_weight_checksums"]) == 2 and len(set(state["rank_weight_checksums"])) == 1
+    if not fsdp:  # DDP replicas: every rank reported the same weights
+        assert len(state["rank_weight_checksums"]) == 2 and len(set(state["rank_weight_checksums"])) == 1
     assert len(state["rng"]) == 2  # each rank's generator, so a resume continues each one
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"]), "ranks draw different noise"
-    # Both ranks together consumed 2 batches per step: the dataset is split between them.
+    # Each step took one batch per rank: the ranks split the data rather than repeat it.
     assert state["batches"] == 4
+    model, meta = load_trained(storage, checkpoint_dir("dvae", 4))  # whole weights, also after sharding
+    assert meta["kind"] == "dvae" and model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
 
 
 # ----- the NaN guard ------------------------------------------------------------------------------
@@ -279,3 +289,13 @@ def test_learning_rate_schedules():
     assert lr_factor(cosine, 60) == pytest.approx(0.55) and lr_factor(cosine, 110) == pytest.approx(0.1)
     step = TrainConfig(warmup_steps=0, schedule="step", step_every=100, step_gamma=0.5)
     assert [lr_factor(step, s) for s in (0, 99, 100, 250)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_an_s3_endpoint_that_fails_now_and_then_costs_retries_not_the_run(s3_bucket, flaky_s3):
+    root = f"{s3_bucket}/flaky"
+    storage, cfg = make_run(root)
+    run_training("dvae", root, cfg, max_steps=4, log=lambda m: None)
+    summary = tokenize_stage(storage, cfg, log=lambda m: None)
+    assert summary["rows"] == 48
+    assert storage.read_json(latest_pointer("dvae"))["step"] == 4
+    assert flaky_s3.failed >= 5, f"the proxy failed only {flaky_s3.failed} of {flaky_s3.requests} requests"

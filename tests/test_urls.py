@@ -43,7 +43,9 @@ def test_txt_has_no_captions(tmp_path):
 def test_missing_column_lists_the_columns(tmp_path):
     path = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": ["http://a.test/x"], "alt": ["x"]}), path)
-    with pytest.raises(UrlListError, match=r"caption column 'text' not found in urls.parquet; columns are: url, alt"):
+    with pytest.raises(
+        UrlListError, match=r"caption column 'text' not found in urls.parquet; columns are: url, alt"
+    ):
         read_url_list(str(path), CrawlConfig(caption_col="text"))
 
 

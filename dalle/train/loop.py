@@ -116,6 +116,7 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        model.to(memory_format=torch.contiguous_format)  # FSDP shards contiguous parameters only
         for block in getattr(model, "blocks", []):
             fully_shard(block)
         fully_shard(model)

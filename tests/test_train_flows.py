@@ -1,0 +1,97 @@
+"""The commands and flows of tokenizing and training, against the session's Prefect test server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dalle.storage import Storage, latest_pointer
+from tests.test_train import SETTINGS, make_run
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return subprocess.run(
+        [sys.executable, "-m", "dalle.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def _checkpoint_events(uri_prefix: str) -> list:
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            EventFilter(event=EventNameFilter(name=["dalle.checkpoint.saved"])), limit=50
+        )
+    return [e for e in page.events if e.resource.id.startswith(uri_prefix)]
+
+
+def test_commands_train_tokenize_and_publish_each_checkpoint(tmp_path, prefect_server):
+    root = str(tmp_path / "run")
+    storage, _ = make_run(root)
+
+    done = run_cli("train-dvae", "--out", root, "--max-steps", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == storage.uri("models/dvae/step_00000006")
+
+    done = run_cli("tokenize", "--out", root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert storage.read_json("shards/_manifest.json")["rows"] == 48
+
+    done = run_cli("train", "--out", root, "--max-steps", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert storage.read_json(latest_pointer("dalle"))["step"] == 3
+
+    refused = run_cli("train", "--out", root, "--max-steps", "6", "--no-resume")
+    assert refused.returncode == 2
+    assert "already has checkpoints up to step 3" in refused.stderr
+    assert storage.read_json(latest_pointer("dalle"))["step"] == 3
+
+    # One event per checkpoint (dVAE at 3 and 6, transformer at 3), with the checkpoint as resource.
+    deadline = time.monotonic() + 30
+    while True:
+        events = _checkpoint_events(storage.uri("models"))
+        if len(events) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert sorted(e.resource.id for e in events) == sorted(
+        storage.uri(f"models/{m}")
+        for m in ("dalle/step_00000003", "dvae/step_00000003", "dvae/step_00000006")
+    )
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"dvae-checkpoint", "dvae-checkpoint-metrics", "dalle-checkpoint", "token-shards"} <= keys
+
+
+@pytest.mark.slow
+def test_a_flow_under_torchrun_publishes_the_checkpoints_its_children_write(tmp_path, prefect_server):
+    root = str(tmp_path / "ddp")
+    storage, _ = make_run(root, train_dvae={**SETTINGS["train_dvae"], "nproc": 2, "checkpoint_every": 2})
+    done = run_cli("train-dvae", "--out", root, "--max-steps", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    deadline = time.monotonic() + 30
+    while len(events := _checkpoint_events(storage.uri("models/dvae"))) < 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    # Polling sees at least the last checkpoint (an earlier one may be overtaken between two polls).
+    assert storage.uri("models/dvae/step_00000004") in {e.resource.id for e in events}
+
+
+def test_train_without_a_run_root_says_what_to_do(tmp_path, prefect_server):
+    done = run_cli("train", "--out", str(tmp_path / "nothing"))
+    assert done.returncode == 2
+    assert "pass --config YAML" in done.stderr
+    assert not Storage(str(tmp_path / "nothing")).exists("models")
