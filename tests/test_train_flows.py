@@ -95,3 +95,21 @@ def test_train_without_a_run_root_says_what_to_do(tmp_path, prefect_server):
     assert done.returncode == 2
     assert "pass --config YAML" in done.stderr
     assert not Storage(str(tmp_path / "nothing")).exists("models")
+
+
+def test_train_clip_trains_a_clip_the_pipeline_can_load(tmp_path, prefect_server):
+    from dalle.config import ClipConfig
+    from dalle.models.clip import load_clip
+
+    root = str(tmp_path / "run")
+    clip_train = {
+        "image_size": 16, "embed_dim": 16, "vision_width": 16, "vision_layers": 1, "patch_size": 8,
+        "text_width": 16, "text_layers": 1, "text_heads": 2, "context_length": 16, "batch_size": 8, "max_steps": 3,
+    }  # fmt: skip
+    storage, _ = make_run(root, clip={"train": clip_train})
+    done = run_cli("train-clip", "--out", root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uri = done.stdout.strip().splitlines()[-1]
+    assert storage.read_json(latest_pointer("clip"))["uri"] == uri
+    clip = load_clip(ClipConfig(checkpoint=uri))
+    assert clip.encode_texts(["a red circle"]).shape == (1, 16)
