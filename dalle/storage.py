@@ -147,6 +147,14 @@ class Storage:
                 names.append(f"{rel_dir.strip('/')}/{name}")
         return sorted(names)
 
+    def subfolders(self, rel_dir: str) -> list[str]:
+        """Names of the folders directly under `rel_dir`, sorted."""
+        try:
+            entries = self.fs.ls(self.path(rel_dir), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     # --- reads -----------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
         try:

@@ -1,0 +1,110 @@
+"""Images for prompts: sample codes from the transformer, decode them with the dVAE, rerank with CLIP.
+
+The paper draws 512 samples per caption and keeps the ones CLIP scores best; `samples_for`
+does the same at any count, in batches, and keeps every sample's score so that the gain of
+reranking can be measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+import torch
+
+from dalle.data.text_tokenizer import TextTokenizer
+from dalle.models.clip import ClipModel
+from dalle.models.dvae import DiscreteVAE
+from dalle.models.transformer import DalleTransformer
+from dalle.sample.generate import generate
+
+
+@dataclass
+class SamplingSettings:
+    """How samples are drawn (the gallery's and `dalle sample`'s knobs)."""
+
+    num_samples: int = 64
+    top: int = 8
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cond_scale: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class PromptSamples:
+    """Every sample drawn for one prompt, with CLIP's score of each; `ranking` is best first."""
+
+    prompt: str
+    images: list[PIL.Image.Image]
+    scores: np.ndarray  # (num_samples,) cosine similarity with the prompt
+    ranking: list[int] = field(default_factory=list)
+
+    def best(self, top: int) -> list[tuple[PIL.Image.Image, float]]:
+        return [(self.images[i], float(self.scores[i])) for i in self.ranking[:top]]
+
+
+def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
+    """(B, 3, H, W) floats in [0, 1] -> RGB PIL images."""
+    array = (
+        (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    )
+    return [PIL.Image.fromarray(a, "RGB") for a in array]
+
+
+def encode_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], text_seq_len: int) -> torch.Tensor:
+    return torch.from_numpy(tokenizer.encode_batch(list(prompts), text_seq_len).astype(np.int64))
+
+
+@torch.no_grad()
+def decode_codes(dvae: DiscreteVAE, codes: torch.Tensor, batch_size: int = 64) -> list[PIL.Image.Image]:
+    images: list[PIL.Image.Image] = []
+    for start in range(0, len(codes), batch_size):
+        images += to_pil(dvae.decode(codes[start : start + batch_size].to(next(dvae.parameters()).device)))
+    return images
+
+
+def samples_for(
+    prompt: str,
+    transformer: DalleTransformer,
+    dvae: DiscreteVAE,
+    tokenizer: TextTokenizer,
+    clip: ClipModel | None,
+    settings: SamplingSettings,
+    prime_codes: torch.Tensor | None = None,
+) -> PromptSamples:
+    """`settings.num_samples` images for `prompt`, scored and ranked by `clip` (generation order without one)."""
+    text = encode_prompts(tokenizer, [prompt], transformer.text_len)
+    codes = []
+    remaining, batch_index = settings.num_samples, 0
+    while remaining > 0:
+        count = min(remaining, settings.batch_size)
+        codes.append(
+            generate(
+                transformer,
+                text,
+                num_images=count,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+                cond_scale=settings.cond_scale,
+                seed=settings.seed + 1000 * batch_index,
+                prime_codes=prime_codes,
+            )
+        )
+        remaining -= count
+        batch_index += 1
+    images = decode_codes(dvae, torch.cat(codes))
+    if clip is None:
+        return PromptSamples(
+            prompt, images, np.zeros(len(images), dtype=np.float32), list(range(len(images)))
+        )
+    ranked = clip.rerank(images, prompt)
+    scores = np.zeros(len(images), dtype=np.float32)
+    for index, score in ranked:
+        scores[index] = score
+    return PromptSamples(prompt, images, scores, [index for index, _ in ranked])

@@ -1,0 +1,81 @@
+"""Galleries: sampled, ranked images per prompt written as static pages; captions never become markup."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+
+import numpy as np
+import PIL.Image
+import pyarrow.parquet as pq
+import torch
+
+from dalle.config import DVAEConfig, TokenizerConfig, TransformerConfig
+from dalle.data.text_tokenizer import train_bpe
+from dalle.models.dvae import DiscreteVAE
+from dalle.models.transformer import DalleTransformer
+from dalle.sample.gallery import GALLERY_INDEX, Completion, GalleryPage, Section, gallery_dir, publish_gallery
+from dalle.sample.rerank import PromptSamples, SamplingSettings, samples_for
+from dalle.storage import METRICS, Storage
+
+HOSTILE = "a red circle <script>document.title='pwned'</script> & \"quotes\""
+
+
+def _samples(prompt: str, count: int, seed: int) -> PromptSamples:
+    rng = np.random.default_rng(seed)
+    images = [PIL.Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(count)]
+    scores = rng.random(count).astype(np.float32)
+    return PromptSamples(prompt, images, scores, [int(i) for i in np.argsort(-scores)])
+
+
+def test_gallery_pages_images_and_scores(run_root):
+    storage = Storage(run_root)
+    storage.write_bytes(
+        METRICS, b'{"model": "dalle", "step": 1, "loss": 3.0}\n{"model": "dalle", "step": 2, "loss": 2.5}\n'
+    )
+    page = GalleryPage(
+        step=2,
+        checkpoint_uri=storage.uri("models/dalle/step_00000002"),
+        sections=[Section("held-out", [_samples(HOSTILE, 5, 0), _samples("a blue square", 5, 1)], top=3)],
+        completions=[
+            Completion("a green cross", PIL.Image.new("RGB", (8, 8)), [PIL.Image.new("RGB", (8, 8))] * 2, 4)
+        ],
+        evaluation={"heldout": {"color_acc": 0.5, "both_acc_reranked": 0.75, "num_prompts": 2}},
+    )
+    uri = publish_gallery(storage, page)
+    folder = gallery_dir(2)
+    assert uri == storage.uri(f"{folder}/index.html")
+    text = storage.read_bytes(f"{folder}/index.html").decode()
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    for src in re.findall(r"src='([^']+)'", text):
+        image = PIL.Image.open(io.BytesIO(storage.read_bytes(f"{folder}/{src}")))
+        assert image.size == (16, 16)  # shown twice the size, pixels kept sharp
+    assert len(re.findall(r"<img ", text)) == 2 * 3 + 1 + 2
+
+    scores = pq.read_table(io.BytesIO(storage.read_bytes(f"{folder}/scores.parquet"))).to_pylist()
+    assert len(scores) == 10 and sum(r["shown"] for r in scores) == 6
+    first = [r for r in scores if r["prompt"] == HOSTILE]
+    assert [r["rank"] for r in first] == list(range(5))
+    assert all(a["clip_score"] >= b["clip_score"] for a, b in itertools.pairwise(first))
+
+    summary = json.loads(storage.read_bytes(f"{folder}/summary.json"))
+    assert summary["prompts"][0]["best"] == max(r["clip_score"] for r in first)
+    index = storage.read_bytes(GALLERY_INDEX).decode()
+    assert "href='step_00000002/index.html'" in index
+    assert storage.exists("galleries/loss.png") and storage.exists("galleries/eval.png")
+
+
+def test_samples_for_draws_ranks_and_decodes():
+    torch.manual_seed(0)
+    dvae = DiscreteVAE(DVAEConfig(image_size=16, downsample_steps=2, codebook_size=16, hidden_width=8)).eval()
+    tokenizer = train_bpe(["a red circle", "a blue square"] * 10, TokenizerConfig(vocab_size=300))
+    model = DalleTransformer(
+        TransformerConfig(text_seq_len=8, width=32, depth=1, heads=2), tokenizer.vocab_size, 16, 4
+    )
+    settings = SamplingSettings(num_samples=5, batch_size=2, seed=3)
+    out = samples_for("a red circle", model, dvae, tokenizer, None, settings)
+    assert len(out.images) == 5 and out.images[0].size == (16, 16)
+    again = samples_for("a red circle", model, dvae, tokenizer, None, settings)
+    assert [np.asarray(i).tobytes() for i in out.images] == [np.asarray(i).tobytes() for i in again.images]
