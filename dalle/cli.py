@@ -44,7 +44,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     result = pipeline_flow(args.out, cfg.model_dump(mode="json"))
     _print_report(result["root"], result["curate"])
+    _print_eval(result.get("eval"))
+    print(f"\ngallery: {result['gallery']}")
     return 0
+
+
+def _print_eval(evaluation: dict | None) -> None:
+    if not evaluation:
+        return
+    print(f"\nzero-shot evaluation (step {evaluation.get('step')}; reports/eval.json):")
+    for group in ("heldout", "seen", "heldout_pairs"):
+        figures = evaluation.get(group)
+        if not figures:
+            continue
+        shown = "  ".join(
+            f"{name} {figures[name]:.2f}"
+            for name in ("color_acc", "shape_acc", "both_acc", "color_acc_reranked", "shape_acc_reranked",
+                         "both_acc_reranked", "relation_acc", "relation_acc_reranked")
+            if name in figures
+        )  # fmt: skip
+        print(f"  {group:14s} {shown}")
 
 
 def cmd_serve_demo(args: argparse.Namespace) -> int:
@@ -93,6 +112,21 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     from flows.train import train_clip_flow
 
     print(train_clip_flow(args.out, _config_arg(args), args.max_steps))
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from flows.gallery import gallery_flow
+
+    print(gallery_flow(args.out, args.checkpoint, _config_arg(args)))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from dalle.sample.publish import sample_to_folder
+
+    for line in sample_to_folder(args.checkpoint, args.prompt, args.n, args.top, args.out, args.seed):
+        print(line)
     return 0
 
 
@@ -161,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
                 help="continue from the newest checkpoint (default); --no-resume refuses to touch existing ones",
             )
             sub.set_defaults(func=cmd_train, model=model)
+
+    gallery = commands.add_parser("gallery", help="publish the gallery of one transformer checkpoint")
+    gallery.add_argument("--checkpoint", required=True, help="checkpoint URI (models/dalle/step_XXXXXXXX)")
+    gallery.add_argument("--out", required=True, help=run_root)
+    gallery.add_argument("--config", help=run_config)
+    gallery.set_defaults(func=cmd_gallery)
+
+    sample = commands.add_parser("sample", help="images for your own prompt, CLIP-reranked, into a folder")
+    sample.add_argument("--checkpoint", required=True, help="transformer checkpoint URI inside its run root")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("-n", type=int, default=64, help="samples to draw (default 64)")
+    sample.add_argument("--top", type=int, default=8, help="best samples to keep (default 8)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True, help="folder for the images and scores.json")
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 

@@ -358,6 +358,38 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
 
 
+class GalleryConfig(_Section):
+    """The gallery published for every transformer checkpoint, and the zero-shot evaluation in it."""
+
+    samples_per_prompt: int = Field(
+        32, ge=1, description="Samples drawn per prompt before reranking (paper: 512)."
+    )
+    top: int = Field(8, ge=1, description="Best samples shown per prompt, with their CLIP scores.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_k: int | None = Field(None, ge=1, description="Keep only the k most likely codes at each step.")
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Nucleus sampling: keep codes up to this probability mass."
+    )
+    cond_scale: float = Field(
+        1.0, description="Classifier-free guidance scale (1: off; needs cond_drop_prob > 0)."
+    )
+    batch_size: int = Field(64, ge=1, description="Images sampled at once.")
+    validation_prompts: int = Field(4, ge=0, description="Captions from the token shards shown as prompts.")
+    prompts_file: str | None = Field(
+        None, description="A text file of extra prompts, one per line (local or s3://)."
+    )
+    completions: int = Field(
+        4, ge=0, description="Images completed from their top rows (the paper's image-to-image)."
+    )
+    completion_samples: int = Field(4, ge=1, description="Completions drawn per image.")
+    completion_rows: int | None = Field(
+        None, ge=1, description="Code rows kept for completion; default half the grid."
+    )
+    seed: int = Field(
+        0, description="Seed of the sampling noise: the same checkpoint gives the same gallery."
+    )
+
+
 ATTENTION_KINDS = ("full", "row", "column", "conv")
 
 
@@ -442,6 +474,9 @@ class RunConfig(_Section):
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The text tokenizer.")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Writing token shards.")
+    gallery: GalleryConfig = Field(
+        default_factory=GalleryConfig, description="Galleries and zero-shot evaluation."
+    )
     train_dvae: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
             batch_size=32, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=None, warmup_steps=0

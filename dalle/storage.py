@@ -153,7 +153,9 @@ class Storage:
             entries = self.fs.ls(self.path(rel_dir), detail=True)
         except FileNotFoundError:
             return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"
+        )
 
     # --- reads -----------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:

@@ -1,8 +1,8 @@
-"""The end-to-end pipeline on the embedded default: demo source → curation.
+"""The end-to-end pipeline on the embedded default: demo source → curation → dVAE → tokenize
+→ transformer → a gallery (with the zero-shot evaluation) for every checkpoint.
 
 The demo source is served over loopback HTTP for the length of the crawl, so the
-crawl is a real one. Later stages (dVAE, tokenize, transformer, galleries) join
-this flow as they are built.
+crawl is a real one.
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ from prefect import flow, get_run_logger
 
 from dalle.config import config_from_dict
 from dalle.data.sources import DemoServer, build_site, url_table
+from dalle.eval.zero_shot import EVAL_REPORT
+from dalle.sample.gallery import GALLERY_INDEX
 from dalle.storage import SOURCE, Storage
 from flows.curate import curate_flow
+from flows.tokenize import tokenize_flow
+from flows.train import train_dvae_flow, train_transformer_flow
 
 DEMO_NETWORK = "127.0.0.0/8"
 DEMO_URLS = f"{SOURCE}/urls.parquet"
@@ -38,4 +42,8 @@ def pipeline_flow(root: str, config: dict[str, Any] | None = None) -> dict:
             storage.write_json(DEMO_SERVER, {"port": server.port, "base_url": server.base_url})
         get_run_logger().info(f"demo source: {len(site.rows)} URLs served at {server.base_url}")
         report = curate_flow(storage.uri(DEMO_URLS), root, cfg.model_dump(mode="json"))
-    return {"root": storage.root, "curate": report}
+    train_dvae_flow(root)
+    tokenize_flow(root)
+    train_transformer_flow(root)
+    evaluation = storage.read_json(EVAL_REPORT) if storage.exists(EVAL_REPORT) else None
+    return {"root": storage.root, "curate": report, "gallery": storage.uri(GALLERY_INDEX), "eval": evaluation}

@@ -38,6 +38,7 @@ class Section:
     title: str
     samples: list[PromptSamples]
     top: int = 8
+    key: str = ""  # the evaluation group its prompts belong to, if any
 
 
 @dataclass

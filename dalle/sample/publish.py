@@ -1,0 +1,174 @@
+"""The gallery of one transformer checkpoint: prompts sampled, reranked by the run's CLIP, completions, eval."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dalle.config import RunConfig
+from dalle.data.text_tokenizer import load_tokenizer
+from dalle.data.tokenize import SHARDS_MANIFEST
+from dalle.eval.zero_shot import EVAL_REPORT, TITLES, eval_prompts
+from dalle.models.clip import ClipModel, load_clip
+from dalle.sample.gallery import Completion, GalleryPage, Section, publish_gallery
+from dalle.sample.generate import generate
+from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts, samples_for
+from dalle.storage import SOURCE, Storage, checkpoint_dir, latest_pointer
+from dalle.train.tasks import DVAE, load_trained
+
+
+def run_clip(storage: Storage, cfg: RunConfig) -> ClipModel | None:
+    """The run's CLIP: the configured one, else the small CLIP trained in the run, else None (no reranking)."""
+    if cfg.clip.pretrained or cfg.clip.checkpoint:
+        return load_clip(cfg.clip)
+    if storage.exists(latest_pointer("clip")):
+        return load_clip(
+            cfg.clip.model_copy(update={"checkpoint": storage.read_json(latest_pointer("clip"))["uri"]})
+        )
+    return None
+
+
+def sampling_settings(cfg: RunConfig) -> SamplingSettings:
+    g = cfg.gallery
+    return SamplingSettings(
+        num_samples=g.samples_per_prompt,
+        top=g.top,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        cond_scale=g.cond_scale,
+        batch_size=g.batch_size,
+        seed=g.seed,
+    )
+
+
+def is_demo_run(storage: Storage) -> bool:
+    """Curated from the built-in captioned-shapes source (whose held-out combinations the gallery prompts)."""
+    return bool(storage.list(SOURCE))
+
+
+def user_prompts(cfg: RunConfig) -> list[str]:
+    if not cfg.gallery.prompts_file:
+        return []
+    location = cfg.gallery.prompts_file
+    folder, _, name = location.rpartition("/")
+    text = Storage(folder or ".").read_bytes(name).decode("utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def publish_checkpoint_gallery(
+    storage: Storage,
+    cfg: RunConfig,
+    checkpoint_rel: str,
+    evaluate: Callable | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Sample, rerank and publish the gallery of the transformer at `checkpoint_rel`; returns the page URI.
+
+    `evaluate(samples_by_section, clip) -> dict` adds the zero-shot figures (demo runs)."""
+    transformer, meta = load_trained(storage, checkpoint_rel)
+    step = int(checkpoint_rel.rstrip("/").rsplit("step_", 1)[-1])
+    dvae, _ = load_trained(storage, checkpoint_dir(DVAE, int(meta["dvae"]["step"])))
+    tokenizer = load_tokenizer(storage, cfg.tokenizer)
+    if tokenizer.identity != meta["tokenizer"]:
+        raise ValueError(
+            f"{storage.uri(checkpoint_rel)} was trained with tokenizer {meta['tokenizer']}, "
+            f"the run's is {tokenizer.identity}; publish it from its own run root"
+        )
+    clip = run_clip(storage, cfg)
+    settings = sampling_settings(cfg)
+    manifest = storage.read_json(SHARDS_MANIFEST)
+    last_shard = storage.read_table(manifest["shards"][-1]["path"], columns=["caption", "image_codes"])
+
+    prompt_groups: list[tuple[str, str, list[str]]] = []  # (title, eval group, prompts)
+    if is_demo_run(storage):
+        prompt_groups += [
+            (TITLES[key], key, prompts) for key, prompts in eval_prompts(cfg.source).items() if prompts
+        ]
+    captions = list(dict.fromkeys(last_shard.column("caption").to_pylist()))[: cfg.gallery.validation_prompts]
+    if captions:
+        prompt_groups.append(("Captions from the data", "", captions))
+    extra = user_prompts(cfg)
+    if extra:
+        prompt_groups.append(("Your prompts", "", extra))
+
+    sections = []
+    for title, key, prompts in prompt_groups:
+        log(f"gallery step {step}: sampling {len(prompts)} prompts x {settings.num_samples} ({title})")
+        samples = [samples_for(p, transformer, dvae, tokenizer, clip, settings) for p in prompts]
+        sections.append(Section(title, samples, top=settings.top, key=key))
+
+    completions = []
+    rows = cfg.gallery.completion_rows or max(1, transformer.grid // 2)
+    rows = min(rows, transformer.grid - 1)
+    for index in range(min(cfg.gallery.completions, last_shard.num_rows)):
+        caption = last_shard.column("caption")[index].as_py()
+        codes = torch.tensor(last_shard.column("image_codes")[index].as_py(), dtype=torch.long)
+        text = encode_prompts(tokenizer, [caption], transformer.text_len)
+        completed = generate(
+            transformer,
+            text,
+            num_images=cfg.gallery.completion_samples,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            seed=settings.seed + index,
+            prime_codes=codes[: rows * transformer.grid],
+        )
+        original = decode_codes(dvae, codes[None])[0]
+        completions.append(Completion(caption, original, decode_codes(dvae, completed), rows))
+
+    evaluation = evaluate(sections, clip) if evaluate is not None else None
+    if evaluation:
+        storage.write_json(
+            EVAL_REPORT, {**evaluation, "step": step, "checkpoint": storage.uri(checkpoint_rel)}
+        )
+    page = GalleryPage(step, storage.uri(checkpoint_rel), sections, completions, evaluation)
+    return publish_gallery(storage, page)
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str]:
+    """(run root, checkpoint folder relative to it) of a URI like ROOT/models/dalle/step_00001000."""
+    marker = "/models/"
+    if marker not in uri:
+        raise ValueError(f"{uri} is not a checkpoint folder (ROOT/models/dalle/step_XXXXXXXX)")
+    root, _, rel = uri.rstrip("/").rpartition(marker)
+    return root, f"models/{rel}"
+
+
+def sample_to_folder(checkpoint: str, prompt: str, num: int, top: int, out: str, seed: int = 0) -> list[str]:
+    """Draw `num` images for `prompt` from a transformer checkpoint, keep the CLIP-best `top` in `out`
+    (PNG files and scores.json); returns what was written, one line each."""
+    import io
+    import json
+
+    root, rel = split_checkpoint_uri(checkpoint)
+    storage = Storage(root)
+    from dalle.train.run import run_config
+
+    cfg = run_config(storage)
+    transformer, meta = load_trained(storage, rel)
+    dvae, _ = load_trained(storage, checkpoint_dir(DVAE, int(meta["dvae"]["step"])))
+    tokenizer = load_tokenizer(storage, cfg.tokenizer)
+    clip = run_clip(storage, cfg)
+    settings = sampling_settings(cfg)
+    settings.num_samples, settings.top, settings.seed = num, top, seed
+    samples = samples_for(prompt, transformer, dvae, tokenizer, clip, settings)
+    target = Storage(out)
+    written, scores = [], []
+    for rank, (image, score) in enumerate(samples.best(top)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        written.append(target.write_bytes(f"sample_{rank:02d}.png", buffer.getvalue()))
+        scores.append({"file": f"sample_{rank:02d}.png", "rank": rank, "clip_score": score})
+    meta_out = {
+        "prompt": prompt,
+        "checkpoint": checkpoint,
+        "samples": num,
+        "reranked_by": clip.identity if clip else None,
+    }
+    written.append(
+        target.write_bytes("scores.json", json.dumps({**meta_out, "images": scores}, indent=2).encode())
+    )
+    return written

@@ -1,0 +1,61 @@
+"""The gallery flow: sample, rerank and publish a transformer checkpoint's gallery (and its zero-shot eval)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from dalle.sample.gallery import gallery_dir
+from dalle.sample.publish import publish_checkpoint_gallery
+from dalle.storage import Storage
+from dalle.train.run import run_config
+from flows.common import log, retry_unless_user_error
+
+
+def checkpoint_rel(storage: Storage, checkpoint: str) -> str:
+    """A checkpoint given as a URI under the run root, or already relative to it."""
+    root = storage.uri().rstrip("/") + "/"
+    if checkpoint.startswith(root):
+        return checkpoint[len(root) :].rstrip("/")
+    if "://" in checkpoint or checkpoint.startswith("/"):
+        raise ValueError(
+            f"checkpoint {checkpoint} is not under the run root {storage.uri()}; pass --out its root"
+        )
+    return checkpoint.rstrip("/")
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+def publish(root: str, checkpoint: str, config: dict[str, Any] | None) -> dict:
+    from dalle.eval.zero_shot import evaluate_sections
+
+    storage = Storage(root)
+    cfg = run_config(storage, config)
+    rel = checkpoint_rel(storage, checkpoint)
+    uri = publish_checkpoint_gallery(storage, cfg, rel, evaluate=evaluate_sections, log=log)
+    step = int(rel.rsplit("step_", 1)[-1])
+    return {"uri": uri, "summary": storage.read_json(f"{gallery_dir(step)}/summary.json")}
+
+
+@flow(name="gallery")
+def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | None = None) -> str:
+    """Publish the gallery of one transformer checkpoint (URI or path under the root); returns the page URI."""
+    result = publish(root, checkpoint, config)
+    summary = result["summary"]
+    create_table_artifact(
+        key="gallery-prompts",
+        table=[
+            {"section": p["section"], "prompt": p["prompt"], "best_clip": p["best"], "mean_clip": p["mean"]}
+            for p in summary["prompts"]
+        ],
+        description=f"CLIP scores per prompt at step {summary['step']}",
+    )
+    lines = [f"### Gallery, step {summary['step']}", "", f"[open the gallery]({result['uri']})", ""]
+    for group, figures in (summary.get("evaluation") or {}).items():
+        if isinstance(figures, dict):
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
+            lines.append(f"- **{group}**: {shown}")
+    create_markdown_artifact(key="gallery-summary", markdown="\n".join(lines), description="gallery summary")
+    create_link_artifact(key="gallery", link=result["uri"], description=f"gallery of step {summary['step']}")
+    return result["uri"]
