@@ -8,10 +8,11 @@ colours touch.
 
 Shape comes from the complex moments of the soft coverage around each object,
 sum w (z - centroid)^n / area^(n/2 + 1) for n = 2, 3, 4, with z = x + iy. They do not depend
-on the object's size, and a rotationally symmetric blur (what a small dVAE does to edges)
-leaves them unchanged. The demo's shapes differ in them clearly: the triangle alone has a
-third moment, and the fourth is negative for the square, zero for the circle, positive for
-the diamond and twice that for the cross. Each shape's prototype is measured on a large
+on the object's size, and a rotationally symmetric blur (roughly what a small dVAE does to
+edges) leaves them unchanged, as long as the blurred edge stays within EDGE_RING pixels of
+the object. The demo's shapes differ in them clearly: the triangle alone has a third moment,
+and the fourth is negative for the square, zero for the circle, positive for the diamond and
+over twice that for the cross. Each shape's prototype is measured on a large
 clean render by `dalle.data.sources.render`, so the detector follows the drawing code.
 """
 
@@ -52,8 +53,8 @@ MIN_AREA_FRACTION = 0.01
 SPLIT_SHARE = 0.2
 # Pixels this close to an object carry its blurred edge into the moments.
 EDGE_RING = 2.0
-# Noise scale of the 2nd, 3rd and 4th moments, measured on blurred and re-encoded 32 px
-# renders: the distance to each shape prototype is taken in these units.
+# Rough spread of the 2nd, 3rd and 4th moments around their prototypes on blurred and JPEG
+# re-encoded 32 px renders: the distance to each shape prototype is taken in these units.
 _MOMENT_SCALE = np.array([0.01, 0.015, 0.005])
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
@@ -62,7 +63,7 @@ ImageInput = PIL.Image.Image | np.ndarray | bytes
 
 @dataclass(frozen=True)
 class DetectedObject:
-    """One object found in an image: colour (a COLORS key), shape (a SHAPES entry), centroid and area in pixels."""
+    """One object in an image: colour (a COLORS key), shape (a SHAPES entry), centroid and area in pixels."""
 
     color: str
     shape: str
@@ -78,17 +79,31 @@ class _Palette:
     contrast2: np.ndarray  # (K,): squared length of each contrast vector
 
 
+@dataclass(frozen=True)
+class _Blob:
+    colour: int  # index into the palette
+    area: int  # pixels at least half covered
+    cx: float
+    cy: float
+    moments: np.ndarray  # complex moments of order 2, 3, 4
+
+
+def _check_names(kind: str, names: Sequence[str], known: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        what = f"unknown {kind} {unknown[0]!r}" if unknown else f"no {kind}s given"
+        raise ValueError(f"{what} for the detector; known {kind}s are: {', '.join(known)}")
+
+
 @functools.lru_cache(maxsize=32)
 def _palette(names: tuple[str, ...]) -> _Palette:
-    unknown = [name for name in names if name not in COLORS]
-    if unknown or not names:
-        raise ValueError(f"unknown colour {unknown[:1]} for the detector; known colours are: {', '.join(COLORS)}")
+    _check_names("colour", names, list(COLORS))
     contrast = np.array([COLORS[name] for name in names], dtype=np.float64) - np.array(BACKGROUND)
     return _Palette(names, contrast, (contrast * contrast).sum(axis=1))
 
 
 def _as_rgb(image: ImageInput) -> np.ndarray:
-    """(H, W, 3) float64 in 0..255 from a PIL image, encoded image bytes, or an array (uint8, or floats in [0, 1])."""
+    """(H, W, 3) float64 in 0..255 from a PIL image, encoded bytes or an array (uint8, or floats in 0..1)."""
     if isinstance(image, bytes | bytearray):
         image = PIL.Image.open(io.BytesIO(image))
     if isinstance(image, PIL.Image.Image):
@@ -105,19 +120,23 @@ def _as_rgb(image: ImageInput) -> np.ndarray:
 
 
 def _classify(rgb: np.ndarray, palette: _Palette) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per pixel: nearest colour index, its coverage, whether it is object, and the raw projections (H, W, K)."""
+    """Per pixel: nearest colour index, its coverage, whether it is object; and all projections (H, W, K)."""
     h, w, _ = rgb.shape
     offset = rgb.reshape(-1, 3) - np.array(BACKGROUND)
     dots = offset @ palette.contrast.T
     projection = dots / palette.contrast2
     coverage = np.clip(projection, 0.0, 1.0)
     # Squared distance to the segment background..colour, for every colour at once.
-    residual2 = (offset * offset).sum(axis=1)[:, None] + palette.contrast2 * (coverage * coverage - 2 * coverage * projection)
+    residual2 = (offset * offset).sum(axis=1)[:, None] + palette.contrast2 * (
+        coverage * coverage - 2 * coverage * projection
+    )
     nearest = residual2.argmin(axis=1)
     rows = np.arange(len(nearest))
     best_coverage = coverage[rows, nearest]
     residual = np.sqrt(np.maximum(residual2[rows, nearest], 0.0))
-    is_object = (best_coverage >= MIN_COVERAGE) & (residual <= MAX_RESIDUAL * np.sqrt(palette.contrast2[nearest]))
+    is_object = (best_coverage >= MIN_COVERAGE) & (
+        residual <= MAX_RESIDUAL * np.sqrt(palette.contrast2[nearest])
+    )
     return (
         nearest.reshape(h, w),
         best_coverage.reshape(h, w),
@@ -161,10 +180,8 @@ def _moments(weights: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[float
     return cx, cy, moments
 
 
-def _measure(
-    rgb: np.ndarray, palette: _Palette, min_area_fraction: float
-) -> list[tuple[int, int, float, float, np.ndarray]]:
-    """(colour index, area, cx, cy, moments) of every object in the image."""
+def _measure(rgb: np.ndarray, palette: _Palette, min_area_fraction: float) -> list[_Blob]:
+    """Colour, area, soft centroid and moments of every object in the image."""
     nearest, coverage, is_object, projection = _classify(rgb, palette)
     min_area = max(1, round(min_area_fraction * is_object.size))
     objects = _segment(nearest, coverage, is_object, len(palette.names), min_area)
@@ -185,13 +202,13 @@ def _measure(
         # edge, the signed projection onto the object's colour, so background noise averages out.
         raw = np.where(inside, coverage[ys, xs], np.clip(projection[ys, xs, colour], -1.0, 1.0))
         # A washed-out object is a fainter copy of itself: scale its interior back to full coverage.
-        level = max(float(np.percentile(coverage[mask], 90)), MIN_COVERAGE)
+        level = max(float(coverage[mask].max()), MIN_COVERAGE)
         result = _moments(raw / level, ys.astype(np.float64), xs.astype(np.float64))
         if result is None:
             continue
         cx, cy, moments = result
         # Pixel (i, j) covers [j, j + 1) x [i, i + 1): its centre is half a pixel in.
-        measured.append((colour, int(mask.sum()), cx + 0.5, cy + 0.5, moments))
+        measured.append(_Blob(colour, int(mask.sum()), float(cx) + 0.5, float(cy) + 0.5, moments))
     return measured
 
 
@@ -203,14 +220,16 @@ def _prototypes() -> dict[str, np.ndarray]:
     palette = _palette(tuple(COLORS))
     for shape in SHAPES:
         image = render([ShapeObject("blue", shape, "large", side / 2, side / 2, 0.35 * side)], side)
-        (measured,) = _measure(np.asarray(image, dtype=np.float64), palette, MIN_AREA_FRACTION)
-        prototypes[shape] = measured[4]
+        (blob,) = _measure(np.asarray(image, dtype=np.float64), palette, MIN_AREA_FRACTION)
+        prototypes[shape] = blob.moments
     return prototypes
 
 
 def _nearest_shape(moments: np.ndarray, shapes: Sequence[str]) -> str:
     prototypes = _prototypes()
-    distances = [float((np.abs(moments - prototypes[shape]) ** 2 / _MOMENT_SCALE**2).sum()) for shape in shapes]
+    distances = [
+        float((np.abs(moments - prototypes[shape]) ** 2 / _MOMENT_SCALE**2).sum()) for shape in shapes
+    ]
     return shapes[int(np.argmin(distances))]
 
 
@@ -221,25 +240,25 @@ def detect_objects(
     shapes: Sequence[str] | None = None,
     min_area_fraction: float = MIN_AREA_FRACTION,
 ) -> list[DetectedObject]:
-    """The `max_objects` largest objects, largest first, each with colour, shape, centroid and area; [] when blank.
+    """The `max_objects` largest objects, largest first, with colour, shape, centroid and area; [] when blank.
 
     `colors` and `shapes` restrict the answers to those names (default: every demo colour and shape).
     """
     palette = _palette(tuple(colors) if colors is not None else tuple(COLORS))
     shape_names = tuple(shapes) if shapes is not None else SHAPES
-    unknown = [shape for shape in shape_names if shape not in SHAPES]
-    if unknown or not shape_names:
-        raise ValueError(f"unknown shape {unknown[:1]} for the detector; known shapes are: {', '.join(SHAPES)}")
+    _check_names("shape", shape_names, SHAPES)
     found = [
-        DetectedObject(palette.names[colour], _nearest_shape(moments, shape_names), float(cx), float(cy), area)
-        for colour, area, cx, cy, moments in _measure(_as_rgb(image), palette, min_area_fraction)
+        DetectedObject(
+            palette.names[blob.colour], _nearest_shape(blob.moments, shape_names), blob.cx, blob.cy, blob.area
+        )
+        for blob in _measure(_as_rgb(image), palette, min_area_fraction)
     ]
     found.sort(key=lambda obj: (-obj.area, obj.cy, obj.cx))
     return found[:max_objects]
 
 
 def relation_of(a: DetectedObject, b: DetectedObject) -> str:
-    """Where `a` is relative to `b` ("above", "below", "left of", "right of"), along the axis of larger offset."""
+    """Where `a` is relative to `b` (a RELATIONS key), judged along the axis of the larger offset."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
     if abs(dx) > abs(dy):
         return "left of" if dx < 0 else "right of"
@@ -251,10 +270,13 @@ def _alternatives(words: Sequence[str]) -> str:
     return "|".join(re.escape(word) for word in sorted(words, key=len, reverse=True))
 
 
-_SIZE_BY_WORD = {word: size for size, word in SIZE_WORDS.items() if word} | {size: size for size in SIZE_BANDS}
+_SIZE_BY_WORD = {word: size for size, word in SIZE_WORDS.items() if word} | {
+    size: size for size in SIZE_BANDS
+}
 _RELATION_BY_PHRASE = {phrase: relation for relation, phrase in RELATIONS.items()}
 _OBJECT = (
-    rf"an? (?:({_alternatives(list(_SIZE_BY_WORD))}) )?({_alternatives(list(COLORS))}) ({_alternatives(SHAPES)})"
+    rf"an? (?:({_alternatives(list(_SIZE_BY_WORD))}) )?"
+    rf"({_alternatives(list(COLORS))}) ({_alternatives(SHAPES)})"
 )
 _CAPTION = re.compile(rf"{_OBJECT}(?: ({_alternatives(list(_RELATION_BY_PHRASE))}) {_OBJECT})?")
 
@@ -270,13 +292,14 @@ def parse_prompt(caption: str) -> dict:
     if match is None:
         raise ValueError(
             f"cannot parse {caption!r} as a demo caption; expected e.g. 'a small red circle' or "
-            f"'a red circle above a blue square', with colours {', '.join(COLORS)} and shapes {', '.join(SHAPES)}"
+            f"'a red circle above a blue square', with colours {', '.join(COLORS)} "
+            f"and shapes {', '.join(SHAPES)}"
         )
     size1, color1, shape1, phrase, size2, color2, shape2 = match.groups()
-    objects = [{"color": color1, "shape": shape1, "size": _SIZE_BY_WORD.get(size1) if size1 else None}]
+    objects = [{"color": color1, "shape": shape1, "size": _SIZE_BY_WORD[size1] if size1 else None}]
     if phrase is None:
         return {"objects": objects, "relation": None}
-    objects.append({"color": color2, "shape": shape2, "size": _SIZE_BY_WORD.get(size2) if size2 else None})
+    objects.append({"color": color2, "shape": shape2, "size": _SIZE_BY_WORD[size2] if size2 else None})
     return {"objects": objects, "relation": _RELATION_BY_PHRASE[phrase]}
 
 
