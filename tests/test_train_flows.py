@@ -83,11 +83,13 @@ def test_a_flow_under_torchrun_publishes_the_checkpoints_its_children_write(tmp_
     storage, _ = make_run(root, train_dvae={**SETTINGS["train_dvae"], "nproc": 2, "checkpoint_every": 2})
     done = run_cli("train-dvae", "--out", root, "--max-steps", "4")
     assert done.returncode == 0, done.stderr[-3000:]
+    # Polling sees at least the last checkpoint (an earlier one may be overtaken between two polls);
+    # events reach the server asynchronously, so wait for it.
+    last = storage.uri("models/dvae/step_00000004")
     deadline = time.monotonic() + 30
-    while len(events := _checkpoint_events(storage.uri("models/dvae"))) < 1 and time.monotonic() < deadline:
+    while last not in {e.resource.id for e in _checkpoint_events(storage.uri("models/dvae"))}:
+        assert time.monotonic() < deadline, "no checkpoint event for the last checkpoint"
         time.sleep(1)
-    # Polling sees at least the last checkpoint (an earlier one may be overtaken between two polls).
-    assert storage.uri("models/dvae/step_00000004") in {e.resource.id for e in events}
 
 
 def test_train_without_a_run_root_says_what_to_do(tmp_path, prefect_server):

@@ -87,18 +87,19 @@ def _page(title: str, body: str) -> str:
 
 
 def _eval_table(evaluation: dict) -> str:
+    groups = {k: v for k, v in evaluation.items() if isinstance(v, dict)}
+    columns = list(dict.fromkeys(name for figures in groups.values() for name in figures))
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
     rows = []
-    for group, figures in evaluation.items():
-        if not isinstance(figures, dict):
-            continue
+    for group, figures in groups.items():
         cells = "".join(
-            f"<td>{html.escape(k)}</td><td>{v:.3f}</td>"
-            if isinstance(v, float)
-            else f"<td>{html.escape(k)}</td><td>{html.escape(str(v))}</td>"
-            for k, v in figures.items()
+            f"<td>{figures[n]:.3f}</td>"
+            if isinstance(figures.get(n), float)
+            else f"<td>{html.escape(str(figures.get(n, '')))}</td>"
+            for n in columns
         )
         rows.append(f"<tr><th>{html.escape(group)}</th>{cells}</tr>")
-    return f"<h2>Zero-shot evaluation</h2><table>{''.join(rows)}</table>"
+    return f"<h2>Zero-shot evaluation</h2><table><tr><th></th>{header}</tr>{''.join(rows)}</table>"
 
 
 def publish_gallery(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
