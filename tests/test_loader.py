@@ -151,13 +151,14 @@ def test_resume_opens_only_the_shard_where_it_resumes(tmp_path, monkeypatch):
     reference = batches(ShardDataset(root, SHARDS, RowIds(), batch_size=4), start + 1)[start]
 
     reads = []
-    original = Storage.read_table
+    original = Storage.read_bytes
 
-    def counting_read_table(self, rel, columns=None):
-        reads.append(rel)
-        return original(self, rel, columns)
+    def counting_read_bytes(self, rel):
+        if rel.endswith(".parquet"):
+            reads.append(rel)
+        return original(self, rel)
 
-    monkeypatch.setattr(Storage, "read_table", counting_read_table)
+    monkeypatch.setattr(Storage, "read_bytes", counting_read_bytes)
     resumed = batches(ShardDataset(root, SHARDS, RowIds(), batch_size=4, start_batch=start), 1)
     assert resumed == [reference]
     shard = next(index for index, span in enumerate(spans) if reference[0] in span)
@@ -296,3 +297,14 @@ def test_image_batches_are_centre_cropped_rgb_in_unit_range(tmp_path):
         centre = image[:, 2:6, 2:6].mean(dim=(1, 2))
         expected = [128 / 255] * 3 if caption.endswith("grey") else [0.0, 1.0, 0.0]
         assert torch.allclose(centre, torch.tensor(expected), atol=0.02), caption
+
+
+def test_a_shard_changed_after_its_manifest_is_refused(tmp_path):
+    root = str(tmp_path / "run")
+    write_token_shards(root, sizes=[8, 8])
+    storage = Storage(root)
+    manifest = storage.read_json(f"{SHARDS}/_manifest.json")
+    other = storage.read_bytes(manifest["shards"][1]["path"])
+    storage.write_bytes(manifest["shards"][0]["path"], other)  # same rows, other bytes
+    with pytest.raises(ShardError, match="does not match the sha256"):
+        next(iter(ShardDataset(root, SHARDS, TokenBatch(TEXT_LEN), batch_size=4)))

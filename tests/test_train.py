@@ -299,3 +299,10 @@ def test_an_s3_endpoint_that_fails_now_and_then_costs_retries_not_the_run(s3_buc
     assert summary["rows"] == 48
     assert storage.read_json(latest_pointer("dvae"))["step"] == 4
     assert flaky_s3.failed >= 5, f"the proxy failed only {flaky_s3.failed} of {flaky_s3.requests} requests"
+
+
+def test_a_missing_bucket_is_named_before_any_work(s3_endpoint):
+    from dalle.storage import StorageError
+
+    with pytest.raises(StorageError, match="check that the bucket exists"):
+        run_config(Storage("s3://no-such-bucket-here/run"), SETTINGS)

@@ -20,12 +20,14 @@ only with the same world_size, num_workers, batch_size and seed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -136,6 +138,7 @@ class ShardDataset(IterableDataset):
         shards = manifest.get("shards") or []
         paths = [entry["path"] for entry in shards]
         rows = [int(entry["rows"]) for entry in shards]
+        self.sha256 = [entry.get("sha256") for entry in shards]
         if "rows" in manifest and int(manifest["rows"]) != sum(rows):
             raise ShardError(
                 f"{storage.uri(rel)} says {manifest['rows']} rows but its shards add up to {sum(rows)}; "
@@ -177,12 +180,19 @@ class ShardDataset(IterableDataset):
         rel = self.paths[shard]
         origin = storage.uri(rel)
         try:
-            table = storage.read_table(rel, columns=self.columns)
-        except FileNotFoundError:
+            data = storage.read_bytes(rel)
+        except (FileNotFoundError, StorageError):
             raise ShardError(
                 f"{origin} is listed in {self.shard_dir}/{MANIFEST} but does not exist; "
                 f"re-run `{_PRODUCER.get(self.shard_dir, 'the stage that writes it')}`"
             ) from None
+        expected_sha = self.sha256[shard]
+        if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+            raise ShardError(
+                f"{origin} does not match the sha256 in {self.shard_dir}/{MANIFEST}: the file was changed or damaged "
+                f"after it was listed; re-run `{_PRODUCER.get(self.shard_dir, 'the stage that writes it')}`"
+            )
+        table = pq.read_table(pa.BufferReader(data), columns=self.columns)
         if shard not in checked:
             expected = self.expected_schema or _expected_schema(self.shard_dir, table.schema)
             if self.columns is not None:

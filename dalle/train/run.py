@@ -32,6 +32,7 @@ def run_config(storage: Storage, config: str | dict | None = None) -> RunConfig:
     as the run's config.yaml; without one, the run's own config.yaml."""
     if config is not None:
         cfg = load_config(config) if isinstance(config, str) else config_from_dict(config)
+        storage.check_writable()  # a missing bucket is named here, before any work
         storage.write_bytes(RUN_CONFIG, dump_config(cfg).encode())
         return cfg
     if not storage.exists(RUN_CONFIG):
