@@ -59,6 +59,13 @@ def latest_pointer(model: str) -> str:
     return f"{MODELS}/{model}/latest.json"
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the Parquet file the run root stores (for writers that also need its sha256)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -212,9 +219,7 @@ class Storage:
 
     def write_table(self, rel: str, table: pa.Table) -> str:
         """Write a Parquet file atomically; returns its URI."""
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        return self.write_bytes(rel, buffer.getvalue())
+        return self.write_bytes(rel, parquet_bytes(table))
 
     def delete(self, rel: str) -> None:
         try:

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from dalle.storage import Storage, latest_pointer
+from tests.test_cli import run_cli
 from tests.test_train import SETTINGS, make_run
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    return subprocess.run(
-        [sys.executable, "-m", "dalle.cli", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 def _checkpoint_events(uri_prefix: str) -> list:

@@ -34,7 +34,15 @@ from dalle.data.embed import vectors as embedding_matrix
 from dalle.data.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
 from dalle.models.clip import ClipModel, load_clip, save_clip, train_small_clip
 from dalle.schemas import CURATED, SAMPLES, SCHEMA_VERSION
-from dalle.storage import CURATE_WORK, MANIFEST, REPORTS, Storage, checkpoint_dir, latest_pointer
+from dalle.storage import (
+    CURATE_WORK,
+    MANIFEST,
+    REPORTS,
+    Storage,
+    checkpoint_dir,
+    latest_pointer,
+    parquet_bytes,
+)
 from dalle.storage import CURATED as CURATED_DIR
 
 FILTER_TABLE = f"{CURATE_WORK}/filter.parquet"
@@ -384,14 +392,9 @@ def publish_stage(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
             schema=CURATED,
         )
         rel = f"{CURATED_DIR}/{len(shards):05d}.parquet"
-        storage.write_table(rel, table)
-        shards.append(
-            {
-                "path": rel,
-                "rows": table.num_rows,
-                "sha256": hashlib.sha256(storage.read_bytes(rel)).hexdigest(),
-            }
-        )
+        data = parquet_bytes(table)
+        storage.write_bytes(rel, data)
+        shards.append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()})
     # Shards of an earlier, larger result are dropped only after the new manifest is in place.
     storage.write_json(
         CURATED_MANIFEST,

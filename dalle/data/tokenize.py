@@ -24,7 +24,7 @@ from dalle.data.loader import ImageBatch
 from dalle.data.text_tokenizer import tokenizer_for_run
 from dalle.schemas import SCHEMA_VERSION, token_shard_schema
 from dalle.storage import CURATED as CURATED_DIR
-from dalle.storage import MANIFEST, SHARDS, Storage
+from dalle.storage import MANIFEST, SHARDS, Storage, parquet_bytes
 from dalle.train.checkpoint import latest_checkpoint
 from dalle.train.distributed import resolve_train_device
 from dalle.train.tasks import DVAE, load_trained
@@ -170,9 +170,10 @@ def tokenize_stage(
             },
             schema=schema,
         )
-        storage.write_table(rel, out)
+        data = parquet_bytes(out)
+        storage.write_bytes(rel, data)
         manifest["shards"].append(
-            {"path": rel, "rows": out.num_rows, "sha256": hashlib.sha256(storage.read_bytes(rel)).hexdigest()}
+            {"path": rel, "rows": out.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
         )
         manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
         storage.write_json(SHARDS_MANIFEST, manifest)  # after the shard: the manifest lists only whole shards

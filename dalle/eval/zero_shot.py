@@ -80,7 +80,7 @@ def evaluate_sections(sections: list, clip) -> dict:
     """The eval.json figures from the gallery's sections whose `key` names an eval group."""
     report = {}
     for section in sections:
-        key = getattr(section, "key", "")
+        key = section.key
         if key in (HELDOUT, SEEN, HELDOUT_PAIRS) and section.samples:
             report[key] = evaluate_group(section.samples, section.top, pairs=key == HELDOUT_PAIRS)
     if report:

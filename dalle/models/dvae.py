@@ -11,6 +11,7 @@ uniform prior with a warmed-up weight, and the logit-Laplace likelihood (or MSE)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,20 +52,29 @@ def _group_widths(cfg: DVAEConfig) -> list[int]:
     return [cfg.hidden_width * 2**g for g in range(cfg.downsample_steps + 1)]
 
 
+def _residual_groups(
+    cfg: DVAEConfig, widths: list[int], resample: Callable[[], nn.Module]
+) -> list[nn.Module]:
+    """One group of blocks per width (starting from widths[0] channels), `resample()` between groups."""
+    gain = 1.0 / (len(widths) * cfg.blocks_per_group) ** 2
+    layers: list[nn.Module] = []
+    channels = widths[0]
+    for g, width in enumerate(widths):
+        for _ in range(cfg.blocks_per_group):
+            layers.append(BottleneckBlock(channels, width, gain))
+            channels = width
+        if g < len(widths) - 1:
+            layers.append(resample())
+    return layers
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
         widths = _group_widths(cfg)
-        gain = 1.0 / (len(widths) * cfg.blocks_per_group) ** 2
         layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 7, padding=3)]
-        channels = widths[0]
-        for g, width in enumerate(widths):
-            for _ in range(cfg.blocks_per_group):
-                layers.append(BottleneckBlock(channels, width, gain))
-                channels = width
-            if g < len(widths) - 1:
-                layers.append(nn.MaxPool2d(2))
-        layers += [nn.ReLU(), nn.Conv2d(channels, cfg.codebook_size, 1)]
+        layers += _residual_groups(cfg, widths, lambda: nn.MaxPool2d(2))
+        layers += [nn.ReLU(), nn.Conv2d(widths[-1], cfg.codebook_size, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,7 +85,6 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
         widths = list(reversed(_group_widths(cfg)))
-        gain = 1.0 / (len(widths) * cfg.blocks_per_group) ** 2
         # The codebook: a 1x1 convolution applied to a (relaxed) one-hot grid.
         self.codebook = nn.Conv2d(cfg.codebook_size, widths[0], 1)
         # Unit-scale code vectors: with the default fan-in init (1/sqrt(codebook_size)) every
@@ -83,16 +92,9 @@ class Decoder(nn.Module):
         # code to pick, and training collapses onto a handful of codes.
         nn.init.normal_(self.codebook.weight, std=1.0)
         nn.init.zeros_(self.codebook.bias)
-        layers: list[nn.Module] = []
-        channels = widths[0]
-        for g, width in enumerate(widths):
-            for _ in range(cfg.blocks_per_group):
-                layers.append(BottleneckBlock(channels, width, gain))
-                channels = width
-            if g < len(widths) - 1:
-                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        layers = _residual_groups(cfg, widths, lambda: nn.Upsample(scale_factor=2, mode="nearest"))
         out_channels = 6 if cfg.reconstruction == "logit_laplace" else 3
-        layers += [nn.ReLU(), nn.Conv2d(channels, out_channels, 1)]
+        layers += [nn.ReLU(), nn.Conv2d(widths[-1], out_channels, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward_soft(self, soft_one_hot: torch.Tensor) -> torch.Tensor:

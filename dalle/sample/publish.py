@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable
 
 import torch
@@ -15,6 +17,7 @@ from dalle.sample.gallery import Completion, GalleryPage, Section, publish_galle
 from dalle.sample.generate import generate
 from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts, samples_for
 from dalle.storage import SOURCE, Storage, checkpoint_dir, latest_pointer
+from dalle.train.run import run_config
 from dalle.train.tasks import DVAE, load_trained
 
 
@@ -140,13 +143,8 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str]:
 def sample_to_folder(checkpoint: str, prompt: str, num: int, top: int, out: str, seed: int = 0) -> list[str]:
     """Draw `num` images for `prompt` from a transformer checkpoint, keep the CLIP-best `top` in `out`
     (PNG files and scores.json); returns what was written, one line each."""
-    import io
-    import json
-
     root, rel = split_checkpoint_uri(checkpoint)
     storage = Storage(root)
-    from dalle.train.run import run_config
-
     cfg = run_config(storage)
     transformer, meta = load_trained(storage, rel)
     dvae, _ = load_trained(storage, checkpoint_dir(DVAE, int(meta["dvae"]["step"])))

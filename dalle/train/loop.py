@@ -58,12 +58,6 @@ class TrainTask(Protocol):
 
     def optimizer_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
 
-    def after_step(self, model: nn.Module) -> None: ...
-
-    def save_extra(self, storage: Storage, rel_dir: str, model: nn.Module) -> None:
-        """Anything else a checkpoint folder holds for this model (written before latest.json)."""
-        ...
-
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """Multiplier of cfg.lr at `step`: linear warm-up, then the configured decay."""
@@ -133,8 +127,8 @@ def _weights_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _state_options(**extra) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+def _state_options() -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _check_meta(found: dict, expected: dict, where: str) -> None:
@@ -248,7 +242,6 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str
                 },
             )
             storage.write_bytes(f"{rel}/{ckpt.RUN_CONFIG}", dump_config(run_cfg).encode())
-            task.save_extra(storage, rel, model)
             metrics.flush(force=True)
             uri = ckpt.publish(storage, task.name, step)
             log(f"{task.name}: checkpoint at step {step}: {uri}")
@@ -299,7 +292,6 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str
         bad_in_row = 0
         optimizer.step()
         scheduler.step()
-        task.after_step(model)
         step += 1
         window_steps += 1
         for key, value in {"loss": loss_sum, "grad_norm": grad_norm, **step_metrics}.items():

@@ -43,15 +43,9 @@ class DVAETask:
         return {"kind": "dvae", "dvae": self.cfg.dvae.model_dump(mode="json")}
 
     def dataset(self, batch_size, seed, start_batch, rank, world_size) -> ShardDataset:
+        decode = ImageBatch(self.cfg.dvae.image_size)
         return ShardDataset(
-            self.storage.uri(),
-            CURATED,
-            ImageBatch(self.cfg.dvae.image_size),
-            batch_size,
-            seed=seed,
-            start_batch=start_batch,
-            rank=rank,
-            world_size=world_size,
+            self.storage.uri(), CURATED, decode, batch_size, seed, start_batch, rank, world_size
         )
 
     def loss(self, model, batch, step):
@@ -66,12 +60,6 @@ class DVAETask:
 
     def optimizer_groups(self, model, weight_decay):
         return _linear_and_conv_weights(model, weight_decay)
-
-    def after_step(self, model) -> None:
-        pass
-
-    def save_extra(self, storage, rel_dir, model) -> None:
-        pass
 
 
 class TransformerTask:
@@ -114,15 +102,9 @@ class TransformerTask:
         }
 
     def dataset(self, batch_size, seed, start_batch, rank, world_size) -> ShardDataset:
+        decode = TokenBatch(self.cfg.transformer.text_seq_len)
         return ShardDataset(
-            self.storage.uri(),
-            SHARDS,
-            TokenBatch(self.cfg.transformer.text_seq_len),
-            batch_size,
-            seed=seed,
-            start_batch=start_batch,
-            rank=rank,
-            world_size=world_size,
+            self.storage.uri(), SHARDS, decode, batch_size, seed, start_batch, rank, world_size
         )
 
     def loss(self, model, batch, step):
@@ -131,12 +113,6 @@ class TransformerTask:
 
     def optimizer_groups(self, model, weight_decay):
         return model.optimizer_groups(weight_decay)
-
-    def after_step(self, model) -> None:
-        pass
-
-    def save_extra(self, storage, rel_dir, model) -> None:
-        pass
 
 
 def load_trained(
