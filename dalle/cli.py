@@ -38,7 +38,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = _with_networks(load_config(args.config), args.allow_network)
     from flows.pipeline import pipeline_flow
 
@@ -156,10 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     networks(curate)
     curate.set_defaults(func=cmd_curate)
 
-    demo = commands.add_parser("demo", help="run the pipeline on the built-in captioned-shapes source")
-    common(demo, "run root: a local folder or s3://bucket/prefix")
-    networks(demo)
-    demo.set_defaults(func=cmd_demo)
+    pipeline = commands.add_parser(
+        "pipeline",
+        aliases=["demo"],
+        help="run the whole pipeline on the config's source.urls, or (unset) the built-in captioned-shapes source",
+    )
+    common(pipeline, "run root: a local folder or s3://bucket/prefix")
+    networks(pipeline)
+    pipeline.set_defaults(func=cmd_pipeline)
 
     serve = commands.add_parser("serve-demo", help="serve the captioned-shapes source over loopback HTTP")
     common(serve, "folder for the URL list (urls.parquet)")

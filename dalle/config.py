@@ -25,8 +25,14 @@ class _Section(BaseModel):
 
 
 class SourceConfig(_Section):
-    """The built-in captioned-shapes source (the demo's embedded default)."""
+    """Where the pipeline's image-caption pairs come from: a URL list, or (unset) the built-in
+    captioned-shapes source, the demo's embedded default. The other keys describe that source."""
 
+    urls: str | None = Field(
+        None,
+        description="URL list (local path or s3://; Parquet, CSV, TSV, JSONL or TXT, read per the crawl "
+        "section) for the pipeline to crawl. Unset: the captioned-shapes source, served over loopback.",
+    )
     seed: int = Field(
         0, description="Seed of the generator: the same seed gives the same images and captions."
     )
@@ -79,6 +85,11 @@ class CrawlConfig(_Section):
     )
     url_col: str = Field("url", description="Column of the URL list that holds the image URL.")
     caption_col: str = Field("caption", description="Column of the URL list that holds the caption.")
+    column_names: list[str] | None = Field(
+        None,
+        description="Column names of a CSV/TSV list that has no header row, in file order "
+        "(CC3M's TSV: [caption, url]); unset, the first row is the header.",
+    )
     allow_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs of non-public networks the crawler may connect to (e.g. 127.0.0.0/8); public ones always may.",
@@ -164,9 +175,12 @@ class ClipTrainConfig(_Section):
     context_length: int = Field(32, ge=4, description="Text tokens per caption (open_clip's BPE).")
     batch_size: int = Field(64, ge=2, description="Pairs per contrastive batch.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
-    max_steps: int = Field(600, ge=1, description="Upper bound on optimisation steps.")
-    max_seconds: float = Field(
-        90.0, gt=0, description="Wall-clock budget for training; stops early when spent."
+    max_steps: int = Field(600, ge=1, description="Optimisation steps (the learning-rate schedule spans them).")
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Optional wall-clock budget: training stops early when it is spent, so the result "
+        "then depends on the machine's speed. Unset (the default), a run is reproducible.",
     )
     seed: int = Field(0, description="Seed for initialisation and batch order.")
 
@@ -462,7 +476,7 @@ class RunConfig(_Section):
     """Everything a run needs; `configs/demo.yaml` is an instance of it."""
 
     source: SourceConfig = Field(
-        default_factory=SourceConfig, description="The built-in captioned-shapes source."
+        default_factory=SourceConfig, description="A URL list, or the built-in captioned-shapes source."
     )
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Downloading with img2dataset.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Rule and CLIP-score filters.")

@@ -59,6 +59,15 @@ def latest_pointer(model: str) -> str:
     return f"{MODELS}/{model}/latest.json"
 
 
+def split_checkpoint_uri(uri: str) -> tuple[str, str]:
+    """(run root, checkpoint folder relative to it) of a URI like ROOT/models/dalle/step_00001000."""
+    marker = f"/{MODELS}/"
+    if marker not in uri:
+        raise ValueError(f"{uri} is not a checkpoint folder (ROOT/models/dalle/step_XXXXXXXX)")
+    root, _, rel = uri.rstrip("/").rpartition(marker)
+    return root, f"{MODELS}/{rel}"
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     """A table as the Parquet file the run root stores (for writers that also need its sha256)."""
     buffer = io.BytesIO()

@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
 from dalle.errors import USER_ERRORS
+from dalle.storage import split_checkpoint_uri
 
 CHECKPOINT_EVENT = "dalle.checkpoint.saved"
 
@@ -45,6 +46,11 @@ def publish_checkpoint(info: dict[str, Any]) -> None:
     )
     emit_event(
         event=CHECKPOINT_EVENT,
-        resource={"prefect.resource.id": uri, "dalle.model": model, "dalle.step": str(step)},
+        resource={
+            "prefect.resource.id": uri,
+            "dalle.model": model,
+            "dalle.step": str(step),
+            "dalle.root": split_checkpoint_uri(uri)[0],
+        },
         payload={"model": model, "step": step, "uri": uri, "metrics": metrics},
     )

@@ -1,8 +1,9 @@
-"""The end-to-end pipeline on the embedded default: demo source → curation → dVAE → tokenize
-→ transformer → a gallery (with the zero-shot evaluation) for every checkpoint.
+"""The end-to-end pipeline: source → curation → dVAE → tokenize → transformer → a gallery
+for every checkpoint (with the zero-shot evaluation on the captioned-shapes source).
 
-The demo source is served over loopback HTTP for the length of the crawl, so the
-crawl is a real one.
+The source is the config's `source.urls` list (a real crawl, e.g. configs/cc3m.yaml), or by
+default the built-in captioned-shapes source, served over loopback HTTP for the length of
+the crawl, so the demo's crawl is a real one too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from dalle.config import config_from_dict
+from dalle.config import RunConfig, config_from_dict
 from dalle.data.sources import DemoServer, build_site, url_table
 from dalle.eval.zero_shot import EVAL_REPORT
 from dalle.sample.gallery import GALLERY_INDEX
@@ -27,8 +28,21 @@ DEMO_SERVER = f"{SOURCE}/server.json"
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(root: str, config: dict[str, Any] | None = None) -> dict:
-    """Generate and serve the captioned-shapes source, then curate it into `root`."""
+    """Curate the config's source into `root`, train both models and publish their galleries."""
     cfg = config_from_dict(config)
+    if cfg.source.urls:
+        report = curate_flow(cfg.source.urls, root, cfg.model_dump(mode="json"))
+    else:
+        report = _curate_demo_source(root, cfg)
+    train_dvae_flow(root)
+    tokenize_flow(root)
+    train_transformer_flow(root)
+    storage = Storage(root)
+    evaluation = storage.read_json(EVAL_REPORT) if storage.exists(EVAL_REPORT) else None
+    return {"root": storage.root, "curate": report, "gallery": storage.uri(GALLERY_INDEX), "eval": evaluation}
+
+
+def _curate_demo_source(root: str, cfg: RunConfig) -> dict:
     if DEMO_NETWORK not in cfg.crawl.allow_networks:
         cfg.crawl.allow_networks = [*cfg.crawl.allow_networks, DEMO_NETWORK]
     storage = Storage(root)
@@ -41,9 +55,4 @@ def pipeline_flow(root: str, config: dict[str, Any] | None = None) -> dict:
             storage.write_table(DEMO_URLS, url_table(site, server.base_url))
             storage.write_json(DEMO_SERVER, {"port": server.port, "base_url": server.base_url})
         get_run_logger().info(f"demo source: {len(site.rows)} URLs served at {server.base_url}")
-        report = curate_flow(storage.uri(DEMO_URLS), root, cfg.model_dump(mode="json"))
-    train_dvae_flow(root)
-    tokenize_flow(root)
-    train_transformer_flow(root)
-    evaluation = storage.read_json(EVAL_REPORT) if storage.exists(EVAL_REPORT) else None
-    return {"root": storage.root, "curate": report, "gallery": storage.uri(GALLERY_INDEX), "eval": evaluation}
+        return curate_flow(storage.uri(DEMO_URLS), root, cfg.model_dump(mode="json"))

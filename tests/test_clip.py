@@ -143,6 +143,17 @@ def test_training_starts_from_the_seeded_initialisation():
     assert first.identity.startswith("trained:")
 
 
+def test_step_bound_training_is_reproducible():
+    """Without a wall-clock budget the run is a function of the data and the seed alone."""
+    images, captions, _ = make_shapes(24, seed=5)
+    steps = SMALL.model_copy(update={"max_steps": 4, "batch_size": 8, "max_seconds": None})
+    seen: list[list[int]] = [[], []]
+    first = train_small_clip(images, captions, steps, log=lambda step, loss: seen[0].append(step))
+    again = train_small_clip(images, captions, steps, log=lambda step, loss: seen[1].append(step))
+    assert seen[0] == seen[1] == [1, 2, 3, 4]
+    assert first.identity == again.identity
+
+
 # --- checkpoints ---------------------------------------------------------------------
 
 

@@ -9,6 +9,19 @@ def test_demo_config_loads():
     assert cfg.source.heldout
 
 
+def test_demo_config_is_step_bound_so_runs_repeat():
+    assert load_config("configs/demo.yaml").clip.train.max_seconds is None
+
+
+def test_cc3m_preset_names_a_headerless_tsv_and_a_paper_shaped_model():
+    cfg = load_config("configs/cc3m.yaml")
+    assert cfg.source.urls and cfg.crawl.input_format == "tsv"
+    assert cfg.crawl.column_names == ["caption", "url"]
+    assert cfg.dvae.grid == 32 and cfg.dvae.codebook_size == 8192
+    assert cfg.transformer.attention == "paper"
+    assert cfg.crawl.allow_networks == []  # a web crawl reaches public addresses only
+
+
 def test_every_field_has_a_description():
     def walk(model_cls, prefix=""):
         for name, field in model_cls.model_fields.items():

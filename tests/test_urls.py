@@ -34,6 +34,22 @@ def test_formats_with_captions(tmp_path, fmt):
     assert all(table.column("caption_utf8").to_pylist())
 
 
+def test_headerless_tsv_takes_its_column_names_from_the_config(tmp_path):
+    """CC3M's layout: caption, then URL, and no header row, so the first row is data."""
+    path = tmp_path / "Train_GCC-training.tsv"
+    path.write_text("".join(f"{c}\t{u}\n" for u, c in ROWS))
+    table = read_url_list(str(path), CrawlConfig(input_format="tsv", column_names=["caption", "url"]))
+    assert table.column("url").to_pylist() == [u for u, _ in ROWS]
+    assert table.column("caption").to_pylist() == [c for _, c in ROWS]
+
+
+def test_column_names_that_do_not_fit_the_file_are_named(tmp_path):
+    path = tmp_path / "urls.tsv"
+    path.write_text("".join(f"{c}\t{u}\n" for u, c in ROWS))
+    with pytest.raises(UrlListError, match="column_names"):
+        read_url_list(str(path), CrawlConfig(column_names=["caption", "url", "key"]))
+
+
 def test_txt_has_no_captions(tmp_path):
     table = read_url_list(str(write(tmp_path, "txt")), CrawlConfig())
     assert table.column("url").to_pylist() == [u for u, _ in ROWS]

@@ -64,6 +64,7 @@ def _input_fingerprint(urls_uri: str, cfg: CrawlConfig) -> str:
             "input_format",
             "url_col",
             "caption_col",
+            "column_names",
             "allow_networks",
             "respect_robots_txt",
             "user_agent_token",

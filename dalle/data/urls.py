@@ -93,7 +93,7 @@ def _read_delimited(data: bytes, uri: str, cfg: CrawlConfig, delimiter: str) -> 
     try:
         header = pacsv.read_csv(
             io.BytesIO(data),
-            read_options=pacsv.ReadOptions(block_size=1 << 16),
+            read_options=pacsv.ReadOptions(block_size=1 << 16, column_names=cfg.column_names),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(include_columns=[], include_missing_columns=False),
         ).schema.names
@@ -106,13 +106,20 @@ def _read_delimited(data: bytes, uri: str, cfg: CrawlConfig, delimiter: str) -> 
     try:
         return pacsv.read_csv(
             io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=cfg.column_names),
             parse_options=pacsv.ParseOptions(
                 delimiter=delimiter, newlines_in_values=True, quote_char='"' if delimiter == "," else False
             ),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
         )
     except pa.ArrowInvalid as err:
-        raise UrlListError(f"{uri} could not be parsed (columns {header}): {err}") from None
+        hint = (
+            f"; crawl.column_names names {len(cfg.column_names)} columns: give one name per column of the "
+            "file, or unset it when the first row is a header"
+            if cfg.column_names
+            else ""
+        )
+        raise UrlListError(f"{uri} could not be parsed (columns {header}): {err}{hint}") from None
 
 
 def _read_jsonl(data: bytes, uri: str, cfg: CrawlConfig) -> tuple[list, list]:

@@ -449,7 +449,7 @@ def train_small_clip(
     """Train the small CLIP of `cfg` on image-caption pairs with open_clip's model and ClipLoss.
 
     `images` is a sequence of PIL images or a callable index -> PIL image (decoded on demand).
-    Stops at cfg.max_steps or after cfg.max_seconds, whichever comes first; `log(step, loss)`
+    Stops at cfg.max_steps, or earlier when cfg.max_seconds is set and spent; `log(step, loss)`
     is called after every step.
     """
     device = resolve_device(device) if isinstance(device, str) else device
@@ -489,7 +489,9 @@ def train_small_clip(
     start = time.monotonic()
     for step in range(1, cfg.max_steps + 1):
         # The schedule follows whichever budget (steps or seconds) runs out first.
-        progress = max((step - 1) / cfg.max_steps, (time.monotonic() - start) / cfg.max_seconds)
+        progress = (step - 1) / cfg.max_steps
+        if cfg.max_seconds is not None:
+            progress = max(progress, (time.monotonic() - start) / cfg.max_seconds)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:

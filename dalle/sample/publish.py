@@ -16,7 +16,7 @@ from dalle.models.clip import ClipModel, load_clip
 from dalle.sample.gallery import Completion, GalleryPage, Section, publish_gallery
 from dalle.sample.generate import generate
 from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts, samples_for
-from dalle.storage import SOURCE, Storage, checkpoint_dir, latest_pointer
+from dalle.storage import SOURCE, Storage, checkpoint_dir, latest_pointer, split_checkpoint_uri
 from dalle.train.run import run_config
 from dalle.train.tasks import DVAE, load_trained
 
@@ -129,15 +129,6 @@ def publish_checkpoint_gallery(
         )
     page = GalleryPage(step, storage.uri(checkpoint_rel), sections, completions, evaluation)
     return publish_gallery(storage, page)
-
-
-def split_checkpoint_uri(uri: str) -> tuple[str, str]:
-    """(run root, checkpoint folder relative to it) of a URI like ROOT/models/dalle/step_00001000."""
-    marker = "/models/"
-    if marker not in uri:
-        raise ValueError(f"{uri} is not a checkpoint folder (ROOT/models/dalle/step_XXXXXXXX)")
-    root, _, rel = uri.rstrip("/").rpartition(marker)
-    return root, f"models/{rel}"
 
 
 def sample_to_folder(checkpoint: str, prompt: str, num: int, top: int, out: str, seed: int = 0) -> list[str]:

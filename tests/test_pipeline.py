@@ -1,0 +1,115 @@
+"""The whole pipeline under Prefect, as `dalle demo` and `dalle pipeline` run it: once on the
+built-in source, once on a headerless TSV URL list (CC3M's layout) named by the config only."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dalle.config import config_from_dict, load_config
+from dalle.data.sources import DemoServer, build_site
+from dalle.eval.zero_shot import EVAL_REPORT
+from dalle.sample.gallery import GALLERY_INDEX
+from dalle.storage import SOURCE, Storage
+from tests.test_cli import run_cli
+from tests.test_train import SETTINGS
+
+TINY = {
+    "source": {"num_images": 120, "image_size": 48, "exact_duplicates": 4, "near_duplicates": 4},
+    "crawl": {"processes": 1, "threads": 8, "timeout_s": 5, "samples_per_shard": 64},
+    "filter": {"min_side": 24, "min_image_bytes": 20},
+    "clip": {
+        "train": {
+            "image_size": 32,
+            "embed_dim": 32,
+            "vision_width": 32,
+            "vision_layers": 1,
+            "patch_size": 8,
+            "text_width": 32,
+            "text_layers": 1,
+            "text_heads": 2,
+            "max_steps": 20,
+        }
+    },
+    "dedup": {"vectors": "clip_tokens", "near_threshold": 0.95},
+    **SETTINGS,
+    "gallery": {"samples_per_prompt": 4, "top": 2, "validation_prompts": 2, "completions": 1},
+}
+
+
+def _write_config(path, settings: dict) -> str:
+    config_from_dict(settings)  # a bad fixture fails here, not in the child process
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+def _check_galleries(storage: Storage) -> None:
+    """A gallery for each transformer checkpoint (3 and 6), listed on the index page."""
+    index = storage.read_bytes(GALLERY_INDEX).decode()
+    for step in (3, 6):
+        page = f"step_{step:08d}"
+        assert storage.exists(f"galleries/{page}/index.html")
+        assert storage.exists(f"galleries/{page}/scores.parquet")
+        assert f"{page}/index.html" in index
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefect_server):
+    root = tmp_path / "demo"
+    config = _write_config(tmp_path / "demo.yaml", TINY)
+    done = run_cli("demo", "--out", str(root), "--config", config)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    storage = Storage(str(root))
+    curate = storage.read_json("reports/curate.json")
+    assert curate["kept"] > 100 and curate["duplicates_exact"] >= 4
+    assert storage.read_json("models/dvae/latest.json")["step"] == 6
+    assert storage.read_json("models/dalle/latest.json")["step"] == 6
+    _check_galleries(storage)
+
+    evaluation = storage.read_json(EVAL_REPORT)
+    assert evaluation["step"] == 6
+    for group in ("heldout", "seen", "heldout_pairs"):
+        figures = evaluation[group]
+        assert figures["samples_per_prompt"] == 4
+        for key in ("color_acc", "shape_acc", "both_acc", "both_acc_reranked"):
+            assert 0.0 <= figures[key] <= 1.0
+    assert "relation_acc_reranked" in evaluation["heldout_pairs"]
+    # The command ends with the figures and where the gallery is.
+    assert "zero-shot evaluation (step 6" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == f"gallery: {storage.uri(GALLERY_INDEX)}"
+
+
+@pytest.mark.slow
+def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server):
+    """The CC3M preset's crawl settings, pointed at a loopback copy of the shapes."""
+    preset = load_config("configs/cc3m.yaml")
+    site = build_site(config_from_dict(TINY).source)
+    with DemoServer(site) as server:
+        lines = [f"{caption}\t{server.url(path)}" for path, caption in site.rows[:80]]
+        url_list = tmp_path / "Train_GCC-training.tsv"
+        url_list.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        settings = {
+            **TINY,
+            "source": {"urls": str(url_list)},
+            "crawl": {
+                **TINY["crawl"],
+                "input_format": preset.crawl.input_format,
+                "column_names": preset.crawl.column_names,
+                "allow_networks": ["127.0.0.1/32"],
+            },
+        }
+        root = tmp_path / "web"
+        done = run_cli("pipeline", "--out", str(root), "--config", _write_config(tmp_path / "web.yaml", settings))
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    storage = Storage(str(root))
+    curate = storage.read_json("reports/curate.json")
+    assert curate["input_rows"] == 80 and curate["downloaded"] == 80
+    captions = set(storage.read_table("curated/00000.parquet", columns=["caption"]).column("caption").to_pylist())
+    assert captions <= {caption for _, caption in site.rows[:80]}
+    _check_galleries(storage)
+    # Not the shapes source: no demo server, no held-out prompts, no zero-shot figures.
+    assert not storage.list(SOURCE) and not storage.exists(EVAL_REPORT)
+    page = storage.read_bytes("galleries/step_00000006/index.html").decode()
+    assert "Captions from the data" in page
