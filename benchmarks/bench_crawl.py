@@ -19,10 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import dalle  # noqa: F401  (first: it turns off albumentations' update check)
+
+# isort: split
+import img2dataset
 import pyarrow as pa
 
-import dalle  # noqa: F401  (first: it turns off albumentations' update check)
-import img2dataset
 from dalle.config import CrawlConfig, SourceConfig
 from dalle.data.crawl import img2dataset_arguments, prepare_input, run_crawl
 from dalle.data.sources import DemoServer, build_site

@@ -175,7 +175,9 @@ class ClipTrainConfig(_Section):
     context_length: int = Field(32, ge=4, description="Text tokens per caption (open_clip's BPE).")
     batch_size: int = Field(64, ge=2, description="Pairs per contrastive batch.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
-    max_steps: int = Field(600, ge=1, description="Optimisation steps (the learning-rate schedule spans them).")
+    max_steps: int = Field(
+        600, ge=1, description="Optimisation steps (the learning-rate schedule spans them)."
+    )
     max_seconds: float | None = Field(
         None,
         gt=0,

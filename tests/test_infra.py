@@ -23,11 +23,15 @@ def test_each_deployment_loads_with_parameters_its_flow_takes(deployment):
     accepted = inspect.signature(flow.fn).parameters
     for trigger in deployment.get("triggers", []):
         DeploymentEventTrigger.model_validate(trigger)
-    for source in [deployment.get("parameters", {})] + [t.get("parameters", {}) for t in deployment.get("triggers", [])]:
+    for source in [deployment.get("parameters", {})] + [
+        t.get("parameters", {}) for t in deployment.get("triggers", [])
+    ]:
         unknown = set(source) - set(accepted)
         assert not unknown, f"{deployment['name']}: {flow.name} takes no parameter {sorted(unknown)}"
     required = {name for name, p in accepted.items() if p.default is inspect.Parameter.empty}
-    given = set(deployment.get("parameters", {})) | {k for t in deployment.get("triggers", []) for k in t["parameters"]}
+    given = set(deployment.get("parameters", {})) | {
+        k for t in deployment.get("triggers", []) for k in t["parameters"]
+    }
     assert required <= given, f"{deployment['name']} leaves {sorted(required - given)} unset"
 
 
@@ -43,7 +47,10 @@ def test_the_gallery_trigger_renders_a_checkpoint_event_into_its_run(tmp_path, p
     from prefect import flow, get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.server.events.jinja_filters import all_filters
-    from prefect.server.utilities.user_templates import register_user_template_filters, render_user_template_sync
+    from prefect.server.utilities.user_templates import (
+        register_user_template_filters,
+        render_user_template_sync,
+    )
 
     from dalle.storage import Storage, checkpoint_dir
     from flows.common import CHECKPOINT_EVENT, publish_checkpoint
@@ -56,7 +63,9 @@ def test_the_gallery_trigger_renders_a_checkpoint_event_into_its_run(tmp_path, p
         publish_checkpoint({"model": "dalle", "step": 1200, "uri": uri, "metrics": {"loss": 1.5}})
 
     saved()
-    wanted = EventFilter(event=EventNameFilter(name=[CHECKPOINT_EVENT]), resource=EventResourceFilter(id=[uri]))
+    wanted = EventFilter(
+        event=EventNameFilter(name=[CHECKPOINT_EVENT]), resource=EventResourceFilter(id=[uri])
+    )
     deadline = time.monotonic() + 30
     while True:
         with get_client(sync_client=True) as client:
@@ -68,6 +77,8 @@ def test_the_gallery_trigger_renders_a_checkpoint_event_into_its_run(tmp_path, p
 
     (trigger,) = {d["name"]: d for d in DEPLOYMENTS}["gallery"]["triggers"]
     register_user_template_filters(all_filters)
-    rendered = {k: render_user_template_sync(v, {"event": events[0]}) for k, v in trigger["parameters"].items()}
+    rendered = {
+        k: render_user_template_sync(v, {"event": events[0]}) for k, v in trigger["parameters"].items()
+    }
     assert rendered == {"root": storage.uri(), "checkpoint": uri}
     assert events[0].resource["dalle.model"] == trigger["match"]["dalle.model"]

@@ -100,13 +100,17 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server
             },
         }
         root = tmp_path / "web"
-        done = run_cli("pipeline", "--out", str(root), "--config", _write_config(tmp_path / "web.yaml", settings))
+        done = run_cli(
+            "pipeline", "--out", str(root), "--config", _write_config(tmp_path / "web.yaml", settings)
+        )
     assert done.returncode == 0, done.stderr[-4000:]
 
     storage = Storage(str(root))
     curate = storage.read_json("reports/curate.json")
     assert curate["input_rows"] == 80 and curate["downloaded"] == 80
-    captions = set(storage.read_table("curated/00000.parquet", columns=["caption"]).column("caption").to_pylist())
+    captions = set(
+        storage.read_table("curated/00000.parquet", columns=["caption"]).column("caption").to_pylist()
+    )
     assert captions <= {caption for _, caption in site.rows[:80]}
     _check_galleries(storage)
     # Not the shapes source: no demo server, no held-out prompts, no zero-shot figures.
