@@ -404,6 +404,9 @@ class GalleryConfig(_Section):
     seed: int = Field(
         0, description="Seed of the sampling noise: the same checkpoint gives the same gallery."
     )
+    device: str = Field(
+        "auto", description="torch device for sampling: 'auto' picks cuda when available, else cpu."
+    )
 
 
 ATTENTION_KINDS = ("full", "row", "column", "conv")

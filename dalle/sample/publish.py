@@ -9,10 +9,12 @@ from collections.abc import Callable
 import torch
 
 from dalle.config import RunConfig
-from dalle.data.text_tokenizer import load_tokenizer
+from dalle.data.text_tokenizer import TextTokenizer, load_tokenizer
 from dalle.data.tokenize import SHARDS_MANIFEST
 from dalle.eval.zero_shot import EVAL_REPORT, TITLES, eval_prompts
-from dalle.models.clip import ClipModel, load_clip
+from dalle.models.clip import ClipModel, load_clip, resolve_device
+from dalle.models.dvae import DiscreteVAE
+from dalle.models.transformer import DalleTransformer
 from dalle.sample.gallery import Completion, GalleryPage, Section, publish_gallery
 from dalle.sample.generate import generate
 from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts, samples_for
@@ -30,6 +32,23 @@ def run_clip(storage: Storage, cfg: RunConfig) -> ClipModel | None:
             cfg.clip.model_copy(update={"checkpoint": storage.read_json(latest_pointer("clip"))["uri"]})
         )
     return None
+
+
+def load_sampler(
+    storage: Storage, cfg: RunConfig, checkpoint_rel: str
+) -> tuple[DalleTransformer, DiscreteVAE, TextTokenizer, ClipModel | None]:
+    """The transformer at `checkpoint_rel` with the dVAE and tokenizer it was trained with, on
+    gallery.device, and the run's CLIP."""
+    device = resolve_device(cfg.gallery.device)
+    transformer, meta = load_trained(storage, checkpoint_rel, device)
+    dvae, _ = load_trained(storage, checkpoint_dir(DVAE, int(meta["dvae"]["step"])), device)
+    tokenizer = load_tokenizer(storage, cfg.tokenizer)
+    if tokenizer.identity != meta["tokenizer"]:
+        raise ValueError(
+            f"{storage.uri(checkpoint_rel)} was trained with tokenizer {meta['tokenizer']}, "
+            f"the run's is {tokenizer.identity}; sample it from its own run root"
+        )
+    return transformer, dvae, tokenizer, run_clip(storage, cfg)
 
 
 def sampling_settings(cfg: RunConfig) -> SamplingSettings:
@@ -70,16 +89,8 @@ def publish_checkpoint_gallery(
     """Sample, rerank and publish the gallery of the transformer at `checkpoint_rel`; returns the page URI.
 
     `evaluate(samples_by_section, clip) -> dict` adds the zero-shot figures (demo runs)."""
-    transformer, meta = load_trained(storage, checkpoint_rel)
+    transformer, dvae, tokenizer, clip = load_sampler(storage, cfg, checkpoint_rel)
     step = int(checkpoint_rel.rstrip("/").rsplit("step_", 1)[-1])
-    dvae, _ = load_trained(storage, checkpoint_dir(DVAE, int(meta["dvae"]["step"])))
-    tokenizer = load_tokenizer(storage, cfg.tokenizer)
-    if tokenizer.identity != meta["tokenizer"]:
-        raise ValueError(
-            f"{storage.uri(checkpoint_rel)} was trained with tokenizer {meta['tokenizer']}, "
-            f"the run's is {tokenizer.identity}; publish it from its own run root"
-        )
-    clip = run_clip(storage, cfg)
     settings = sampling_settings(cfg)
     manifest = storage.read_json(SHARDS_MANIFEST)
     last_shard = storage.read_table(manifest["shards"][-1]["path"], columns=["caption", "image_codes"])
@@ -137,10 +148,7 @@ def sample_to_folder(checkpoint: str, prompt: str, num: int, top: int, out: str,
     root, rel = split_checkpoint_uri(checkpoint)
     storage = Storage(root)
     cfg = run_config(storage)
-    transformer, meta = load_trained(storage, rel)
-    dvae, _ = load_trained(storage, checkpoint_dir(DVAE, int(meta["dvae"]["step"])))
-    tokenizer = load_tokenizer(storage, cfg.tokenizer)
-    clip = run_clip(storage, cfg)
+    transformer, dvae, tokenizer, clip = load_sampler(storage, cfg, rel)
     settings = sampling_settings(cfg)
     settings.num_samples, settings.top, settings.seed = num, top, seed
     samples = samples_for(prompt, transformer, dvae, tokenizer, clip, settings)

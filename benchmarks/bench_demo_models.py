@@ -1,0 +1,112 @@
+"""The demo's models on a curated run: how fast they train here, and what the zero-shot
+evaluation reaches for a given number of steps (on a GPU, far more steps than the demo's budget).
+
+    python benchmarks/bench_demo_models.py --from runs/demo --out /tmp/bench-models \\
+        [--config configs/demo.yaml] [--dvae-steps 1200] [--transformer-steps 2400] [--device auto]
+
+--from is a run root that `dalle demo` (or `dalle curate` on the shapes source) made: its
+curated pairs, its CLIP and its source/ folder are copied to --out, then the dVAE and the
+transformer are trained from scratch with the given steps, the pairs tokenized, and the last
+checkpoint's gallery published with the zero-shot figures. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from dalle.config import load_config
+from dalle.data.tokenize import tokenize_stage
+from dalle.eval.zero_shot import evaluate_sections
+from dalle.sample.publish import publish_checkpoint_gallery
+from dalle.storage import CURATED, MODELS, SOURCE, Storage, checkpoint_dir, latest_pointer
+from dalle.train.run import run_config, run_training
+
+COPIED = (CURATED, f"{MODELS}/clip", SOURCE)
+
+
+def copy_folder(source: Storage, target: Storage, folder: str) -> None:
+    for rel in source.list(folder):
+        target.write_bytes(rel, source.read_bytes(rel))
+    for name in source.subfolders(folder):
+        copy_folder(source, target, f"{folder}/{name}")
+
+
+def copy_curated_run(source: Storage, target: Storage) -> None:
+    for folder in COPIED:
+        copy_folder(source, target, folder)
+    # The CLIP's latest.json names its checkpoint by URI: point it into the copy.
+    pointer = latest_pointer("clip")
+    latest = source.read_json(pointer)
+    target.write_json(pointer, {**latest, "uri": target.uri(checkpoint_dir("clip", latest["step"]))})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="source", required=True, help="run root with curated pairs and a CLIP")
+    parser.add_argument("--out", required=True, help="fresh run root for this benchmark")
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--dvae-steps", type=int, default=None, help="default: the config's")
+    parser.add_argument("--transformer-steps", type=int, default=None, help="default: the config's")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config).model_dump(mode="json")
+    for section, steps in (("train_dvae", args.dvae_steps), ("train_transformer", args.transformer_steps)):
+        cfg[section]["device"] = args.device
+        if steps is not None:
+            cfg[section]["max_steps"] = steps
+            cfg[section]["checkpoint_every"] = steps
+    cfg["dvae"]["temperature_anneal_steps"] = cfg["train_dvae"]["max_steps"]
+    cfg["tokenize"]["device"] = args.device
+
+    target = Storage(args.out)
+    if target.exists(CURATED):
+        raise SystemExit(f"{target.uri()} is not empty; pass a fresh --out")
+    copy_curated_run(Storage(args.source), target)
+    config = run_config(target, cfg)
+    quiet = lambda message: None
+
+    timings = {}
+    for model in ("dvae", "transformer"):
+        if model == "transformer":
+            start = time.perf_counter()
+            tokenize_stage(target, config, log=quiet)
+            timings["tokenize_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        run_training(model, target.root, config, log=quiet)
+        timings[f"{model}_s"] = time.perf_counter() - start
+    steps = config.train_transformer.max_steps
+    start = time.perf_counter()
+    publish_checkpoint_gallery(
+        target, config, checkpoint_dir("dalle", steps), evaluate=evaluate_sections, log=quiet
+    )
+    timings["gallery_s"] = time.perf_counter() - start
+
+    evaluation = target.read_json("reports/eval.json")
+    metrics = [json.loads(line) for line in target.read_bytes("reports/metrics.jsonl").decode().splitlines()]
+    last = {m["model"]: m for m in metrics}
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "dvae_steps": config.train_dvae.max_steps,
+                "transformer_steps": steps,
+                **{k: round(v, 1) for k, v in timings.items()},
+                "dvae_images_per_s": round(last["dvae"]["samples_per_s"], 1),
+                "dvae_codebook_perplexity": round(last["dvae"]["codebook_perplexity"], 1),
+                "transformer_tokens_per_s": round(last["dalle"]["tokens_per_s"], 1),
+                "transformer_loss": round(last["dalle"]["loss"], 4),
+                "eval": {
+                    group: {k: v for k, v in figures.items() if k.endswith(("_acc", "_reranked"))}
+                    for group, figures in evaluation.items()
+                    if isinstance(figures, dict)
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
