@@ -279,6 +279,24 @@ def test_parse_prompt_reads_loose_spelling_and_rejects_other_captions():
             parse_prompt(caption)
 
 
+def test_judge_chooses_among_the_given_vocabulary():
+    """A small cross blurred as a dVAE blurs it reads as a diamond among every shape, and as a cross
+    among a run's shapes when diamonds are not one of them."""
+    image = render([ShapeObject("green", "cross", "small", 16, 16, 6)], 32).filter(
+        ImageFilter.GaussianBlur(1.5)
+    )
+    assert judge(image, "a green cross")["shape"] is False
+    run_shapes = ["circle", "square", "triangle", "cross"]
+    assert judge(image, "a green cross", shapes=run_shapes) == {
+        "color": True,
+        "shape": True,
+        "both": True,
+        "relation": None,
+    }
+    assert judge(image, "a green square", shapes=run_shapes)["shape"] is False
+    assert judge(image, "a green cross", colors=["red", "blue"], shapes=run_shapes)["color"] is False
+
+
 def test_judge_single_object_right_and_wrong():
     image = render([ShapeObject("red", "triangle", "medium", 32, 30, 14)], 64)
     assert judge(image, "a red triangle") == {"color": True, "shape": True, "both": True, "relation": None}

@@ -303,17 +303,21 @@ def parse_prompt(caption: str) -> dict:
     return {"objects": objects, "relation": _RELATION_BY_PHRASE[phrase]}
 
 
-def judge(image: ImageInput, caption: str) -> dict:
+def judge(
+    image: ImageInput, caption: str, colors: Sequence[str] | None = None, shapes: Sequence[str] | None = None
+) -> dict:
     """Whether the image shows what the demo caption says: {"color", "shape", "both", "relation"} as booleans.
 
     One object: the largest detected object's colour, shape and both; "relation" is None.
     Two objects: each caption object matched by its own detected object (colours, shapes,
     both), and "relation" right between the matched objects; it is False when the objects
-    cannot be told apart (both pairings fit equally well).
+    cannot be told apart (both pairings fit equally well). `colors` and `shapes` are the
+    names the detector chooses among (default: every demo colour and shape), e.g. a run's
+    source vocabulary, so a blurred cross in a world without diamonds is not called a diamond.
     """
     wanted = parse_prompt(caption)
     targets = wanted["objects"]
-    found = detect_objects(image, max_objects=len(targets))
+    found = detect_objects(image, max_objects=len(targets), colors=colors, shapes=shapes)
     if len(targets) == 1:
         if not found:
             return {"color": False, "shape": False, "both": False, "relation": None}

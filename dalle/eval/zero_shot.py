@@ -55,13 +55,16 @@ def _rates(judgments: list[dict], key: str) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def evaluate_group(samples: list, top: int, pairs: bool) -> dict:
-    """Accuracy figures of one group of PromptSamples (judged before and after keeping the CLIP top)."""
+def evaluate_group(samples: list, top: int, pairs: bool, source: SourceConfig | None = None) -> dict:
+    """Accuracy figures of one group of PromptSamples (judged before and after keeping the CLIP top).
+
+    With `source`, the detector names only that source's colours and shapes."""
+    vocabulary = {"colors": source.colors, "shapes": source.shapes} if source is not None else {}
     before: list[dict] = []
     after: list[dict] = []
     per_sample = 0
     for prompt_samples in samples:
-        judged = [judge(image, prompt_samples.prompt) for image in prompt_samples.images]
+        judged = [judge(image, prompt_samples.prompt, **vocabulary) for image in prompt_samples.images]
         before += judged
         after += [judged[i] for i in prompt_samples.ranking[:top]]
         per_sample = len(prompt_samples.images)
@@ -76,13 +79,13 @@ def evaluate_group(samples: list, top: int, pairs: bool) -> dict:
     return figures
 
 
-def evaluate_sections(sections: list, clip) -> dict:
+def evaluate_sections(sections: list, clip, source: SourceConfig | None = None) -> dict:
     """The eval.json figures from the gallery's sections whose `key` names an eval group."""
     report = {}
     for section in sections:
         key = section.key
         if key in (HELDOUT, SEEN, HELDOUT_PAIRS) and section.samples:
-            report[key] = evaluate_group(section.samples, section.top, pairs=key == HELDOUT_PAIRS)
+            report[key] = evaluate_group(section.samples, section.top, pairs=key == HELDOUT_PAIRS, source=source)
     if report:
         report["reranked_by"] = getattr(clip, "identity", None) if clip is not None else None
     return report

@@ -88,7 +88,7 @@ def publish_checkpoint_gallery(
 ) -> str:
     """Sample, rerank and publish the gallery of the transformer at `checkpoint_rel`; returns the page URI.
 
-    `evaluate(samples_by_section, clip) -> dict` adds the zero-shot figures (demo runs)."""
+    `evaluate(sections, clip, source_config) -> dict` adds the zero-shot figures (demo runs)."""
     transformer, dvae, tokenizer, clip = load_sampler(storage, cfg, checkpoint_rel)
     step = int(checkpoint_rel.rstrip("/").rsplit("step_", 1)[-1])
     settings = sampling_settings(cfg)
@@ -133,7 +133,7 @@ def publish_checkpoint_gallery(
         original = decode_codes(dvae, codes[None])[0]
         completions.append(Completion(caption, original, decode_codes(dvae, completed), rows))
 
-    evaluation = evaluate(sections, clip) if evaluate is not None else None
+    evaluation = evaluate(sections, clip, cfg.source) if evaluate is not None else None
     if evaluation:
         storage.write_json(
             EVAL_REPORT, {**evaluation, "step": step, "checkpoint": storage.uri(checkpoint_rel)}
