@@ -92,7 +92,7 @@ def _config_arg(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from flows.tokenize import tokenize_flow
+    from flows.tokenize_shards import tokenize_flow
 
     print(tokenize_flow(args.out, _config_arg(args)))
     return 0

@@ -18,7 +18,7 @@ from dalle.eval.zero_shot import EVAL_REPORT
 from dalle.sample.gallery import GALLERY_INDEX
 from dalle.storage import SOURCE, Storage
 from flows.curate import curate_flow
-from flows.tokenize import tokenize_flow
+from flows.tokenize_shards import tokenize_flow
 from flows.train import train_dvae_flow, train_transformer_flow
 
 DEMO_NETWORK = "127.0.0.0/8"

@@ -35,6 +35,16 @@ def test_each_deployment_loads_with_parameters_its_flow_takes(deployment):
     assert required <= given, f"{deployment['name']} leaves {sorted(required - given)} unset"
 
 
+def test_no_flow_module_shadows_the_standard_library():
+    """Prefect puts an entrypoint's folder first on sys.path (and leaves it there): a flows/tokenize.py
+    then stands in for the standard `tokenize` in every process spawned later, which dies at start-up
+    (img2dataset's worker pool respawned them forever)."""
+    import sys
+
+    names = {path.stem for path in (REPO / "flows").glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)
+
+
 def test_training_leaves_galleries_to_the_event_triggered_deployment():
     by_name = {d["name"]: d for d in DEPLOYMENTS}
     assert by_name["train-transformer"]["parameters"]["galleries"] is False
