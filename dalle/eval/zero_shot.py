@@ -85,7 +85,9 @@ def evaluate_sections(sections: list, clip, source: SourceConfig | None = None) 
     for section in sections:
         key = section.key
         if key in (HELDOUT, SEEN, HELDOUT_PAIRS) and section.samples:
-            report[key] = evaluate_group(section.samples, section.top, pairs=key == HELDOUT_PAIRS, source=source)
+            report[key] = evaluate_group(
+                section.samples, section.top, pairs=key == HELDOUT_PAIRS, source=source
+            )
     if report:
         report["reranked_by"] = getattr(clip, "identity", None) if clip is not None else None
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -58,8 +59,13 @@ def setup(cfg: TrainConfig) -> DistInfo:
 
 
 def teardown() -> None:
+    """Leave the process group while the interpreter is fully alive. DDP's reducer holds the group
+    through reference cycles; were it freed at interpreter exit, gloo's worker threads would be
+    destroyed still joinable and the rank would abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_agree(flag: bool, info: DistInfo) -> bool:
