@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from dalle.config import RunConfig, config_from_dict
-from dalle.data.sources import DemoServer, build_site, url_table
+from dalle.data.sources import DemoServer, DemoSite, build_site, url_table
 from dalle.eval.zero_shot import EVAL_REPORT
 from dalle.sample.gallery import GALLERY_INDEX
 from dalle.storage import SOURCE, Storage
@@ -24,6 +24,9 @@ from flows.train import train_dvae_flow, train_transformer_flow
 DEMO_NETWORK = "127.0.0.0/8"
 DEMO_URLS = f"{SOURCE}/urls.parquet"
 DEMO_SERVER = f"{SOURCE}/server.json"
+# A fixed port, so that every run's URLs, and with them the samples' uids (and so the order the
+# models see them in), are the same; a run on a machine where it is taken falls back to a free one.
+DEMO_PORT = 28620
 
 
 @flow(name="pipeline", log_prints=True)
@@ -46,13 +49,22 @@ def _curate_demo_source(root: str, cfg: RunConfig) -> dict:
     if DEMO_NETWORK not in cfg.crawl.allow_networks:
         cfg.crawl.allow_networks = [*cfg.crawl.allow_networks, DEMO_NETWORK]
     storage = Storage(root)
-    # A re-run serves on the port of the first run, so the URL list (and the finished
-    # crawl shards) stay valid and the crawl resumes instead of starting over.
-    port = storage.read_json(DEMO_SERVER)["port"] if storage.exists(DEMO_SERVER) else 0
     site = build_site(cfg.source)
-    with DemoServer(site, port=port) as server:
+    with demo_server(site, storage) as server:
         if not storage.exists(DEMO_SERVER):
             storage.write_table(DEMO_URLS, url_table(site, server.base_url))
             storage.write_json(DEMO_SERVER, {"port": server.port, "base_url": server.base_url})
         get_run_logger().info(f"demo source: {len(site.rows)} URLs served at {server.base_url}")
         return curate_flow(storage.uri(DEMO_URLS), root, cfg.model_dump(mode="json"))
+
+
+def demo_server(site: DemoSite, storage: Storage) -> DemoServer:
+    """The demo site served on DEMO_PORT (any free port when that is taken). A re-run serves on
+    the port of the first run, so the URL list and the finished crawl shards stay valid and the
+    crawl resumes instead of starting over."""
+    if storage.exists(DEMO_SERVER):
+        return DemoServer(site, port=storage.read_json(DEMO_SERVER)["port"])
+    try:
+        return DemoServer(site, port=DEMO_PORT)
+    except OSError:
+        return DemoServer(site, port=0)

@@ -117,3 +117,23 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server
     assert not storage.list(SOURCE) and not storage.exists(EVAL_REPORT)
     page = storage.read_bytes("galleries/step_00000006/index.html").decode()
     assert "Captions from the data" in page
+
+
+def test_the_demo_source_serves_on_one_port_so_runs_share_their_uids(tmp_path, monkeypatch):
+    import socket
+
+    import flows.pipeline
+    from tests.conftest import free_port
+
+    port = free_port()  # stands in for DEMO_PORT, which another process here may hold
+    monkeypatch.setattr(flows.pipeline, "DEMO_PORT", port)
+    site = build_site(config_from_dict(TINY).source)
+    with flows.pipeline.demo_server(site, Storage(str(tmp_path / "a"))) as first:
+        assert first.port == port
+    with flows.pipeline.demo_server(site, Storage(str(tmp_path / "b"))) as second:
+        assert second.port == port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with flows.pipeline.demo_server(site, Storage(str(tmp_path / "c"))) as third:
+            assert third.port != port
