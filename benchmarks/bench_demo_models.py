@@ -68,21 +68,20 @@ def main() -> None:
     config = run_config(target, cfg)
     quiet = lambda message: None
 
-    timings = {}
-    for model in ("dvae", "transformer"):
-        if model == "transformer":
-            start = time.perf_counter()
-            tokenize_stage(target, config, log=quiet)
-            timings["tokenize_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        run_training(model, target.root, config, log=quiet)
-        timings[f"{model}_s"] = time.perf_counter() - start
     steps = config.train_transformer.max_steps
-    start = time.perf_counter()
-    publish_checkpoint_gallery(
-        target, config, checkpoint_dir("dalle", steps), evaluate=evaluate_sections, log=quiet
-    )
-    timings["gallery_s"] = time.perf_counter() - start
+    stages = {
+        "dvae_s": lambda: run_training("dvae", target.root, config, log=quiet),
+        "tokenize_s": lambda: tokenize_stage(target, config, log=quiet),
+        "transformer_s": lambda: run_training("transformer", target.root, config, log=quiet),
+        "gallery_s": lambda: publish_checkpoint_gallery(
+            target, config, checkpoint_dir("dalle", steps), evaluate=evaluate_sections, log=quiet
+        ),
+    }
+    timings = {}
+    for name, stage in stages.items():
+        start = time.perf_counter()
+        stage()
+        timings[name] = time.perf_counter() - start
 
     evaluation = target.read_json("reports/eval.json")
     metrics = [json.loads(line) for line in target.read_bytes("reports/metrics.jsonl").decode().splitlines()]

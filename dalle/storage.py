@@ -54,6 +54,14 @@ def checkpoint_dir(model: str, step: int) -> str:
     return f"{MODELS}/{model}/step_{step:08d}"
 
 
+def checkpoint_step(checkpoint: str) -> int:
+    """The step of a checkpoint folder (relative path or URI ending in step_XXXXXXXX)."""
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith("step_"):
+        raise ValueError(f"{checkpoint} is not a checkpoint folder (models/<model>/step_XXXXXXXX)")
+    return int(name[len("step_") :])
+
+
 def latest_pointer(model: str) -> str:
     """Relative path of models/<model>/latest.json, which names the newest checkpoint."""
     return f"{MODELS}/{model}/latest.json"

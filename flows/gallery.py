@@ -9,7 +9,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from dalle.sample.gallery import gallery_dir
 from dalle.sample.publish import publish_checkpoint_gallery
-from dalle.storage import Storage
+from dalle.storage import Storage, checkpoint_step
 from dalle.train.run import run_config
 from flows.common import log, retry_unless_user_error
 
@@ -34,7 +34,7 @@ def publish(root: str, checkpoint: str, config: dict[str, Any] | None) -> dict:
     cfg = run_config(storage, config)
     rel = checkpoint_rel(storage, checkpoint)
     uri = publish_checkpoint_gallery(storage, cfg, rel, evaluate=evaluate_sections, log=log)
-    step = int(rel.rsplit("step_", 1)[-1])
+    step = checkpoint_step(rel)
     return {"uri": uri, "summary": storage.read_json(f"{gallery_dir(step)}/summary.json")}
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task
 
 from dalle.storage import Storage, checkpoint_dir
-from dalle.train.checkpoint import latest_checkpoint
+from dalle.train.checkpoint import checkpoint_steps, latest_checkpoint
 from dalle.train.run import MODELS, run_config, run_training, train_clip, train_config
 from flows.common import log, publish_checkpoint, retry_unless_user_error
 
@@ -70,10 +70,6 @@ def train_dvae_flow(
     return train_model("dvae", root, config, max_steps, resume)
 
 
-def _checkpoint_steps(storage: Storage, name: str) -> list[int]:
-    return [int(f.split("_", 1)[1]) for f in storage.subfolders(f"models/{name}") if f.startswith("step_")]
-
-
 @flow(name="train-transformer")
 def train_transformer_flow(
     root: str,
@@ -87,10 +83,10 @@ def train_transformer_flow(
     from flows.gallery import gallery_flow
 
     storage = Storage(root)
-    before = set(_checkpoint_steps(storage, MODELS["transformer"]))
+    before = set(checkpoint_steps(storage, MODELS["transformer"]))
     uri = train_model("transformer", root, config, max_steps, resume)
     if galleries:
-        for step in sorted(set(_checkpoint_steps(storage, MODELS["transformer"])) - before):
+        for step in sorted(set(checkpoint_steps(storage, MODELS["transformer"])) - before):
             gallery_flow(root, checkpoint_dir(MODELS["transformer"], step))
     return uri
 

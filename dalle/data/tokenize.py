@@ -24,7 +24,7 @@ from dalle.data.loader import ImageBatch
 from dalle.data.text_tokenizer import tokenizer_for_run
 from dalle.schemas import SCHEMA_VERSION, token_shard_schema
 from dalle.storage import CURATED as CURATED_DIR
-from dalle.storage import MANIFEST, SHARDS, Storage, parquet_bytes
+from dalle.storage import MANIFEST, SHARDS, Storage, checkpoint_step, parquet_bytes
 from dalle.train.checkpoint import latest_checkpoint
 from dalle.train.distributed import resolve_train_device
 from dalle.train.tasks import DVAE, load_trained
@@ -109,7 +109,7 @@ def tokenize_stage(
             )
         dvae_checkpoint, step = latest.rel_dir, latest.step
     else:
-        step = int(dvae_checkpoint.rstrip("/").rsplit("step_", 1)[-1]) if "step_" in dvae_checkpoint else -1
+        step = checkpoint_step(dvae_checkpoint) if "step_" in dvae_checkpoint else -1
     device = resolve_train_device(cfg.tokenize.device)
     dvae, meta = load_trained(storage, dvae_checkpoint, device)
     if meta.get("kind") != "dvae":

@@ -18,7 +18,14 @@ from dalle.models.transformer import DalleTransformer
 from dalle.sample.gallery import Completion, GalleryPage, Section, publish_gallery
 from dalle.sample.generate import generate
 from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts, samples_for
-from dalle.storage import SOURCE, Storage, checkpoint_dir, latest_pointer, split_checkpoint_uri
+from dalle.storage import (
+    SOURCE,
+    Storage,
+    checkpoint_dir,
+    checkpoint_step,
+    latest_pointer,
+    split_checkpoint_uri,
+)
 from dalle.train.run import run_config
 from dalle.train.tasks import DVAE, load_trained
 
@@ -90,7 +97,7 @@ def publish_checkpoint_gallery(
 
     `evaluate(sections, clip, source_config) -> dict` adds the zero-shot figures (demo runs)."""
     transformer, dvae, tokenizer, clip = load_sampler(storage, cfg, checkpoint_rel)
-    step = int(checkpoint_rel.rstrip("/").rsplit("step_", 1)[-1])
+    step = checkpoint_step(checkpoint_rel)
     settings = sampling_settings(cfg)
     manifest = storage.read_json(SHARDS_MANIFEST)
     last_shard = storage.read_table(manifest["shards"][-1]["path"], columns=["caption", "image_codes"])

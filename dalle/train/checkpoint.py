@@ -19,7 +19,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from dalle.storage import Storage, checkpoint_dir, latest_pointer
+from dalle.storage import MODELS, Storage, checkpoint_dir, checkpoint_step, latest_pointer
 
 WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
@@ -38,6 +38,12 @@ class Checkpoint:
     step: int
     rel_dir: str
     uri: str
+
+
+def checkpoint_steps(storage: Storage, name: str) -> list[int]:
+    """Steps of every checkpoint folder of model `name`, published or not, ascending."""
+    folders = storage.subfolders(f"{MODELS}/{name}")
+    return sorted(checkpoint_step(folder) for folder in folders if folder.startswith("step_"))
 
 
 def latest_checkpoint(storage: Storage, name: str) -> Checkpoint | None:
