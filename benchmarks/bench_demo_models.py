@@ -2,12 +2,15 @@
 evaluation reaches for a given number of steps (on a GPU, far more steps than the demo's budget).
 
     python benchmarks/bench_demo_models.py --from runs/demo --out /tmp/bench-models \\
-        [--config configs/demo.yaml] [--dvae-steps 1200] [--transformer-steps 2400] [--device auto]
+        [--config configs/demo.yaml] [--dvae-steps 1800] [--transformer-steps 4000] [--device auto] \
+        [--set transformer.dropout=0.2 --set train_transformer.seed=1 ...]
 
 --from is a run root that `dalle demo` (or `dalle curate` on the shapes source) made: its
 curated pairs, its CLIP and its source/ folder are copied to --out, then the dVAE and the
 transformer are trained from scratch with the given steps, the pairs tokenized, and the last
-checkpoint's gallery published with the zero-shot figures. The last line is one JSON object.
+checkpoint's gallery published with the zero-shot figures. --set changes one key of the config
+(section.key=YAML value), to compare recipes on the same curated pairs. The last line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+import yaml
 
 from dalle.config import load_config
 from dalle.data.tokenize import tokenize_stage
@@ -50,9 +55,25 @@ def main() -> None:
     parser.add_argument("--dvae-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--transformer-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change one config key, e.g. transformer.dropout=0.2 (repeatable)",
+    )
     args = parser.parse_args()
 
     cfg = load_config(args.config).model_dump(mode="json")
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section in cfg and isinstance(cfg[section], dict)):
+            raise SystemExit(
+                f"--set {override!r}: expected SECTION.KEY=VALUE with a config section, e.g. transformer.dropout=0.2"
+            )
+        cfg[section][name] = yaml.safe_load(value)
     for section, steps in (("train_dvae", args.dvae_steps), ("train_transformer", args.transformer_steps)):
         cfg[section]["device"] = args.device
         if steps is not None:
@@ -65,7 +86,7 @@ def main() -> None:
     if target.exists(CURATED):
         raise SystemExit(f"{target.uri()} is not empty; pass a fresh --out")
     copy_curated_run(Storage(args.source), target)
-    config = run_config(target, cfg)
+    config = run_config(target, cfg)  # validates: an unknown key or a bad value is named here
     quiet = lambda message: None
 
     steps = config.train_transformer.max_steps
@@ -90,6 +111,7 @@ def main() -> None:
         json.dumps(
             {
                 "device": args.device,
+                "overrides": args.overrides,
                 "dvae_steps": config.train_dvae.max_steps,
                 "transformer_steps": steps,
                 **{k: round(v, 1) for k, v in timings.items()},

@@ -22,7 +22,14 @@ from PIL import Image, ImageDraw
 
 from dalle.config import ClipConfig, ClipTrainConfig, ConfigError
 from dalle.data.embed import CLIP_MODEL_KEY, embed_pairs, embed_stage, vectors
-from dalle.models.clip import CheckpointError, ClipModel, load_clip, save_clip, train_small_clip
+from dalle.models.clip import (
+    CheckpointError,
+    ClipModel,
+    distinct_caption_batches,
+    load_clip,
+    save_clip,
+    train_small_clip,
+)
 from dalle.storage import EMBEDDINGS, Storage
 
 COLORS = {"red": (215, 35, 35), "green": (35, 165, 45), "blue": (35, 60, 215), "yellow": (225, 195, 25)}
@@ -131,6 +138,26 @@ def test_rerank_puts_matching_images_first(trained):
     for color in COLORS:
         best = [CLASSES[labels[i]] for i, _ in clip.rerank(images, f"a {color} square", top=3)]
         assert all(caption.split()[1] == color for caption in best), (color, best)
+
+
+def test_contrastive_batches_hold_each_caption_once_and_cover_every_pair():
+    # 30 single-object captions repeated (as in the demo) and 200 unique ones.
+    captions = [f"a shape {i % 30}" for i in range(600)] + [f"two shapes {i}" for i in range(200)]
+    batches = distinct_caption_batches(captions, 32, torch.Generator().manual_seed(0))
+    counts = np.zeros(len(captions), dtype=int)
+    for _ in range(25 * 4):  # four epochs' worth
+        batch = next(batches).tolist()
+        assert len(batch) == 32
+        assert len({captions[i] for i in batch}) == 32, "a caption twice in one batch"
+        np.add.at(counts, batch, 1)
+    # Deferred pairs are late, not lost: every pair was drawn about once per epoch.
+    assert counts.min() >= 2 and counts.max() <= 6
+
+
+def test_contrastive_batches_repeat_captions_only_when_too_few_are_distinct():
+    captions = ["a red circle"] * 50 + ["a blue square"] * 50
+    batch = next(distinct_caption_batches(captions, 8, torch.Generator().manual_seed(0))).tolist()
+    assert len(batch) == 8 and {captions[i] for i in batch} == {"a red circle", "a blue square"}
 
 
 def test_training_starts_from_the_seeded_initialisation():

@@ -22,6 +22,14 @@ def test_cc3m_preset_names_a_headerless_tsv_and_a_paper_shaped_model():
     assert cfg.crawl.allow_networks == []  # a web crawl reaches public addresses only
 
 
+def test_laion_preset_reads_the_metadata_parquet_columns():
+    cfg = load_config("configs/laion.yaml")
+    assert cfg.source.urls.endswith(".parquet") and cfg.crawl.input_format == "parquet"
+    assert (cfg.crawl.url_col, cfg.crawl.caption_col) == ("URL", "TEXT")
+    assert cfg.clip.pretrained and cfg.filter.clip_score_threshold is not None
+    assert cfg.dvae.grid == 32 and cfg.crawl.allow_networks == []
+
+
 def test_every_field_has_a_description():
     def walk(model_cls, prefix=""):
         for name, field in model_cls.model_fields.items():

@@ -9,13 +9,14 @@ by different models are never mixed.
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import io
 import math
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -478,14 +479,11 @@ def train_small_clip(
         eps=1e-6,
         fused=True,  # one kernel over all parameters: on CPU several times faster than the default loop
     )
-    # Many pairs share a caption (the demo has a few dozen distinct captions), so a batch often
-    # holds "negatives" that are really positives. ClipLoss still pushes them apart; with few
-    # caption classes this only caps how sharp the scores get, it does not stop the classes separating.
     loss_fn = open_clip.ClipLoss()
     batch_size = min(cfg.batch_size, num_pairs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    stream = torch.empty(0, dtype=torch.long)
+    batches = distinct_caption_batches(captions, batch_size, order)
     start = time.monotonic()
     for step in range(1, cfg.max_steps + 1):
         # The schedule follows whichever budget (steps or seconds) runs out first.
@@ -496,9 +494,7 @@ def train_small_clip(
             break
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(cfg.lr, progress)
-        if len(stream) < batch_size:
-            stream = torch.cat([stream, torch.randperm(num_pairs, generator=order)])
-        index, stream = stream[:batch_size], stream[batch_size:]
+        index = next(batches)
 
         batch_images = torch.stack([augment(_rgb(load_image(int(i)))) for i in index]).to(device)
         with autocast:
@@ -521,6 +517,41 @@ def train_small_clip(
         preprocess_cfg=preprocess_cfg,
         device=device,
     )
+
+
+def distinct_caption_batches(
+    captions: Sequence[str], batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Endless batches of pair indices in shuffled epochs, no caption twice in a batch.
+
+    ClipLoss treats every other pair of a batch as a negative. When two pairs share a caption
+    (the demo has a few dozen single-object captions) that "negative" is really a positive,
+    and pushing it away blurs exactly the distinctions a reranker needs ("a yellow cross"
+    vs "a yellow square"). A pair whose caption is already in the batch waits for the next
+    batch, so every pair is still seen about once per epoch. Batches are chosen from a window of
+    four batches' pairs; when that window holds fewer distinct captions than a batch, the batch
+    is topped up with repeats.
+    """
+    keys = [str(c).strip().lower() for c in captions]
+    pending: collections.deque[int] = collections.deque()
+    while True:
+        if len(pending) < 4 * batch_size:  # a window to choose distinct captions from
+            pending.extend(torch.randperm(len(keys), generator=generator).tolist())
+            continue
+        window = [pending.popleft() for _ in range(4 * batch_size)]
+        batch: list[int] = []
+        seen: set[str] = set()
+        rest: list[int] = []
+        for index in window:
+            if len(batch) < batch_size and keys[index] not in seen:
+                batch.append(index)
+                seen.add(keys[index])
+            else:
+                rest.append(index)
+        missing = batch_size - len(batch)  # too few distinct captions in the window: repeats it is
+        batch, rest = batch + rest[:missing], rest[missing:]
+        pending.extendleft(reversed(rest))
+        yield torch.tensor(batch, dtype=torch.long)
 
 
 def _learning_rate(peak: float, progress: float) -> float:
