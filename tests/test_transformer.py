@@ -294,3 +294,16 @@ def test_weight_decay_only_on_linear_weights():
     )
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert not decayed & {id(p) for p in no_decay["params"]}
+
+
+@pytest.mark.parametrize("knob", ["dropout", "attention_dropout"])
+def test_each_dropout_acts_in_training_only(knob):
+    model = tiny(**{knob: 0.5})
+    text, codes = batch()
+    model.train()
+    torch.manual_seed(1)
+    first = model(text, codes).loss
+    assert not torch.equal(first, model(text, codes).loss)  # a new mask each pass
+    model.eval()
+    assert torch.equal(model(text, codes).loss, model(text, codes).loss)
+    assert not torch.equal(first, model(text, codes).loss)

@@ -89,7 +89,7 @@ class SelfAttention(nn.Module):
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attention_dropout
 
     def forward(
         self,
