@@ -2,7 +2,7 @@
 evaluation reaches for a given number of steps (on a GPU, far more steps than the demo's budget).
 
     python benchmarks/bench_demo_models.py --from runs/demo --out /tmp/bench-models \\
-        [--config configs/demo.yaml] [--dvae-steps 1800] [--transformer-steps 4000] [--device auto] \
+        [--config configs/demo.yaml] [--dvae-steps 1200] [--transformer-steps 4000] [--device auto] \\
         [--set transformer.dropout=0.2 --set train_transformer.seed=1 ...]
 
 --from is a run root that `dalle demo` (or `dalle curate` on the shapes source) made: its
@@ -21,7 +21,7 @@ import time
 
 import yaml
 
-from dalle.config import load_config
+from dalle.config import ConfigError, config_from_dict, load_config
 from dalle.data.tokenize import tokenize_stage
 from dalle.eval.zero_shot import evaluate_sections
 from dalle.sample.publish import publish_checkpoint_gallery
@@ -81,12 +81,16 @@ def main() -> None:
             cfg[section]["checkpoint_every"] = steps
     cfg["dvae"]["temperature_anneal_steps"] = cfg["train_dvae"]["max_steps"]
     cfg["tokenize"]["device"] = args.device
+    try:  # an unknown key or a bad value is named before any work
+        config_from_dict(cfg, origin="--set")
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
 
     target = Storage(args.out)
     if target.exists(CURATED):
         raise SystemExit(f"{target.uri()} is not empty; pass a fresh --out")
     copy_curated_run(Storage(args.source), target)
-    config = run_config(target, cfg)  # validates: an unknown key or a bad value is named here
+    config = run_config(target, cfg)
     quiet = lambda message: None
 
     steps = config.train_transformer.max_steps
