@@ -44,8 +44,7 @@ CONFIG = {
             "patch_size": 8,
             "text_width": 64,
             "text_layers": 2,
-            "max_seconds": 15,
-            "max_steps": 300,
+            "max_steps": 300,  # steps, not seconds: a loaded machine must train the same CLIP
         }
     },
     "dedup": {"vectors": "clip_tokens", "near_threshold": 0.95},
