@@ -64,6 +64,9 @@ def _print_eval(evaluation: dict | None) -> None:
             if name in figures
         )  # fmt: skip
         print(f"  {group:14s} {shown}")
+    sampling = evaluation.get("sampling")
+    if sampling:
+        print("  sampled with " + ", ".join(f"{name} {value}" for name, value in sampling.items()))
 
 
 def cmd_serve_demo(args: argparse.Namespace) -> int:

@@ -514,6 +514,15 @@ class RunConfig(_Section):
         description="Training the transformer (defaults: the paper's AdamW settings).",
     )
 
+    @model_validator(mode="after")
+    def _guidance_has_a_model(self) -> RunConfig:
+        if self.gallery.cond_scale != 1.0 and self.transformer.cond_drop_prob == 0:
+            raise ValueError(
+                f"gallery.cond_scale {self.gallery.cond_scale} (classifier-free guidance) needs "
+                "transformer.cond_drop_prob > 0 (e.g. 0.1), or set gallery.cond_scale: 1"
+            )
+        return self
+
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the named sections (all when none): a changed setting invalidates finished work."""
         data = self.model_dump(mode="json")

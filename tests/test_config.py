@@ -65,6 +65,12 @@ def test_both_clip_rules_rejected():
         config_from_dict({"filter": {"clip_score_threshold": 0.2, "clip_keep_top_fraction": 0.5}})
 
 
+def test_guidance_without_dropped_captions_rejected():
+    with pytest.raises(ConfigError, match=r"gallery.cond_scale 2.0 .* needs transformer.cond_drop_prob > 0"):
+        config_from_dict({"gallery": {"cond_scale": 2.0}})
+    assert config_from_dict({"gallery": {"cond_scale": 2.0}, "transformer": {"cond_drop_prob": 0.1}})
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("crawl: [unclosed\n")

@@ -43,6 +43,7 @@ def test_gallery_pages_images_and_scores(run_root):
             Completion("a green cross", PIL.Image.new("RGB", (8, 8)), [PIL.Image.new("RGB", (8, 8))] * 2, 4)
         ],
         evaluation={"heldout": {"color_acc": 0.5, "both_acc_reranked": 0.75, "num_prompts": 2}},
+        sampling=SamplingSettings(num_samples=5, top=3, cond_scale=2.0).described(),
     )
     uri = publish_gallery(storage, page)
     folder = gallery_dir(2)
@@ -62,6 +63,9 @@ def test_gallery_pages_images_and_scores(run_root):
 
     summary = json.loads(storage.read_bytes(f"{folder}/summary.json"))
     assert summary["prompts"][0]["best"] == max(r["clip_score"] for r in first)
+    # How the samples were drawn sits next to the figures, on the page and in the summary.
+    assert summary["sampling"]["cond_scale"] == 2.0
+    assert "cond_scale 2.0" in text and "samples_per_prompt 5" in text
     index = storage.read_bytes(GALLERY_INDEX).decode()
     assert "href='step_00000002/index.html'" in index
     assert storage.exists("galleries/loss.png") and storage.exists("galleries/eval.png")

@@ -33,7 +33,15 @@ TINY = {
     },
     "dedup": {"vectors": "clip_tokens", "near_threshold": 0.95},
     **SETTINGS,
-    "gallery": {"samples_per_prompt": 4, "top": 2, "validation_prompts": 2, "completions": 1},
+    # Trained with captions dropped, sampled with classifier-free guidance, as the demo is.
+    "transformer": {**SETTINGS["transformer"], "cond_drop_prob": 0.1},
+    "gallery": {
+        "samples_per_prompt": 4,
+        "top": 2,
+        "validation_prompts": 2,
+        "completions": 1,
+        "cond_scale": 2.0,
+    },
 }
 
 
@@ -69,6 +77,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
 
     evaluation = storage.read_json(EVAL_REPORT)
     assert evaluation["step"] == 6
+    assert evaluation["sampling"]["cond_scale"] == 2.0 and evaluation["sampling"]["samples_per_prompt"] == 4
     for group in ("heldout", "seen", "heldout_pairs"):
         figures = evaluation[group]
         assert figures["samples_per_prompt"] == 4

@@ -171,7 +171,7 @@ def test_bad_tokens_and_codes_are_named():
 
 @pytest.mark.parametrize("attention", ["full", "paper", ["conv", "column", "row", "full"]])
 def test_cached_sampling_equals_uncached(attention):
-    model = tiny(attention)
+    model = tiny(attention, cond_drop_prob=0.1)  # trained-for-guidance, so cond_scale may be set
     text, codes = batch(2)
     kwargs = {"num_images": 2, "temperature": 1.0, "top_k": 10, "top_p": 0.95, "seed": 7}
     cached = generate(model, text, **kwargs)
@@ -307,3 +307,10 @@ def test_each_dropout_acts_in_training_only(knob):
     model.eval()
     assert torch.equal(model(text, codes).loss, model(text, codes).loss)
     assert not torch.equal(first, model(text, codes).loss)
+
+
+def test_guidance_needs_a_model_trained_with_captions_dropped():
+    text, _ = batch(1)
+    with pytest.raises(ValueError, match="cond_drop_prob > 0"):
+        generate(tiny(), text, cond_scale=2.0)
+    assert generate(tiny(cond_drop_prob=0.1), text, cond_scale=2.0).shape == (1, GRID * GRID)

@@ -58,6 +58,7 @@ class GalleryPage:
     sections: list[Section]
     completions: list[Completion] = field(default_factory=list)
     evaluation: dict | None = None
+    sampling: dict = field(default_factory=dict)  # SamplingSettings.described()
 
 
 def _png(image: PIL.Image.Image, scale: int) -> bytes:
@@ -110,6 +111,9 @@ def publish_gallery(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
         f"<h1>Checkpoint step {page.step}</h1><p><code>{html.escape(page.checkpoint_uri)}</code></p>"
     )
     parts.append("<p><a href='../index.html'>all checkpoints</a></p>")
+    if page.sampling:
+        settings = ", ".join(f"{name} {value}" for name, value in page.sampling.items())
+        parts.append(f"<p class='sampling'>Sampled with {html.escape(settings)}.</p>")
     if page.evaluation:
         parts.append(_eval_table(page.evaluation))
     for s_index, section in enumerate(page.sections):
@@ -176,6 +180,7 @@ def publish_gallery(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
             "checkpoint": page.checkpoint_uri,
             "prompts": per_prompt,
             "evaluation": page.evaluation,
+            "sampling": page.sampling,
         },
     )
     storage.write_bytes(f"{folder}/index.html", _page(f"step {page.step}", "\n".join(parts)).encode())

@@ -67,6 +67,12 @@ def generate(
         raise ValueError(f"top_k must be at least 1 (or None for no cut), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if cond_scale != 1.0 and model.cfg.cond_drop_prob == 0:
+        raise ValueError(
+            f"cond_scale={cond_scale} (classifier-free guidance) needs a transformer trained with "
+            "transformer.cond_drop_prob > 0; this one never saw a caption dropped, so its uncaptioned "
+            "predictions mean nothing. Sample with cond_scale 1, or retrain with cond_drop_prob 0.1"
+        )
     device = model.text_head.weight.device
     text = _as_batch(text_tokens, "text_tokens", device)
     prompts = text.shape[0]

@@ -134,6 +134,7 @@ def publish_checkpoint_gallery(
             temperature=settings.temperature,
             top_k=settings.top_k,
             top_p=settings.top_p,
+            cond_scale=settings.cond_scale,
             seed=settings.seed + index,
             prime_codes=codes[: rows * transformer.grid],
         )
@@ -141,11 +142,13 @@ def publish_checkpoint_gallery(
         completions.append(Completion(caption, original, decode_codes(dvae, completed), rows))
 
     evaluation = evaluate(sections, clip, cfg.source) if evaluate is not None else None
+    sampling = settings.described()
     if evaluation:
         storage.write_json(
-            EVAL_REPORT, {**evaluation, "step": step, "checkpoint": storage.uri(checkpoint_rel)}
+            EVAL_REPORT,
+            {**evaluation, "step": step, "checkpoint": storage.uri(checkpoint_rel), "sampling": sampling},
         )
-    page = GalleryPage(step, storage.uri(checkpoint_rel), sections, completions, evaluation)
+    page = GalleryPage(step, storage.uri(checkpoint_rel), sections, completions, evaluation, sampling)
     return publish_gallery(storage, page)
 
 

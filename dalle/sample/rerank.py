@@ -34,6 +34,18 @@ class SamplingSettings:
     batch_size: int = 64
     seed: int = 0
 
+    def described(self) -> dict:
+        """What decides the samples (not how they are batched), for reports next to the figures."""
+        return {
+            "samples_per_prompt": self.num_samples,
+            "top": self.top,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "cond_scale": self.cond_scale,
+            "seed": self.seed,
+        }
+
 
 @dataclass
 class PromptSamples:
