@@ -1,0 +1,93 @@
+"""Sampling settings compared on one trained checkpoint of a demo run: the zero-shot figures of each
+variant against the run's own gallery settings, measured in the same process.
+
+    python benchmarks/bench_sampling.py --run runs/demo [--step 4000] [--device auto] \\
+        --variant cond_scale=1 --variant cond_scale=1.5,temperature=0.8 ...
+
+A variant is a comma-separated list of gallery keys (temperature, top_k, top_p, cond_scale,
+samples_per_prompt, top, seed; see dalle/config.py). Nothing is written to the run: the samples
+are drawn, reranked by the run's CLIP and judged in memory. This is how the demo's
+`gallery.cond_scale` was chosen (README, "What the demo reaches today"). The last line is one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import yaml
+
+from dalle.config import ConfigError, RunConfig, config_from_dict
+from dalle.eval.zero_shot import HELDOUT_PAIRS, eval_prompts, evaluate_group
+from dalle.sample.publish import is_demo_run, load_sampler, sampling_settings
+from dalle.sample.rerank import samples_for
+from dalle.storage import Storage, checkpoint_dir, latest_pointer
+from dalle.train.run import RUN_CONFIG, run_config
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale", "samples_per_prompt", "top", "seed")
+
+
+def parse_variant(text: str, cfg: RunConfig) -> RunConfig:
+    """The run's config with the variant's gallery keys changed; a bad key or value exits naming it."""
+    changes = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SAMPLING_KEYS:
+            raise SystemExit(f"--variant {text!r}: expected KEY=VALUE with KEY one of {', '.join(SAMPLING_KEYS)}")
+        changes[key] = yaml.safe_load(value)
+    data = cfg.model_dump(mode="json")
+    data["gallery"].update(changes)
+    try:
+        return config_from_dict(data, origin=f"--variant {text!r}")
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+
+
+def measure(sampler, cfg: RunConfig) -> dict:
+    """The zero-shot figures of every eval group, sampled with `cfg.gallery`'s settings."""
+    transformer, dvae, tokenizer, clip = sampler
+    settings = sampling_settings(cfg)
+    start = time.perf_counter()
+    figures = {}
+    for group, prompts in eval_prompts(cfg.source).items():
+        samples = [samples_for(p, transformer, dvae, tokenizer, clip, settings) for p in prompts]
+        judged = evaluate_group(samples, settings.top, pairs=group == HELDOUT_PAIRS, source=cfg.source)
+        figures[group] = {k: round(v, 3) for k, v in judged.items() if k.endswith(("_acc", "_reranked"))}
+    return {"sampling": settings.described(), "seconds": round(time.perf_counter() - start, 1), "eval": figures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="root of a demo run with a trained transformer")
+    parser.add_argument("--step", type=int, default=None, help="transformer checkpoint (default: the latest)")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's gallery.device)")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]", help="sampling settings to compare"
+    )
+    args = parser.parse_args()
+
+    storage = Storage(args.run)
+    if not storage.exists(RUN_CONFIG):
+        raise SystemExit(f"{storage.uri()} is not a run root (no {RUN_CONFIG}); pass the --out of `dalle demo`")
+    cfg = run_config(storage)
+    if args.device:
+        cfg = cfg.model_copy(update={"gallery": cfg.gallery.model_copy(update={"device": args.device})})
+    variants = [(text, parse_variant(text, cfg)) for text in args.variant]  # all checked before any work
+    if not is_demo_run(storage):
+        raise SystemExit(f"{storage.uri()} was not curated from the shapes source: it has no zero-shot prompts")
+    if args.step is None:
+        if not storage.exists(latest_pointer("dalle")):
+            raise SystemExit(f"{storage.uri()} has no transformer checkpoint yet; train one first")
+        args.step = int(storage.read_json(latest_pointer("dalle"))["step"])
+    sampler = load_sampler(storage, cfg, checkpoint_dir("dalle", args.step))
+
+    report = {"run": storage.uri(), "step": args.step, "baseline": measure(sampler, cfg), "variants": []}
+    for text, variant in variants:
+        report["variants"].append({"variant": text, **measure(sampler, variant)})
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
