@@ -23,7 +23,7 @@ import yaml
 
 from dalle.config import ConfigError, config_from_dict, load_config
 from dalle.data.tokenize import tokenize_stage
-from dalle.eval.zero_shot import evaluate_sections
+from dalle.eval.zero_shot import HELDOUT, HELDOUT_PAIRS, SEEN, evaluate_sections
 from dalle.sample.publish import publish_checkpoint_gallery
 from dalle.storage import CURATED, MODELS, SOURCE, Storage, checkpoint_dir, latest_pointer
 from dalle.train.run import run_config, run_training
@@ -123,10 +123,11 @@ def main() -> None:
                 "dvae_codebook_perplexity": round(last["dvae"]["codebook_perplexity"], 1),
                 "transformer_tokens_per_s": round(last["dalle"]["tokens_per_s"], 1),
                 "transformer_loss": round(last["dalle"]["loss"], 4),
+                "sampling": evaluation["sampling"],
                 "eval": {
                     group: {k: v for k, v in figures.items() if k.endswith(("_acc", "_reranked"))}
                     for group, figures in evaluation.items()
-                    if isinstance(figures, dict)
+                    if group in (HELDOUT, SEEN, HELDOUT_PAIRS)
                 },
             }
         )

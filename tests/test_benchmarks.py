@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dalle.storage import Storage
+from dalle.train.run import run_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +33,31 @@ def test_a_bad_override_is_named_before_any_work(tmp_path, override, message):
     assert done.returncode != 0
     assert message in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("cond_scael=2", "expected KEY=VALUE with KEY one of"),
+        ("dropout=0.2", "expected KEY=VALUE with KEY one of"),
+        ("top_k=0", "gallery.top_k"),
+        ("cond_scale=2,temperature=-1", "gallery.temperature"),
+    ],
+)
+def test_a_bad_sampling_variant_is_named_before_any_work(tmp_path, variant, message):
+    root = tmp_path / "run"
+    run_config(Storage(str(root)), str(REPO / "configs" / "demo.yaml"))
+    before = sorted(root.rglob("*"))
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--run", str(root)]
+    done = subprocess.run(
+        [*command, "--variant", variant], check=False, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert sorted(root.rglob("*")) == before
+
+
+def test_sampling_benchmark_names_a_folder_that_is_no_run(tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--run", str(tmp_path / "none")]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode != 0 and "is not a run root" in done.stderr

@@ -3,6 +3,10 @@ built-in source, once on a headerless TSV URL list (CC3M's layout) named by the 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -11,6 +15,7 @@ from dalle.data.sources import DemoServer, build_site
 from dalle.eval.zero_shot import EVAL_REPORT
 from dalle.sample.gallery import GALLERY_INDEX
 from dalle.storage import SOURCE, Storage
+from tests.test_benchmarks import REPO
 from tests.test_cli import run_cli
 from tests.test_train import SETTINGS
 
@@ -87,6 +92,26 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     # The command ends with the figures and where the gallery is.
     assert "zero-shot evaluation (step 6" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == f"gallery: {storage.uri(GALLERY_INDEX)}"
+    assert "sampled with samples_per_prompt 4, top 2" in done.stdout
+
+    # The sampling benchmark compares settings on this run's last checkpoint, writing nothing to it.
+    files_before = sorted(p for p in root.rglob("*") if p.is_file())
+    bench = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--run", str(root)]
+        + ["--variant", "cond_scale=1", "--variant", "cond_scale=2,temperature=0.5,top_k=3"],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    report = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert report["step"] == 6 and report["baseline"]["sampling"]["cond_scale"] == 2.0
+    assert [v["sampling"]["cond_scale"] for v in report["variants"]] == [1.0, 2.0]
+    assert report["variants"][1]["sampling"]["top_k"] == 3
+    for measured in [report["baseline"], *report["variants"]]:
+        assert set(measured["eval"]) == {"heldout", "seen", "heldout_pairs"}
+        assert all(0.0 <= v <= 1.0 for figures in measured["eval"].values() for v in figures.values())
+    # The baseline is the gallery's own sampling: the same figures as its eval.json.
+    assert report["baseline"]["eval"]["heldout"]["both_acc"] == pytest.approx(evaluation["heldout"]["both_acc"], abs=1e-3)
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == files_before
 
 
 @pytest.mark.slow
