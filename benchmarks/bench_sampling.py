@@ -35,7 +35,9 @@ def parse_variant(text: str, cfg: RunConfig) -> RunConfig:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in SAMPLING_KEYS:
-            raise SystemExit(f"--variant {text!r}: expected KEY=VALUE with KEY one of {', '.join(SAMPLING_KEYS)}")
+            raise SystemExit(
+                f"--variant {text!r}: expected KEY=VALUE with KEY one of {', '.join(SAMPLING_KEYS)}"
+            )
         changes[key] = yaml.safe_load(value)
     data = cfg.model_dump(mode="json")
     data["gallery"].update(changes)
@@ -55,28 +57,42 @@ def measure(sampler, cfg: RunConfig) -> dict:
         samples = [samples_for(p, transformer, dvae, tokenizer, clip, settings) for p in prompts]
         judged = evaluate_group(samples, settings.top, pairs=group == HELDOUT_PAIRS, source=cfg.source)
         figures[group] = {k: round(v, 3) for k, v in judged.items() if k.endswith(("_acc", "_reranked"))}
-    return {"sampling": settings.described(), "seconds": round(time.perf_counter() - start, 1), "eval": figures}
+    return {
+        "sampling": settings.described(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "eval": figures,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="root of a demo run with a trained transformer")
     parser.add_argument("--step", type=int, default=None, help="transformer checkpoint (default: the latest)")
-    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's gallery.device)")
     parser.add_argument(
-        "--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]", help="sampling settings to compare"
+        "--device", default=None, help="auto, cpu or cuda (default: the run's gallery.device)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="sampling settings to compare",
     )
     args = parser.parse_args()
 
     storage = Storage(args.run)
     if not storage.exists(RUN_CONFIG):
-        raise SystemExit(f"{storage.uri()} is not a run root (no {RUN_CONFIG}); pass the --out of `dalle demo`")
+        raise SystemExit(
+            f"{storage.uri()} is not a run root (no {RUN_CONFIG}); pass the --out of `dalle demo`"
+        )
     cfg = run_config(storage)
     if args.device:
         cfg = cfg.model_copy(update={"gallery": cfg.gallery.model_copy(update={"device": args.device})})
     variants = [(text, parse_variant(text, cfg)) for text in args.variant]  # all checked before any work
     if not is_demo_run(storage):
-        raise SystemExit(f"{storage.uri()} was not curated from the shapes source: it has no zero-shot prompts")
+        raise SystemExit(
+            f"{storage.uri()} was not curated from the shapes source: it has no zero-shot prompts"
+        )
     if args.step is None:
         if not storage.exists(latest_pointer("dalle")):
             raise SystemExit(f"{storage.uri()} has no transformer checkpoint yet; train one first")

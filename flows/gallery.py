@@ -56,6 +56,8 @@ def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | None = Non
         if isinstance(figures, dict):
             shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
             lines.append(f"- **{group}**: {shown}")
+    if summary.get("sampling"):
+        lines += ["", "Sampled with " + ", ".join(f"{k} {v}" for k, v in summary["sampling"].items()) + "."]
     create_markdown_artifact(key="gallery-summary", markdown="\n".join(lines), description="gallery summary")
     create_link_artifact(key="gallery", link=result["uri"], description=f"gallery of step {summary['step']}")
     return result["uri"]

@@ -58,6 +58,11 @@ def test_a_bad_sampling_variant_is_named_before_any_work(tmp_path, variant, mess
 
 
 def test_sampling_benchmark_names_a_folder_that_is_no_run(tmp_path):
-    command = [sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--run", str(tmp_path / "none")]
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_sampling.py"),
+        "--run",
+        str(tmp_path / "none"),
+    ]
     done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode != 0 and "is not a run root" in done.stderr

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 import yaml
 
@@ -110,8 +111,36 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
         assert set(measured["eval"]) == {"heldout", "seen", "heldout_pairs"}
         assert all(0.0 <= v <= 1.0 for figures in measured["eval"].values() for v in figures.values())
     # The baseline is the gallery's own sampling: the same figures as its eval.json.
-    assert report["baseline"]["eval"]["heldout"]["both_acc"] == pytest.approx(evaluation["heldout"]["both_acc"], abs=1e-3)
+    assert report["baseline"]["eval"]["heldout"]["both_acc"] == pytest.approx(
+        evaluation["heldout"]["both_acc"], abs=1e-3
+    )
     assert sorted(p for p in root.rglob("*") if p.is_file()) == files_before
+
+    # A person's own prompt: the best --top of -n samples, with their scores and how they were drawn.
+    mine = tmp_path / "mine"
+    drawn = run_cli(
+        "sample", "--checkpoint", storage.uri("models/dalle/step_00000006"), "--prompt", "a red circle",
+        "-n", "5", "--top", "2", "--out", str(mine),
+    )  # fmt: skip
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    scores = json.loads((mine / "scores.json").read_text())
+    assert [image["file"] for image in scores["images"]] == ["sample_00.png", "sample_01.png"]
+    assert scores["images"][0]["clip_score"] >= scores["images"][1]["clip_score"]
+    assert scores["samples"] == 5 and scores["sampling"]["cond_scale"] == 2.0
+    assert PIL.Image.open(mine / "sample_01.png").mode == "RGB"
+
+    # One checkpoint's gallery by hand; the Prefect UI shows each gallery's figures and settings.
+    again = run_cli("gallery", "--checkpoint", storage.uri("models/dalle/step_00000003"), "--out", str(root))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == storage.uri("galleries/step_00000003/index.html")
+    assert storage.read_json(EVAL_REPORT)["step"] == 3
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    assert {"gallery-prompts", "gallery-summary", "gallery"} <= {a.key for a in artifacts}
+    summaries = [a.data for a in artifacts if a.key == "gallery-summary"]
+    assert any("**heldout**" in text and "cond_scale 2.0" in text for text in summaries)
 
 
 @pytest.mark.slow

@@ -174,6 +174,7 @@ def sample_to_folder(checkpoint: str, prompt: str, num: int, top: int, out: str,
         "checkpoint": checkpoint,
         "samples": num,
         "reranked_by": clip.identity if clip else None,
+        "sampling": settings.described(),
     }
     written.append(
         target.write_bytes("scores.json", json.dumps({**meta_out, "images": scores}, indent=2).encode())
