@@ -5,7 +5,7 @@ variant against the run's own gallery settings, measured in the same process.
         --variant cond_scale=1 --variant cond_scale=1.5,temperature=0.8 ...
 
 A variant is a comma-separated list of gallery keys (temperature, top_k, top_p, cond_scale,
-samples_per_prompt, top, seed; see dalle/config.py). Nothing is written to the run: the samples
+samples_per_prompt, top, seed; see dalle/config.py; null keeps the run's value). Nothing is written to the run: the samples
 are drawn, reranked by the run's CLIP and judged in memory. This is how the demo's
 `gallery.cond_scale` was chosen (README, "What the demo reaches today"). The last line is one
 JSON object.
@@ -19,9 +19,9 @@ import time
 
 import yaml
 
-from dalle.config import ConfigError, RunConfig, config_from_dict
+from dalle.config import ConfigError, RunConfig
 from dalle.eval.zero_shot import HELDOUT_PAIRS, eval_prompts, evaluate_group
-from dalle.sample.publish import is_demo_run, load_sampler, sampling_settings
+from dalle.sample.publish import is_demo_run, load_sampler, sampling_settings, with_sampling
 from dalle.sample.rerank import samples_for
 from dalle.storage import Storage, checkpoint_dir, latest_pointer
 from dalle.train.run import RUN_CONFIG, run_config
@@ -39,10 +39,8 @@ def parse_variant(text: str, cfg: RunConfig) -> RunConfig:
                 f"--variant {text!r}: expected KEY=VALUE with KEY one of {', '.join(SAMPLING_KEYS)}"
             )
         changes[key] = yaml.safe_load(value)
-    data = cfg.model_dump(mode="json")
-    data["gallery"].update(changes)
     try:
-        return config_from_dict(data, origin=f"--variant {text!r}")
+        return with_sampling(cfg, f"--variant {text!r}", **changes)
     except ConfigError as err:
         raise SystemExit(str(err)) from None
 

@@ -128,7 +128,15 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from dalle.sample.publish import sample_to_folder
 
-    for line in sample_to_folder(args.checkpoint, args.prompt, args.n, args.top, args.out, args.seed):
+    changes = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "cond_scale": args.cond_scale,
+    }
+    for line in sample_to_folder(
+        args.checkpoint, args.prompt, args.n, args.top, args.out, args.seed, **changes
+    ):
         print(line)
     return 0
 
@@ -215,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=int, default=64, help="samples to draw (default 64)")
     sample.add_argument("--top", type=int, default=8, help="best samples to keep (default 8)")
     sample.add_argument("--seed", type=int, default=0)
+    for flag, kind in (
+        ("--temperature", float),
+        ("--top-k", int),
+        ("--top-p", float),
+        ("--cond-scale", float),
+    ):
+        sample.add_argument(flag, type=kind, default=None, help="default: the run's gallery setting")
     sample.add_argument("--out", required=True, help="folder for the images and scores.json")
     sample.set_defaults(func=cmd_sample)
     return parser

@@ -120,14 +120,20 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     mine = tmp_path / "mine"
     drawn = run_cli(
         "sample", "--checkpoint", storage.uri("models/dalle/step_00000006"), "--prompt", "a red circle",
-        "-n", "5", "--top", "2", "--out", str(mine),
+        "-n", "5", "--top", "2", "--cond-scale", "1.5", "--out", str(mine),
     )  # fmt: skip
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     scores = json.loads((mine / "scores.json").read_text())
     assert [image["file"] for image in scores["images"]] == ["sample_00.png", "sample_01.png"]
     assert scores["images"][0]["clip_score"] >= scores["images"][1]["clip_score"]
-    assert scores["samples"] == 5 and scores["sampling"]["cond_scale"] == 2.0
+    assert scores["samples"] == 5 and scores["sampling"]["cond_scale"] == 1.5  # the flag, not the run's 2
     assert PIL.Image.open(mine / "sample_01.png").mode == "RGB"
+    refused = run_cli(
+        "sample", "--checkpoint", storage.uri("models/dalle/step_00000006"), "--prompt", "a red circle",
+        "--top-k", "0", "--out", str(tmp_path / "refused"),
+    )  # fmt: skip
+    assert refused.returncode == 2 and "gallery.top_k" in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
     # One checkpoint's gallery by hand; the Prefect UI shows each gallery's figures and settings.
     again = run_cli("gallery", "--checkpoint", storage.uri("models/dalle/step_00000003"), "--out", str(root))

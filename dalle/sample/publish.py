@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from dalle.config import RunConfig
+from dalle.config import RunConfig, config_from_dict
 from dalle.data.text_tokenizer import TextTokenizer, load_tokenizer
 from dalle.data.tokenize import SHARDS_MANIFEST
 from dalle.eval.zero_shot import EVAL_REPORT, TITLES, eval_prompts
@@ -70,6 +70,14 @@ def sampling_settings(cfg: RunConfig) -> SamplingSettings:
         batch_size=g.batch_size,
         seed=g.seed,
     )
+
+
+def with_sampling(cfg: RunConfig, origin: str, **changes) -> RunConfig:
+    """`cfg` with gallery keys changed (None keeps a key), validated: a bad value raises a
+    ConfigError that names the key and `origin`."""
+    data = cfg.model_dump(mode="json")
+    data["gallery"].update({key: value for key, value in changes.items() if value is not None})
+    return config_from_dict(data, origin=origin)
 
 
 def is_demo_run(storage: Storage) -> bool:
@@ -152,15 +160,19 @@ def publish_checkpoint_gallery(
     return publish_gallery(storage, page)
 
 
-def sample_to_folder(checkpoint: str, prompt: str, num: int, top: int, out: str, seed: int = 0) -> list[str]:
+def sample_to_folder(
+    checkpoint: str, prompt: str, num: int, top: int, out: str, seed: int = 0, **changes
+) -> list[str]:
     """Draw `num` images for `prompt` from a transformer checkpoint, keep the CLIP-best `top` in `out`
-    (PNG files and scores.json); returns what was written, one line each."""
+    (PNG files and scores.json); returns what was written, one line each. `changes` are gallery
+    sampling keys (temperature, top_k, top_p, cond_scale) in place of the run's."""
     root, rel = split_checkpoint_uri(checkpoint)
     storage = Storage(root)
-    cfg = run_config(storage)
+    cfg = with_sampling(
+        run_config(storage), "the sample command", samples_per_prompt=num, top=top, seed=seed, **changes
+    )
     transformer, dvae, tokenizer, clip = load_sampler(storage, cfg, rel)
     settings = sampling_settings(cfg)
-    settings.num_samples, settings.top, settings.seed = num, top, seed
     samples = samples_for(prompt, transformer, dvae, tokenizer, clip, settings)
     target = Storage(out)
     written, scores = [], []
