@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from dalle.config import RunConfig, config_from_dict
+from dalle.data.crawl import CrawlError
 from dalle.data.sources import DemoServer, DemoSite, build_site, url_table
 from dalle.eval.zero_shot import EVAL_REPORT
 from dalle.sample.gallery import GALLERY_INDEX
@@ -63,7 +64,15 @@ def demo_server(site: DemoSite, storage: Storage) -> DemoServer:
     the port of the first run, so the URL list and the finished crawl shards stay valid and the
     crawl resumes instead of starting over."""
     if storage.exists(DEMO_SERVER):
-        return DemoServer(site, port=storage.read_json(DEMO_SERVER)["port"])
+        port = storage.read_json(DEMO_SERVER)["port"]
+        try:
+            return DemoServer(site, port=port)
+        except OSError as err:
+            raise CrawlError(
+                f"this run's demo source serves on 127.0.0.1:{port} (its URL list names that port), "
+                f"and the port is taken ({err.strerror}): stop what holds it (another `dalle demo`?) "
+                "and run again, or start a new run in another --out"
+            ) from None
     try:
         return DemoServer(site, port=DEMO_PORT)
     except OSError:

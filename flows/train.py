@@ -79,15 +79,22 @@ def train_transformer_flow(
     galleries: bool = True,
 ) -> str:
     """Train the transformer on the token shards, then publish a gallery for every checkpoint this run
-    wrote (`galleries=False` leaves that to the checkpoint event); returns the newest checkpoint's URI."""
+    wrote, and for every earlier one whose gallery is missing (a run stopped before it) or was drawn
+    with other gallery settings (`galleries=False` leaves that to the checkpoint event); returns the
+    newest checkpoint's URI."""
+    from dalle.sample.publish import gallery_is_current
     from flows.gallery import gallery_flow
 
     storage = Storage(root)
-    before = set(checkpoint_steps(storage, MODELS["transformer"]))
+    name = MODELS["transformer"]
+    before = set(checkpoint_steps(storage, name))
     uri = train_model("transformer", root, config, max_steps, resume)
-    if galleries:
-        for step in sorted(set(checkpoint_steps(storage, MODELS["transformer"])) - before):
-            gallery_flow(root, checkpoint_dir(MODELS["transformer"], step))
+    latest = latest_checkpoint(storage, name)
+    if galleries and latest is not None:
+        cfg = run_config(storage)
+        for step in checkpoint_steps(storage, name):
+            if step <= latest.step and (step not in before or not gallery_is_current(storage, cfg, step)):
+                gallery_flow(root, checkpoint_dir(name, step))
     return uri
 
 

@@ -4,6 +4,7 @@ built-in source, once on a headerless TSV URL list (CC3M's layout) named by the 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from dalle.config import config_from_dict, load_config
+from dalle.data.crawl import CrawlError
 from dalle.data.sources import DemoServer, build_site
 from dalle.eval.zero_shot import EVAL_REPORT
 from dalle.sample.gallery import GALLERY_INDEX
@@ -148,6 +150,22 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     summaries = [a.data for a in artifacts if a.key == "gallery-summary"]
     assert any("**heldout**" in text and "cond_scale 2.0" in text for text in summaries)
 
+    # A re-run trains nothing more, but redraws a gallery that is missing (a run stopped before it)
+    # or was drawn with other gallery settings, and leaves a current one alone.
+    shutil.rmtree(root / "galleries" / "step_00000003")
+    fewer = {**TINY, "gallery": {**TINY["gallery"], "samples_per_prompt": 3}}
+    config = _write_config(tmp_path / "fewer.yaml", fewer)
+    rerun = run_cli("demo", "--out", str(root), "--config", config)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert storage.read_json("models/dalle/latest.json")["step"] == 6
+    for step in (3, 6):
+        summary = storage.read_json(f"galleries/step_{step:08d}/summary.json")
+        assert summary["sampling"]["samples_per_prompt"] == 3
+    assert storage.read_json(EVAL_REPORT)["heldout"]["samples_per_prompt"] == 3
+    drawn_at = {p: p.stat().st_mtime_ns for p in (root / "galleries").rglob("summary.json")}
+    assert run_cli("demo", "--out", str(root), "--config", config).returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in (root / "galleries").rglob("summary.json")} == drawn_at
+
 
 @pytest.mark.slow
 def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server):
@@ -206,3 +224,8 @@ def test_the_demo_source_serves_on_one_port_so_runs_share_their_uids(tmp_path, m
         taken.listen()
         with flows.pipeline.demo_server(site, Storage(str(tmp_path / "c"))) as third:
             assert third.port != port
+        # A re-run of a run whose stored port is taken is told so, not handed a traceback.
+        storage = Storage(str(tmp_path / "d"))
+        storage.write_json(flows.pipeline.DEMO_SERVER, {"port": port, "base_url": f"http://127.0.0.1:{port}"})
+        with pytest.raises(CrawlError, match=f"serves on 127.0.0.1:{port} .* stop what holds it"):
+            flows.pipeline.demo_server(site, storage)

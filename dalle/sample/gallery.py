@@ -59,6 +59,7 @@ class GalleryPage:
     completions: list[Completion] = field(default_factory=list)
     evaluation: dict | None = None
     sampling: dict = field(default_factory=dict)  # SamplingSettings.described()
+    settings_fingerprint: str = ""  # of the gallery config it was drawn with: a changed one redraws it
 
 
 def _png(image: PIL.Image.Image, scale: int) -> bytes:
@@ -181,6 +182,7 @@ def publish_gallery(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
             "prompts": per_prompt,
             "evaluation": page.evaluation,
             "sampling": page.sampling,
+            "settings_fingerprint": page.settings_fingerprint,
         },
     )
     storage.write_bytes(f"{folder}/index.html", _page(f"step {page.step}", "\n".join(parts)).encode())

@@ -15,7 +15,7 @@ from dalle.eval.zero_shot import EVAL_REPORT, TITLES, eval_prompts
 from dalle.models.clip import ClipModel, load_clip, resolve_device
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
-from dalle.sample.gallery import Completion, GalleryPage, Section, publish_gallery
+from dalle.sample.gallery import SUMMARY, Completion, GalleryPage, Section, gallery_dir, publish_gallery
 from dalle.sample.generate import generate
 from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts, samples_for
 from dalle.storage import (
@@ -156,8 +156,24 @@ def publish_checkpoint_gallery(
             EVAL_REPORT,
             {**evaluation, "step": step, "checkpoint": storage.uri(checkpoint_rel), "sampling": sampling},
         )
-    page = GalleryPage(step, storage.uri(checkpoint_rel), sections, completions, evaluation, sampling)
+    page = GalleryPage(
+        step,
+        storage.uri(checkpoint_rel),
+        sections,
+        completions,
+        evaluation,
+        sampling,
+        cfg.fingerprint("gallery"),
+    )
     return publish_gallery(storage, page)
+
+
+def gallery_is_current(storage: Storage, cfg: RunConfig, step: int) -> bool:
+    """Whether the gallery of transformer checkpoint `step` exists, drawn with `cfg`'s gallery settings."""
+    summary = f"{gallery_dir(step)}/{SUMMARY}"
+    if not storage.exists(summary):
+        return False
+    return storage.read_json(summary).get("settings_fingerprint") == cfg.fingerprint("gallery")
 
 
 def sample_to_folder(
