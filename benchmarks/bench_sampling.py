@@ -5,10 +5,10 @@ variant against the run's own gallery settings, measured in the same process.
         --variant cond_scale=1 --variant cond_scale=1.5,temperature=0.8 ...
 
 A variant is a comma-separated list of gallery keys (temperature, top_k, top_p, cond_scale,
-samples_per_prompt, top, seed; see dalle/config.py; null keeps the run's value). Nothing is written to the run: the samples
-are drawn, reranked by the run's CLIP and judged in memory. This is how the demo's
-`gallery.cond_scale` was chosen (README, "What the demo reaches today"). The last line is one
-JSON object.
+samples_per_prompt, top, seed; see dalle/config.py; null keeps the run's value). Nothing is
+written to the run: the samples are drawn, reranked by the run's CLIP and judged in memory. This
+is how the demo's `gallery.cond_scale` was chosen (README, "What the demo reaches today"). The
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ import time
 import yaml
 
 from dalle.config import ConfigError, RunConfig
-from dalle.eval.zero_shot import HELDOUT_PAIRS, eval_prompts, evaluate_group
-from dalle.sample.publish import is_demo_run, load_sampler, sampling_settings, with_sampling
-from dalle.sample.rerank import samples_for
-from dalle.storage import Storage, checkpoint_dir, latest_pointer
-from dalle.train.run import RUN_CONFIG, run_config
+from dalle.eval.zero_shot import evaluate_sections
+from dalle.sample.publish import (
+    draw_section,
+    eval_prompt_groups,
+    is_demo_run,
+    load_sampler,
+    sampling_settings,
+    with_sampling,
+)
+from dalle.storage import Storage, checkpoint_dir
+from dalle.train.checkpoint import latest_checkpoint
+from dalle.train.run import MODELS, RUN_CONFIG, run_config
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale", "samples_per_prompt", "top", "seed")
 
@@ -47,14 +54,16 @@ def parse_variant(text: str, cfg: RunConfig) -> RunConfig:
 
 def measure(sampler, cfg: RunConfig) -> dict:
     """The zero-shot figures of every eval group, sampled with `cfg.gallery`'s settings."""
-    transformer, dvae, tokenizer, clip = sampler
     settings = sampling_settings(cfg)
     start = time.perf_counter()
-    figures = {}
-    for group, prompts in eval_prompts(cfg.source).items():
-        samples = [samples_for(p, transformer, dvae, tokenizer, clip, settings) for p in prompts]
-        judged = evaluate_group(samples, settings.top, pairs=group == HELDOUT_PAIRS, source=cfg.source)
-        figures[group] = {k: round(v, 3) for k, v in judged.items() if k.endswith(("_acc", "_reranked"))}
+    sections = [draw_section(*group, sampler, settings) for group in eval_prompt_groups(cfg)]
+    _, _, _, clip = sampler
+    report = evaluate_sections(sections, clip, cfg.source)
+    figures = {
+        group: {k: round(v, 3) for k, v in judged.items() if k.endswith(("_acc", "_reranked"))}
+        for group, judged in report.items()
+        if isinstance(judged, dict)
+    }
     return {
         "sampling": settings.described(),
         "seconds": round(time.perf_counter() - start, 1),
@@ -84,18 +93,18 @@ def main() -> None:
             f"{storage.uri()} is not a run root (no {RUN_CONFIG}); pass the --out of `dalle demo`"
         )
     cfg = run_config(storage)
-    if args.device:
-        cfg = cfg.model_copy(update={"gallery": cfg.gallery.model_copy(update={"device": args.device})})
+    cfg = with_sampling(cfg, "--device", device=args.device)
     variants = [(text, parse_variant(text, cfg)) for text in args.variant]  # all checked before any work
     if not is_demo_run(storage):
         raise SystemExit(
             f"{storage.uri()} was not curated from the shapes source: it has no zero-shot prompts"
         )
     if args.step is None:
-        if not storage.exists(latest_pointer("dalle")):
+        latest = latest_checkpoint(storage, MODELS["transformer"])
+        if latest is None:
             raise SystemExit(f"{storage.uri()} has no transformer checkpoint yet; train one first")
-        args.step = int(storage.read_json(latest_pointer("dalle"))["step"])
-    sampler = load_sampler(storage, cfg, checkpoint_dir("dalle", args.step))
+        args.step = latest.step
+    sampler = load_sampler(storage, cfg, checkpoint_dir(MODELS["transformer"], args.step))
 
     report = {"run": storage.uri(), "step": args.step, "baseline": measure(sampler, cfg), "variants": []}
     for text, variant in variants:

@@ -64,9 +64,10 @@ def _print_eval(evaluation: dict | None) -> None:
             if name in figures
         )  # fmt: skip
         print(f"  {group:14s} {shown}")
-    sampling = evaluation.get("sampling")
-    if sampling:
-        print("  sampled with " + ", ".join(f"{name} {value}" for name, value in sampling.items()))
+    if evaluation.get("sampling"):
+        from dalle.sample.rerank import describe_sampling
+
+        print(f"  sampled with {describe_sampling(evaluation['sampling'])}")
 
 
 def cmd_serve_demo(args: argparse.Namespace) -> int:

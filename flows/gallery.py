@@ -9,6 +9,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from dalle.sample.gallery import gallery_dir
 from dalle.sample.publish import publish_checkpoint_gallery
+from dalle.sample.rerank import describe_sampling
 from dalle.storage import Storage, checkpoint_step
 from dalle.train.run import run_config
 from flows.common import log, retry_unless_user_error
@@ -57,7 +58,7 @@ def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | None = Non
             shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
             lines.append(f"- **{group}**: {shown}")
     if summary.get("sampling"):
-        lines += ["", "Sampled with " + ", ".join(f"{k} {v}" for k, v in summary["sampling"].items()) + "."]
+        lines += ["", f"Sampled with {describe_sampling(summary['sampling'])}."]
     create_markdown_artifact(key="gallery-summary", markdown="\n".join(lines), description="gallery summary")
     create_link_artifact(key="gallery", link=result["uri"], description=f"gallery of step {summary['step']}")
     return result["uri"]

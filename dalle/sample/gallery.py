@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import PIL.Image
 import pyarrow as pa
 
-from dalle.sample.rerank import PromptSamples
+from dalle.sample.rerank import PromptSamples, describe_sampling
 from dalle.storage import GALLERIES, METRICS, Storage
 
 GALLERY_INDEX = f"{GALLERIES}/index.html"
@@ -113,8 +113,7 @@ def publish_gallery(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
     )
     parts.append("<p><a href='../index.html'>all checkpoints</a></p>")
     if page.sampling:
-        settings = ", ".join(f"{name} {value}" for name, value in page.sampling.items())
-        parts.append(f"<p class='sampling'>Sampled with {html.escape(settings)}.</p>")
+        parts.append(f"<p class='sampling'>Sampled with {html.escape(describe_sampling(page.sampling))}.</p>")
     if page.evaluation:
         parts.append(_eval_table(page.evaluation))
     for s_index, section in enumerate(page.sections):

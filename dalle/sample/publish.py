@@ -72,6 +72,20 @@ def sampling_settings(cfg: RunConfig) -> SamplingSettings:
     )
 
 
+def eval_prompt_groups(cfg: RunConfig) -> list[tuple[str, str, list[str]]]:
+    """(title, eval group, prompts) of each zero-shot group that has prompts (demo runs only)."""
+    return [(TITLES[key], key, prompts) for key, prompts in eval_prompts(cfg.source).items() if prompts]
+
+
+def draw_section(
+    title: str, key: str, prompts: list[str], sampler: tuple, settings: SamplingSettings
+) -> Section:
+    """Every prompt's samples, reranked by the sampler's CLIP, as one gallery section."""
+    transformer, dvae, tokenizer, clip = sampler
+    samples = [samples_for(p, transformer, dvae, tokenizer, clip, settings) for p in prompts]
+    return Section(title, samples, top=settings.top, key=key)
+
+
 def with_sampling(cfg: RunConfig, origin: str, **changes) -> RunConfig:
     """`cfg` with gallery keys changed (None keeps a key), validated: a bad value raises a
     ConfigError that names the key and `origin`."""
@@ -104,7 +118,8 @@ def publish_checkpoint_gallery(
     """Sample, rerank and publish the gallery of the transformer at `checkpoint_rel`; returns the page URI.
 
     `evaluate(sections, clip, source_config) -> dict` adds the zero-shot figures (demo runs)."""
-    transformer, dvae, tokenizer, clip = load_sampler(storage, cfg, checkpoint_rel)
+    sampler = load_sampler(storage, cfg, checkpoint_rel)
+    transformer, dvae, tokenizer, clip = sampler
     step = checkpoint_step(checkpoint_rel)
     settings = sampling_settings(cfg)
     manifest = storage.read_json(SHARDS_MANIFEST)
@@ -112,9 +127,7 @@ def publish_checkpoint_gallery(
 
     prompt_groups: list[tuple[str, str, list[str]]] = []  # (title, eval group, prompts)
     if is_demo_run(storage):
-        prompt_groups += [
-            (TITLES[key], key, prompts) for key, prompts in eval_prompts(cfg.source).items() if prompts
-        ]
+        prompt_groups += eval_prompt_groups(cfg)
     captions = list(dict.fromkeys(last_shard.column("caption").to_pylist()))[: cfg.gallery.validation_prompts]
     if captions:
         prompt_groups.append(("Captions from the data", "", captions))
@@ -125,8 +138,7 @@ def publish_checkpoint_gallery(
     sections = []
     for title, key, prompts in prompt_groups:
         log(f"gallery step {step}: sampling {len(prompts)} prompts x {settings.num_samples} ({title})")
-        samples = [samples_for(p, transformer, dvae, tokenizer, clip, settings) for p in prompts]
-        sections.append(Section(title, samples, top=settings.top, key=key))
+        sections.append(draw_section(title, key, prompts, sampler, settings))
 
     completions = []
     rows = cfg.gallery.completion_rows or max(1, transformer.grid // 2)

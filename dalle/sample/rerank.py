@@ -47,6 +47,11 @@ class SamplingSettings:
         }
 
 
+def describe_sampling(described: dict) -> str:
+    """`SamplingSettings.described()` as one line of text: "samples_per_prompt 64, top 8, ..."."""
+    return ", ".join(f"{name} {value}" for name, value in described.items())
+
+
 @dataclass
 class PromptSamples:
     """Every sample drawn for one prompt, with CLIP's score of each; `ranking` is best first."""
