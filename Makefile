@@ -3,17 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is installed first and pinned: on machines with a local wheel cache this takes
-# the cached build instead of downloading a new one. Override for another platform.
+# the cached build instead of downloading a new one. Override for another platform
+# (aarch64: TORCH_SPEC='torch==2.9.1 torchvision==0.24.1').
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Every other package comes at the version constraints.txt pins (`make lock` rewrites it).
+CONSTRAINTS := constraints.txt
 DEMO_OUT ?= runs/demo
+# `make lock`: the tools it installs (uv resolves), and the aarch64 TORCH_SPEC the lock must also allow.
+LOCK_TOOLS ?= uv==0.13.9 packaging==26.4
+LOCK_CHECK_TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-paths install lint lock clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install $(TORCH_SPEC)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -c $(CONSTRAINTS) $(TORCH_SPEC)
+	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[dev]'
 	# img2dataset drags in the `dataclasses` backport, which shadows the standard
 	# library inside Prefect's ephemeral API server and kills it (see DESIGN.md).
 	$(BIN)/pip uninstall -y dataclasses
@@ -24,11 +30,28 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/dalle demo --out $(DEMO_OUT) --config configs/demo.yaml
 
+# After the suite, the tests that assert a model learned run again on another kernel path and
+# seed: a test that learns on one float trajectory only fails here, where it is written.
+# `make test-paths` runs them on every path and five seeds (tests/kernel_paths.py).
+SECOND_PATH ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2
 test: install
 	$(BIN)/python -m pytest -q
+	env $(SECOND_PATH) $(BIN)/python -m pytest -q -m learning --learning-seed 1
+
+test-paths: install
+	$(BIN)/python tests/kernel_paths.py
 
 lint: install
-	$(BIN)/ruff check dalle flows tests benchmarks
+	$(BIN)/ruff check dalle flows tests benchmarks tools
+
+# Re-resolve the whole dependency set into constraints.txt with uv, installed into a
+# throwaway virtual environment that is removed afterwards (needs PyPI; .venv is untouched).
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install --quiet $(LOCK_TOOLS); \
+	"$$tmp/venv/bin/python" tools/lock.py --uv "$$tmp/venv/bin/uv" --output $(CONSTRAINTS) \
+	  --torch-spec '$(TORCH_SPEC)' --check-torch-spec '$(LOCK_CHECK_TORCH_SPEC)'
 
 clean:
 	rm -rf $(VENV) runs

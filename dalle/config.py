@@ -270,6 +270,13 @@ class DVAEConfig(_Section):
         ge=0,
         description="Final weight beta of the KL term toward the uniform prior, in the paper's units.",
     )
+    usage_weight: float = Field(
+        0.02,
+        ge=0,
+        description="Weight of the KL from the batch's average code distribution to uniform: keeps codes "
+        "alive until the encoder has told its inputs apart (without it, distinct inputs can share one "
+        "code for good). 0 is the paper's objective.",
+    )
     kl_warmup_steps: int = Field(
         500, ge=0, description="Steps over which beta rises linearly from 0 (paper: 5,000)."
     )

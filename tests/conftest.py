@@ -14,6 +14,36 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--learning-seed",
+        type=int,
+        default=0,
+        help="seed of the tests marked 'learning' (they train a model and assert it learned); "
+        "they must pass for every seed and kernel path (make test-paths runs the matrix)",
+    )
+
+
+def pytest_report_header(config):
+    import torch
+
+    knobs = " ".join(
+        f"{k}={os.environ[k]}"
+        for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+        if k in os.environ
+    )
+    return (
+        f"torch kernels: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+        f"{', ' + knobs if knobs else ''}; learning seed {config.getoption('--learning-seed')}"
+    )
+
+
+@pytest.fixture(scope="session")
+def learning_seed(request) -> int:
+    """The seed a learning test trains with; any seed must do."""
+    return request.config.getoption("--learning-seed")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))

@@ -56,9 +56,10 @@ def _csv_field(value: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def demo():
+def demo(learning_seed):
     """The demo site on 127.0.0.1, a second server on 127.0.0.2 that must never be contacted."""
-    cfg = config_from_dict(CONFIG)
+    clip = {"train": {**CONFIG["clip"]["train"], "seed": learning_seed}}
+    cfg = config_from_dict({**CONFIG, "clip": clip})
     site = build_site(cfg.source)
     robots = "User-agent: *\nDisallow: /private/\n"
     with DemoServer(site, robots_txt=robots) as server, DemoServer(site, host="127.0.0.2") as forbidden:
@@ -103,7 +104,8 @@ def write_url_list(tmp_path, site, server, forbidden) -> tuple[str, dict[str, st
     return str(path), {url: expected for url, _, expected in bad}
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+# The near-duplicate checks rest on the small CLIP the flow trains: the local run is a learning test.
+@pytest.mark.parametrize("where", [pytest.param("local", marks=pytest.mark.learning), "s3"])
 def test_curate_flow_end_to_end(where, demo, tmp_path, prefect_server, request):
     from flows.curate import curate_flow
 

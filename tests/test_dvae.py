@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dalle.config import ConfigError, DVAEConfig, SourceConfig, config_from_dict
@@ -103,25 +104,43 @@ def test_codebook_usage_shows_collapse():
     assert collapsed["codebook_perplexity"] == pytest.approx(1) and collapsed["codebook_used_share"] == 1 / 16
 
 
-def test_a_tiny_dvae_overfits_one_batch():
-    torch.manual_seed(0)
+@pytest.mark.learning
+def test_a_tiny_dvae_overfits_one_batch(learning_seed):
+    torch.manual_seed(learning_seed)
     cfg = TINY.model_copy(update={"reconstruction": "mse", "kl_weight": 0.0, "temperature_anneal_steps": 200})
     model = DiscreteVAE(cfg)
-    # Four flat demo colours: each image needs one code, repeated over the grid.
+    # Four flat demo colours: each image needs its own code. A collapsed codebook shares one code
+    # between two colours and decodes both to their mean (MSE 0.017-0.026, worst pixel 0.3-0.4).
     names = ["red", "green", "blue", "yellow"]
     colours = torch.tensor([COLORS[n] for n in names], dtype=torch.float32).view(4, 3, 1, 1) / 255
     images = colours.expand(4, 3, 16, 16).contiguous()
     optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
-    for step in range(300):
+    for step in range(800):
         out = model(images, step)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-    assert out.reconstruction < 1e-3, out
     codes = model.eval().encode(images)
-    assert len({int(c) for c in codes[:, 0, 0]}) == 4, "one code per colour"
-    error = (model.decode(codes) - images).abs().max()
-    assert error < 0.03, f"largest pixel error {error:.3f}"
+    assert len({int(c) for c in codes[:, 0, 0]}) == 4, f"one code per colour, got {codes[:, 0, 0].tolist()}"
+    decoded = model.decode(codes)
+    assert F.mse_loss(decoded, images) < 1e-3, out
+    # Border positions see the zero padding and may take codes of their own; over 48 runs (16 seeds,
+    # 3 kernel paths) the worst pixel was 0.047 off and the worst MSE 3e-4; a shared code puts a
+    # pixel 0.3 off.
+    error = (decoded - images).abs().max()
+    assert error < 0.06, f"largest pixel error {error:.3f}"
+
+
+def test_the_usage_term_is_the_kl_of_the_average_code_distribution_to_uniform():
+    model = DiscreteVAE(TINY)
+    with torch.no_grad():  # every position certain of code 3: the batch uses one code of 32
+        model.encoder.net[-1].weight.zero_()
+        model.encoder.net[-1].bias.zero_()
+        model.encoder.net[-1].bias[3] = 100.0
+    assert model(torch.rand(2, 3, 16, 16), step=0).usage_kl == pytest.approx(math.log(32), rel=1e-4)
+    with torch.no_grad():
+        model.encoder.net[-1].bias.zero_()
+    assert model(torch.rand(2, 3, 16, 16), step=0).usage_kl == pytest.approx(0.0, abs=1e-6)
 
 
 # ----- the demo shapes --------------------------------------------------------------------
@@ -143,24 +162,27 @@ def object_colour(reconstruction: torch.Tensor, original: torch.Tensor) -> str:
     return names[int(((palette - colour) ** 2).sum(1).argmin())]
 
 
-def test_reconstructions_of_demo_shapes_keep_the_colour():
+@pytest.mark.learning
+def test_reconstructions_of_demo_shapes_keep_the_colour(learning_seed):
     source = SourceConfig(num_images=600, image_size=32, pair_fraction=0.0, heldout=[])
     samples = generate_samples(source)
     images = torch.tensor(np.stack([_pixels(s.image) for s in samples])).permute(0, 3, 1, 2)
     train, test = images[:500], images[500:]
     steps = 500  # about 45 s on two cores
-    cfg = DVAEConfig(  # the paper's objective (logit-Laplace, KL weight 6.6), scaled down
+    cfg = DVAEConfig(  # the demo's objective (MSE, a light KL), scaled down
         image_size=32,
         downsample_steps=2,
         codebook_size=128,
         hidden_width=32,
+        reconstruction="mse",
+        kl_weight=0.02,
         temperature_anneal_steps=steps,
         kl_warmup_steps=steps // 5,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(learning_seed)
     model = DiscreteVAE(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(learning_seed)
     for step in range(steps):
         out = model(train[torch.randint(0, len(train), (32,), generator=g)], step)
         optimizer.zero_grad()
@@ -173,5 +195,7 @@ def test_reconstructions_of_demo_shapes_keep_the_colour():
     ]
     assert np.mean(right) >= 0.8, f"object colour right in {np.mean(right):.0%} of held-out images"
     usage = codebook_usage(model.encode(test), cfg.codebook_size)
-    assert usage["codebook_used_share"] > 0.05, usage
+    # Measured on four seeds: 33-41% of the codes in use. Without the usage term 12-13%, where
+    # orange and yellow shared codes (colour right 85-90%), and 2-6% with the paper's objective.
+    assert usage["codebook_used_share"] > 0.2, usage
     assert math.isfinite(out.loss.item())

@@ -14,7 +14,7 @@ from dalle.sample.generate import filter_logits, generate
 TEXT_LEN, TEXT_VOCAB, GRID, CODEBOOK = 6, 40, 4, 24
 
 
-def tiny(attention="full", **overrides) -> DalleTransformer:
+def tiny(attention="full", seed=0, **overrides) -> DalleTransformer:
     cfg = TransformerConfig(
         text_seq_len=TEXT_LEN,
         width=32,
@@ -24,7 +24,7 @@ def tiny(attention="full", **overrides) -> DalleTransformer:
         conv_kernel=3,
         **overrides,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return DalleTransformer(cfg, text_vocab_size=TEXT_VOCAB, image_vocab_size=CODEBOOK, image_grid=GRID)
 
 
@@ -233,9 +233,10 @@ def test_filter_logits_top_k_and_top_p():
 # ----- training behaviour -------------------------------------------------------------------
 
 
-def test_a_tiny_transformer_overfits_one_batch():
-    model = tiny()
-    text, codes = batch(4)
+@pytest.mark.learning
+def test_a_tiny_transformer_overfits_one_batch(learning_seed):
+    model = tiny(seed=learning_seed)
+    text, codes = batch(4, seed=learning_seed)
     optimizer = torch.optim.AdamW(model.optimizer_groups(0.0), lr=3e-3)
     for _ in range(250):
         out = model(text, codes)

@@ -115,6 +115,7 @@ class DVAELoss:
     reconstruction: float
     kl: float
     kl_weight: float
+    usage_kl: float  # KL of the batch's average code distribution to uniform
     temperature: float
     codes: torch.Tensor  # argmax codes of the batch, for codebook usage
 
@@ -217,11 +218,22 @@ class DiscreteVAE(nn.Module):
         codes_per_value = self.grid**2 / (3 * self.cfg.image_size**2)
         kl = kl_per_code.mean() * codes_per_value
         beta = kl_weight(self.cfg, step)
+        # Against codebook collapse. At a high learning rate the encoder's logits outgrow the gumbel
+        # noise within a few dozen steps, long before the temperature falls: each input is then
+        # committed to whichever code led at that moment, and a code that lost gets no gradient
+        # through the saturated softmax. Two inputs that started close keep sharing one code, and
+        # which ones do is decided by float order. The paper's KL is per code (and warmed up from
+        # 0, so absent at that moment); this term is the KL of the batch's *average* posterior to
+        # uniform, which is large exactly when many inputs pile onto few codes (wav2vec 2.0's
+        # diversity loss) and leaves each input free to be confident about its own code.
+        mean_q = log_q.exp().mean(dim=(0, 2, 3))
+        usage_kl = (mean_q * (mean_q.clamp(min=1e-12).log() + math.log(self.cfg.codebook_size))).sum()
         return DVAELoss(
-            loss=reconstruction + beta * kl,
+            loss=reconstruction + beta * kl + self.cfg.usage_weight * usage_kl,
             reconstruction=float(reconstruction.detach()),
             kl=float(kl.detach()),
             kl_weight=beta,
+            usage_kl=float(usage_kl.detach()),
             temperature=tau,
             codes=logits.detach().argmax(dim=1),
         )

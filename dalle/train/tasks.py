@@ -54,6 +54,7 @@ class DVAETask:
             "reconstruction": out.reconstruction,
             "kl": out.kl,
             "kl_weight": out.kl_weight,
+            "usage_kl": out.usage_kl,
             "temperature": out.temperature,
             **codebook_usage(out.codes, self.cfg.dvae.codebook_size),
         }
