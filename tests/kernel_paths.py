@@ -23,7 +23,7 @@ from pathlib import Path
 # reduction order: ATen's vectorised kernels, MKL's BLAS, oneDNN's convolutions, the threads.
 PATHS = {
     "default": {"ATEN_CPU_CAPABILITY": "default"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
     "mkl-compatible": {"MKL_CBWR": "COMPATIBLE"},
     "1-thread": {"OMP_NUM_THREADS": "1"},
@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 def cpu_capability() -> str:
     """What ATen picks on this CPU when left alone (e.g. AVX512, AVX2, DEFAULT)."""
     code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def counts(output: str) -> dict[str, int]:
@@ -59,11 +61,14 @@ def run(path: str, seed: int, pytest_args: list[str]) -> dict:
         "failed_tests": failed,
         "returncode": done.returncode,
         "seconds": round(time.monotonic() - start, 1),
+        "output": done.stdout[-6000:] + done.stderr[-2000:] if done.returncode else "",
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--paths", nargs="+", choices=sorted(PATHS), default=None)
     args, pytest_args = parser.parse_known_args(argv)
@@ -76,9 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             row = run(path, seed, pytest_args)
             rows.append(row)
             verdict = "ok" if row["returncode"] == 0 else "FAILED " + " ".join(row["failed_tests"])
-            print(f"{path:15} seed {seed}: {row.get('passed', 0)} passed in {row['seconds']} s  {verdict}", flush=True)
+            print(
+                f"{path:15} seed {seed}: {row.get('passed', 0)} passed in {row['seconds']} s  {verdict}",
+                flush=True,
+            )
+            if row["returncode"]:
+                print(row.pop("output"), flush=True)
     bad = [r for r in rows if r["returncode"] != 0]
-    print(json.dumps({"cpu_capability": capability, "runs": len(rows), "failed_runs": len(bad), "rows": rows}))
+    for row in rows:
+        row.pop("output", None)
+    print(
+        json.dumps({"cpu_capability": capability, "runs": len(rows), "failed_runs": len(bad), "rows": rows})
+    )
     return 1 if bad else 0
 
 

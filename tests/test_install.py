@@ -4,6 +4,7 @@ shadows the standard library), and every package is at the version constraints.t
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -139,3 +140,9 @@ def test_img2dataset_is_pinned_exactly_everywhere():
     ]
     assert len(pins) == 1 and pins[0].marker is None, pins
     assert [spec.operator for spec in pins[0].specifier] == ["=="], pins
+    # ... and so is the package's own requirement, for installs without the lock.
+    pyproject = (CONSTRAINTS.parent / "pyproject.toml").read_text()
+    declared = [
+        Requirement(d) for d in re.findall(r'^\s*"(img2dataset[^"]*)",', pyproject, flags=re.MULTILINE)
+    ]
+    assert [str(r.specifier) for r in declared] == [str(pins[0].specifier)], declared

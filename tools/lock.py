@@ -37,18 +37,14 @@ LOCK_INPUTS = {
     # `>=3.6, <3.7`, so pip refuses it on 3.10+. 0.6 is what pip installs for img2dataset's
     # `dataclasses>=0.6`; `make install` removes it again afterwards (see the Makefile).
     "dataclasses": "dataclasses==0.6",
-    # dalle/data/netguard.py patches img2dataset's downloader: a refresh must not move it. Raise
-    # this by hand, after reading the new release's downloader and running tests/test_netguard.py.
-    # (1.47.0's code is 1.46.0's; it allows fire 0.7, whose 0.5 predecessor fails on Python 3.13+.)
-    "img2dataset": "img2dataset==1.47.0",
 }
 
 # A comment written above a package's pin in constraints.txt.
 NOTES = {
     "img2dataset": (
         "Pinned exactly on purpose: dalle/data/netguard.py patches img2dataset's downloader, so a new\n"
-        "release must never come in silently. `make lock` keeps this version (tools/lock.py's\n"
-        "LOCK_INPUTS); raise it there, after reviewing the release and running tests/test_netguard.py."
+        "release must never come in silently. pyproject.toml pins it; raise it there, after reviewing\n"
+        "the release and running tests/test_netguard.py."
     ),
     "dataclasses": (
         "img2dataset requires this backport; `make install` and the Dockerfile uninstall it right after\n"
