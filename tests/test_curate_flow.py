@@ -142,7 +142,12 @@ def test_curate_flow_end_to_end(where, demo, tmp_path, prefect_server, request):
     fate_of = {e["uid"]: e for e in ledger}
     for dup_path, original_path in site.planted_exact:
         a, b = fate_of[uid_of[server.url(dup_path)]], fate_of[uid_of[server.url(original_path)]]
-        assert {a["fate"], b["fate"]} == {"duplicate_exact", "kept"}
+        if {a["fate"], b["fate"]} == {"duplicate_near"}:
+            # The pair's survivor was itself taken for a near copy of a third image (the small CLIP's
+            # false positives, bounded below): both then name that image's survivor, as dedup says.
+            assert a["dup_of"] == b["dup_of"] not in (a["uid"], b["uid"]), (a, b)
+        else:
+            assert {a["fate"], b["fate"]} == {"duplicate_exact", "kept"}, (a, b)
     found_near = 0
     for dup_path, original_path in site.planted_near:
         a, b = fate_of[uid_of[server.url(dup_path)]], fate_of[uid_of[server.url(original_path)]]
