@@ -122,13 +122,11 @@ def test_a_tiny_dvae_overfits_one_batch(learning_seed):
         optimizer.step()
     codes = model.eval().encode(images)
     assert len({int(c) for c in codes[:, 0, 0]}) == 4, f"one code per colour, got {codes[:, 0, 0].tolist()}"
-    decoded = model.decode(codes)
-    assert F.mse_loss(decoded, images) < 1e-3, out
-    # Border positions see the zero padding and may take codes of their own; over 48 runs (16 seeds,
-    # 3 kernel paths) the worst pixel was 0.047 off and the worst MSE 3e-4; a shared code puts a
-    # pixel 0.3 off.
-    error = (decoded - images).abs().max()
-    assert error < 0.06, f"largest pixel error {error:.3f}"
+    # Border positions see the zero padding and may take codes of their own, less trained ones: a
+    # pixel there can be 0.09 off (seen on one seed of 60). The mean is what a shared code moves:
+    # over 60 runs (seeds, kernel paths) the worst MSE was 5e-4, a collapsed codebook 0.017-0.026.
+    error = F.mse_loss(model.decode(codes), images)
+    assert error < 1e-3, f"reconstruction MSE {error:.5f} ({out})"
 
 
 def test_the_usage_term_is_the_kl_of_the_average_code_distribution_to_uniform():
