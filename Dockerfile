@@ -22,7 +22,7 @@ COPY flows ./flows
 COPY configs ./configs
 
 # img2dataset pulls in the `dataclasses` backport, which shadows the standard library
-# and breaks Prefect's API server: remove it after installing (see DESIGN.md).
+# and breaks Prefect's API server: remove it after installing (tests/test_install.py).
 RUN pip install -c constraints.txt . \
  && pip uninstall -y dataclasses \
  && python -c "import dataclasses, sys; assert 'site-packages' not in dataclasses.__file__"

@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 	$(BIN)/pip install -c $(CONSTRAINTS) $(TORCH_SPEC)
 	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[dev]'
 	# img2dataset drags in the `dataclasses` backport, which shadows the standard
-	# library inside Prefect's ephemeral API server and kills it (see DESIGN.md).
+	# library inside Prefect's ephemeral API server and kills it (tests/test_install.py proves the server starts).
 	$(BIN)/pip uninstall -y dataclasses
 	touch $@
 
