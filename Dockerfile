@@ -19,6 +19,7 @@ RUN pip install -c constraints.txt ${TORCH_SPEC}
 COPY pyproject.toml README.md ./
 COPY dalle ./dalle
 COPY flows ./flows
+COPY demo ./demo
 COPY configs ./configs
 
 # img2dataset pulls in the `dataclasses` backport, which shadows the standard library

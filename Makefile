@@ -28,7 +28,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/dalle demo --out $(DEMO_OUT) --config configs/demo.yaml
+	$(BIN)/dalle demo --out $(DEMO_OUT)
 
 # After the suite, the tests that assert a model learned run again on another kernel path
 # (AVX2 kernels, MKL's compatible code path) and seed: a test that learns on one float

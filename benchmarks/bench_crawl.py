@@ -25,9 +25,10 @@ import dalle  # noqa: F401  (first: it turns off albumentations' update check)
 import img2dataset
 import pyarrow as pa
 
-from dalle.config import CrawlConfig, SourceConfig
-from dalle.data.crawl import img2dataset_arguments, prepare_input, run_crawl
-from dalle.data.sources import DemoServer, build_site
+from dalle.config import CrawlConfig
+from dalle.curate.crawl import img2dataset_arguments, prepare_input, run_crawl
+from demo.site import DemoServer, build_site
+from demo.world import WorldConfig
 from dalle.storage import Storage
 
 
@@ -79,7 +80,7 @@ def main() -> None:
         threads=args.threads,
         samples_per_shard=max(1, args.n // (2 * args.processes)),
     )
-    site = build_site(SourceConfig(num_images=500, exact_duplicates=0, near_duplicates=0))
+    site = build_site(WorldConfig(num_images=500, exact_duplicates=0, near_duplicates=0))
     bare_s, imported_s, stage_s = [], [], []
     with DemoServer(site) as server, tempfile.TemporaryDirectory() as tmp:
         urls_file = str(Path(tmp) / "urls.parquet")

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from dalle.config import DedupConfig
-from dalle.data.dedup import build_index, measure_recall, near_pairs, range_neighbours
+from dalle.curate.dedup import build_index, measure_recall, near_pairs, range_neighbours
 
 
 def planted_vectors(n: int, dim: int, dups: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

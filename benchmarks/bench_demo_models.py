@@ -2,7 +2,7 @@
 evaluation reaches for a given number of steps (on a GPU, far more steps than the demo's budget).
 
     python benchmarks/bench_demo_models.py --from runs/demo --out /tmp/bench-models \\
-        [--config configs/demo.yaml] [--dvae-steps 1200] [--transformer-steps 4000] [--device auto] \\
+        [--config demo/config.yaml] [--dvae-steps 1200] [--transformer-steps 4000] [--device auto] \\
         [--set transformer.dropout=0.2 --set train_transformer.seed=1 ...]
 
 --from is a run root that `dalle demo` (or `dalle curate` on the shapes source) made: its
@@ -22,13 +22,26 @@ import time
 import yaml
 
 from dalle.config import ConfigError, config_from_dict, load_config
-from dalle.data.tokenize import tokenize_stage
-from dalle.eval.zero_shot import HELDOUT, HELDOUT_PAIRS, SEEN, evaluate_sections
-from dalle.sample.publish import publish_checkpoint_gallery
-from dalle.storage import CURATED, MODELS, SOURCE, Storage, checkpoint_dir, latest_pointer
-from dalle.train.run import run_config, run_training
+from dalle.models.weights import load_dvae
+from dalle.runroot import (
+    CLIP,
+    CURATED_DIR,
+    EVAL_REPORT,
+    METRICS,
+    MODELS_DIR,
+    SOURCE_DIR,
+    TRANSFORMER,
+    checkpoint_dir,
+    latest_pointer,
+    run_config,
+)
+from dalle.sample.gallery import draw_gallery
+from dalle.storage import Storage
+from dalle.tokens.shards import tokenize_stage
+from dalle.train.launch import launch
+from demo.evaluation import HELDOUT, HELDOUT_PAIRS, SEEN
 
-COPIED = (CURATED, f"{MODELS}/clip", SOURCE)
+COPIED = (CURATED_DIR, f"{MODELS_DIR}/{CLIP}", SOURCE_DIR)
 
 
 def copy_folder(source: Storage, target: Storage, folder: str) -> None:
@@ -42,16 +55,16 @@ def copy_curated_run(source: Storage, target: Storage) -> None:
     for folder in COPIED:
         copy_folder(source, target, folder)
     # The CLIP's latest.json names its checkpoint by URI: point it into the copy.
-    pointer = latest_pointer("clip")
+    pointer = latest_pointer(CLIP)
     latest = source.read_json(pointer)
-    target.write_json(pointer, {**latest, "uri": target.uri(checkpoint_dir("clip", latest["step"]))})
+    target.write_json(pointer, {**latest, "uri": target.uri(checkpoint_dir(CLIP, latest["step"]))})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", required=True, help="run root with curated pairs and a CLIP")
     parser.add_argument("--out", required=True, help="fresh run root for this benchmark")
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="demo/config.yaml")
     parser.add_argument("--dvae-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--transformer-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -87,7 +100,7 @@ def main() -> None:
         raise SystemExit(str(err)) from None
 
     target = Storage(args.out)
-    if target.exists(CURATED):
+    if target.exists(CURATED_DIR):
         raise SystemExit(f"{target.uri()} is not empty; pass a fresh --out")
     copy_curated_run(Storage(args.source), target)
     config = run_config(target, cfg)
@@ -95,12 +108,10 @@ def main() -> None:
 
     steps = config.train_transformer.max_steps
     stages = {
-        "dvae_s": lambda: run_training("dvae", target.root, config, log=quiet),
-        "tokenize_s": lambda: tokenize_stage(target, config, log=quiet),
-        "transformer_s": lambda: run_training("transformer", target.root, config, log=quiet),
-        "gallery_s": lambda: publish_checkpoint_gallery(
-            target, config, checkpoint_dir("dalle", steps), evaluate=evaluate_sections, log=quiet
-        ),
+        "dvae_s": lambda: launch("dvae", target.root, config, log=quiet),
+        "tokenize_s": lambda: tokenize_stage(target, config, *load_dvae(target), log=quiet),
+        "transformer_s": lambda: launch(TRANSFORMER, target.root, config, log=quiet),
+        "gallery_s": lambda: draw_gallery(target, config, checkpoint_dir(TRANSFORMER, steps), log=quiet),
     }
     timings = {}
     for name, stage in stages.items():
@@ -108,8 +119,8 @@ def main() -> None:
         stage()
         timings[name] = time.perf_counter() - start
 
-    evaluation = target.read_json("reports/eval.json")
-    metrics = [json.loads(line) for line in target.read_bytes("reports/metrics.jsonl").decode().splitlines()]
+    evaluation = target.read_json(EVAL_REPORT)
+    metrics = [json.loads(line) for line in target.read_bytes(METRICS).decode().splitlines()]
     last = {m["model"]: m for m in metrics}
     print(
         json.dumps(
@@ -121,8 +132,8 @@ def main() -> None:
                 **{k: round(v, 1) for k, v in timings.items()},
                 "dvae_images_per_s": round(last["dvae"]["samples_per_s"], 1),
                 "dvae_codebook_perplexity": round(last["dvae"]["codebook_perplexity"], 1),
-                "transformer_tokens_per_s": round(last["dalle"]["tokens_per_s"], 1),
-                "transformer_loss": round(last["dalle"]["loss"], 4),
+                "transformer_tokens_per_s": round(last[TRANSFORMER]["tokens_per_s"], 1),
+                "transformer_loss": round(last[TRANSFORMER]["loss"], 4),
                 "sampling": evaluation["sampling"],
                 "eval": {
                     group: {k: v for k, v in figures.items() if k.endswith(("_acc", "_reranked"))}

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from dalle.config import TransformerConfig
-from dalle.data.loader import ShardDataset, TokenBatch, make_loader
+from dalle.tokens.loader import ShardDataset, TokenBatch, make_loader
 from dalle.models.transformer import DalleTransformer
 from dalle.schemas import SCHEMA_VERSION, token_shard_schema
 from dalle.storage import MANIFEST, SHARDS, Storage

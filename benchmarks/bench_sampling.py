@@ -7,8 +7,8 @@ variant against the run's own gallery settings, measured in the same process.
 A variant is a comma-separated list of gallery keys (temperature, top_k, top_p, cond_scale,
 samples_per_prompt, top, seed; see dalle/config.py; null keeps the run's value). Nothing is
 written to the run: the samples are drawn, reranked by the run's CLIP and judged in memory. This
-is how the demo's `gallery.cond_scale` was chosen (README, "What the demo reaches today"). The
-last line is one JSON object.
+is how the demo's `gallery.cond_scale` was chosen (docs/results.md). The run's `gallery.evaluator`
+names the prompts and scores them (demo.evaluation for a demo run). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -20,18 +20,11 @@ import time
 import yaml
 
 from dalle.config import ConfigError, RunConfig
-from dalle.eval.zero_shot import evaluate_sections
-from dalle.sample.publish import (
-    draw_section,
-    eval_prompt_groups,
-    is_demo_run,
-    load_sampler,
-    sampling_settings,
-    with_sampling,
-)
-from dalle.storage import Storage, checkpoint_dir
-from dalle.train.checkpoint import latest_checkpoint
-from dalle.train.run import MODELS, RUN_CONFIG, run_config
+from dalle.runroot import RUN_CONFIG, TRANSFORMER, checkpoint_dir, latest_checkpoint, run_config
+from dalle.sample.evaluation import Evaluator, load_evaluator
+from dalle.sample.gallery import draw_section, sampling_settings, with_sampling
+from dalle.sample.sampler import Sampler
+from dalle.storage import Storage
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale", "samples_per_prompt", "top", "seed")
 
@@ -52,13 +45,14 @@ def parse_variant(text: str, cfg: RunConfig) -> RunConfig:
         raise SystemExit(str(err)) from None
 
 
-def measure(sampler, cfg: RunConfig) -> dict:
-    """The zero-shot figures of every eval group, sampled with `cfg.gallery`'s settings."""
+def measure(sampler: Sampler, evaluator: Evaluator, cfg: RunConfig) -> dict:
+    """The evaluator's figures of every group, sampled with `cfg.gallery`'s settings."""
     settings = sampling_settings(cfg)
     start = time.perf_counter()
-    sections = [draw_section(*group, sampler, settings) for group in eval_prompt_groups(cfg)]
-    _, _, _, clip = sampler
-    report = evaluate_sections(sections, clip, cfg.source)
+    sections = [
+        draw_section(title, key, prompts, sampler, settings) for key, title, prompts in evaluator.prompt_groups()
+    ]
+    report = evaluator.evaluate(sections, sampler.clip)
     figures = {
         group: {k: round(v, 3) for k, v in judged.items() if k.endswith(("_acc", "_reranked"))}
         for group, judged in report.items()
@@ -95,20 +89,26 @@ def main() -> None:
     cfg = run_config(storage)
     cfg = with_sampling(cfg, "--device", device=args.device)
     variants = [(text, parse_variant(text, cfg)) for text in args.variant]  # all checked before any work
-    if not is_demo_run(storage):
+    evaluator = load_evaluator(cfg)
+    if evaluator is None:
         raise SystemExit(
-            f"{storage.uri()} was not curated from the shapes source: it has no zero-shot prompts"
+            f"{storage.uri()} has no gallery.evaluator (e.g. demo.evaluation for a demo run): nothing to score"
         )
     if args.step is None:
-        latest = latest_checkpoint(storage, MODELS["transformer"])
+        latest = latest_checkpoint(storage, TRANSFORMER)
         if latest is None:
             raise SystemExit(f"{storage.uri()} has no transformer checkpoint yet; train one first")
         args.step = latest.step
-    sampler = load_sampler(storage, cfg, checkpoint_dir(MODELS["transformer"], args.step))
+    sampler = Sampler.from_run(storage, cfg, checkpoint_dir(TRANSFORMER, args.step))
 
-    report = {"run": storage.uri(), "step": args.step, "baseline": measure(sampler, cfg), "variants": []}
+    report = {
+        "run": storage.uri(),
+        "step": args.step,
+        "baseline": measure(sampler, evaluator, cfg),
+        "variants": [],
+    }
     for text, variant in variants:
-        report["variants"].append({"variant": text, **measure(sampler, variant)})
+        report["variants"].append({"variant": text, **measure(sampler, evaluator, variant)})
     print(json.dumps(report))
 
 

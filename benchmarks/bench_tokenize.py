@@ -22,14 +22,15 @@ import time
 import pyarrow as pa
 import torch
 
-from dalle.config import SourceConfig, config_from_dict
-from dalle.data.loader import ImageBatch
-from dalle.data.sources import generate_samples
-from dalle.data.tokenize import tokenize_stage
+from dalle.config import config_from_dict
+from dalle.tokens.loader import ImageBatch
+from demo.world import WorldConfig, generate_samples
+from dalle.tokens.shards import tokenize_stage
 from dalle.models.dvae import DiscreteVAE
-from dalle.schemas import CURATED, SCHEMA_VERSION
-from dalle.storage import Storage, checkpoint_dir
-from dalle.train.checkpoint import publish, save_model
+from dalle.schemas import CURATED_SCHEMA, SCHEMA_VERSION
+from dalle.models.weights import load_dvae, save_model
+from dalle.runroot import checkpoint_dir, set_latest
+from dalle.storage import Storage
 
 SETTINGS = {
     "dvae": {"image_size": 64, "downsample_steps": 3, "codebook_size": 512, "hidden_width": 64},
@@ -43,7 +44,7 @@ def build_run(storage: Storage, rows: list[dict], cfg) -> None:
     for index in range(0, len(rows), 1000):
         chunk = rows[index : index + 1000]
         storage.write_table(
-            f"curated/{index // 1000:05d}.parquet", pa.Table.from_pylist(chunk, schema=CURATED)
+            f"curated/{index // 1000:05d}.parquet", pa.Table.from_pylist(chunk, schema=CURATED_SCHEMA)
         )
     shards = [
         {
@@ -64,11 +65,11 @@ def build_run(storage: Storage, rows: list[dict], cfg) -> None:
         dvae.state_dict(),
         {"kind": "dvae", "dvae": cfg.dvae.model_dump(mode="json")},
     )
-    publish(storage, "dvae", 1)
+    set_latest(storage, "dvae", 1)
 
 
 def curated_rows(count: int, image_size: int) -> list[dict]:
-    samples = generate_samples(SourceConfig(num_images=count, image_size=image_size))
+    samples = generate_samples(WorldConfig(num_images=count, image_size=image_size))
     return [
         {
             "uid": f"u{i:06d}",
@@ -89,7 +90,7 @@ def measure(root: str, rows: list[dict], cfg) -> dict:
     storage = Storage(root)
     build_run(storage, rows, cfg)
     start = time.perf_counter()
-    summary = tokenize_stage(storage, cfg, log=lambda m: None)
+    summary = tokenize_stage(storage, cfg, *load_dvae(storage), log=lambda m: None)
     seconds = time.perf_counter() - start
     return {"rows": summary["rows"], "seconds": seconds, "rows_per_s": summary["rows"] / seconds}
 
@@ -97,7 +98,7 @@ def measure(root: str, rows: list[dict], cfg) -> dict:
 def bare_encode(rows: list[dict], cfg) -> float:
     torch.manual_seed(0)
     dvae = DiscreteVAE(cfg.dvae).eval()
-    images = ImageBatch(cfg.dvae.image_size)(pa.Table.from_pylist(rows, schema=CURATED))["images"]
+    images = ImageBatch(cfg.dvae.image_size)(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA))["images"]
     start = time.perf_counter()
     for index in range(0, len(images), cfg.tokenize.batch_size):
         dvae.encode(images[index : index + cfg.tokenize.batch_size])

@@ -15,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dalle.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or value that cannot be used; the message says what to change."""
 
 
@@ -25,56 +27,13 @@ class _Section(BaseModel):
 
 
 class SourceConfig(_Section):
-    """Where the pipeline's image-caption pairs come from: a URL list, or (unset) the built-in
-    captioned-shapes source, the demo's embedded default. The other keys describe that source."""
+    """Where the pipeline's image-caption pairs come from."""
 
     urls: str | None = Field(
         None,
         description="URL list (local path or s3://; Parquet, CSV, TSV, JSONL or TXT, read per the crawl "
-        "section) for the pipeline to crawl. Unset: the captioned-shapes source, served over loopback.",
+        "section) for `dalle pipeline` to crawl. A plug-in such as the demo may set it for its own source.",
     )
-    seed: int = Field(
-        0, description="Seed of the generator: the same seed gives the same images and captions."
-    )
-    num_images: int = Field(
-        1200, ge=1, description="Number of distinct generated images (before planted duplicates)."
-    )
-    image_size: int = Field(64, ge=16, description="Side of the generated square images, in pixels.")
-    colors: list[str] = Field(
-        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"],
-        description="Colour names used in images and captions (each must be a known colour).",
-    )
-    shapes: list[str] = Field(
-        default_factory=lambda: ["circle", "square", "triangle", "cross"],
-        description="Shape names used in images and captions (circle, square, triangle, cross, diamond).",
-    )
-    heldout: list[str] = Field(
-        default_factory=lambda: ["red square", "blue triangle", "green circle", "yellow cross"],
-        description="'colour shape' combinations never shown in training images; prompted later for zero-shot.",
-    )
-    pair_fraction: float = Field(
-        0.2,
-        ge=0,
-        le=1,
-        description="Share of images with two objects and a relation ('a red circle above ...').",
-    )
-    exact_duplicates: int = Field(
-        30, ge=0, description="Planted exact duplicates: the same bytes at another URL."
-    )
-    near_duplicates: int = Field(
-        30, ge=0, description="Planted near duplicates: resized and re-encoded copies."
-    )
-
-    @model_validator(mode="after")
-    def _heldout_known(self) -> SourceConfig:
-        for combo in self.heldout:
-            parts = combo.split()
-            if len(parts) != 2 or parts[0] not in self.colors or parts[1] not in self.shapes:
-                raise ValueError(
-                    f"held-out combination {combo!r} must be '<colour> <shape>' with a colour from "
-                    f"{self.colors} and a shape from {self.shapes}"
-                )
-        return self
 
 
 class CrawlConfig(_Section):
@@ -161,8 +120,9 @@ class FilterConfig(_Section):
         return self
 
 
-class ClipTrainConfig(_Section):
-    """The small CLIP trained on the crawled pairs when no pretrained model or checkpoint is given."""
+class SmallClipConfig(_Section):
+    """The architecture of the small CLIP trained on the crawled pairs when no pretrained model or
+    checkpoint is given (its optimisation is `train_clip`)."""
 
     image_size: int = Field(64, ge=16, description="Input side of the small CLIP's image tower.")
     embed_dim: int = Field(128, ge=8, description="Dimension of the joint embedding space.")
@@ -173,18 +133,6 @@ class ClipTrainConfig(_Section):
     text_layers: int = Field(3, ge=1, description="Transformer layers of the text tower.")
     text_heads: int = Field(4, ge=1, description="Attention heads of the text tower.")
     context_length: int = Field(32, ge=4, description="Text tokens per caption (open_clip's BPE).")
-    batch_size: int = Field(64, ge=2, description="Pairs per contrastive batch.")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
-    max_steps: int = Field(
-        600, ge=1, description="Optimisation steps (the learning-rate schedule spans them)."
-    )
-    max_seconds: float | None = Field(
-        None,
-        gt=0,
-        description="Optional wall-clock budget: training stops early when it is spent, so the result "
-        "then depends on the machine's speed. Unset (the default), a run is reproducible.",
-    )
-    seed: int = Field(0, description="Seed for initialisation and batch order.")
 
 
 class ClipConfig(_Section):
@@ -197,8 +145,9 @@ class ClipConfig(_Section):
         None, description="open_clip pretrained tag (e.g. laion2b_s34b_b79k); needs network access."
     )
     checkpoint: str | None = Field(None, description="Local or S3 path of a CLIP checkpoint to load instead.")
-    train: ClipTrainConfig = Field(
-        default_factory=ClipTrainConfig, description="Small CLIP trained when neither is set."
+    small: SmallClipConfig = Field(
+        default_factory=SmallClipConfig,
+        description="Architecture of the small CLIP trained when neither is set (trained per train_clip).",
     )
     batch_size: int = Field(128, ge=1, description="Images or captions per embedding batch.")
     device: str = Field(
@@ -414,6 +363,11 @@ class GalleryConfig(_Section):
     device: str = Field(
         "auto", description="torch device for sampling: 'auto' picks cuda when available, else cpu."
     )
+    evaluator: str | None = Field(
+        None,
+        description="Python module of an evaluation plug-in that adds prompt sections to each gallery and "
+        "scores them (e.g. demo.evaluation, the captioned-shapes world's zero-shot evaluation); null: none.",
+    )
 
 
 ATTENTION_KINDS = ("full", "row", "column", "conv")
@@ -492,10 +446,10 @@ class TransformerConfig(_Section):
 
 
 class RunConfig(_Section):
-    """Everything a run needs; `configs/demo.yaml` is an instance of it."""
+    """Everything a run needs; `demo/config.yaml` is an instance of it."""
 
     source: SourceConfig = Field(
-        default_factory=SourceConfig, description="A URL list, or the built-in captioned-shapes source."
+        default_factory=SourceConfig, description="The URL list the pipeline crawls."
     )
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Downloading with img2dataset.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Rule and CLIP-score filters.")
@@ -520,6 +474,30 @@ class RunConfig(_Section):
         default_factory=TrainConfig,
         description="Training the transformer (defaults: the paper's AdamW settings).",
     )
+    train_clip: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            batch_size=64, max_steps=600, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1,
+            grad_clip=1.0, warmup_steps=30, min_lr_ratio=0.0, checkpoint_every=600, log_every=50,
+        ),  # fmt: skip
+        description="Training the small CLIP (defaults: open_clip's AdamW settings, cosine to zero).",
+    )
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Settings of plug-ins, by plug-in name (e.g. demo: the captioned-shapes world); "
+        "stored with the run, read only by the plug-in.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_sections_over_their_own_defaults(cls, data: Any) -> Any:
+        # A train_* section that sets a few keys keeps that model's defaults for the others (the
+        # dVAE's and the CLIP's differ from the transformer's), not TrainConfig's generic ones.
+        if isinstance(data, dict):
+            for name in ("train_dvae", "train_transformer", "train_clip"):
+                if isinstance(data.get(name), dict):
+                    defaults = cls.model_fields[name].default_factory().model_dump()
+                    data = {**data, name: {**defaults, **data[name]}}
+        return data
 
     @model_validator(mode="after")
     def _guidance_has_a_model(self) -> RunConfig:
@@ -557,10 +535,48 @@ def config_from_dict(data: dict[str, Any] | None, origin: str = "configuration")
         raise ConfigError(
             f"{origin} must be a mapping of sections (source, crawl, ...), got {type(data).__name__}"
         )
+    data = _from_older_release(data, origin)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe_errors(err, origin)) from None
+
+
+# What `source` and `clip.train` held before the demo became a plug-in and the CLIP joined the
+# shared training loop; run roots written then keep loading.
+_OLD_DEMO_SOURCE_KEYS = (
+    "seed", "num_images", "image_size", "colors", "shapes", "heldout", "pair_fraction",
+    "exact_duplicates", "near_duplicates",
+)  # fmt: skip
+_OLD_CLIP_TRAINING_KEYS = ("batch_size", "lr", "max_steps", "seed")
+
+
+def _from_older_release(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A configuration of an older release in today's keys (a copy; `data` is not changed)."""
+    data = {**data}
+    source = data.get("source")
+    if isinstance(source, dict) and any(key in source for key in _OLD_DEMO_SOURCE_KEYS):
+        source = {**source}
+        world = {key: source.pop(key) for key in _OLD_DEMO_SOURCE_KEYS if key in source}
+        data["source"] = source
+        if not source.get("urls"):  # no URL list: it was a run of the built-in demo world
+            data["plugins"] = {"demo": world, **(data.get("plugins") or {})}
+            data["gallery"] = {"evaluator": "demo.evaluation", **(data.get("gallery") or {})}
+    clip = data.get("clip")
+    if isinstance(clip, dict) and isinstance(clip.get("train"), dict):
+        clip = {**clip}
+        old = {**clip.pop("train")}
+        if old.pop("max_seconds", None) is not None:
+            raise ConfigError(
+                f"'clip.train.max_seconds' in {origin}: the small CLIP now trains on the shared training loop, "
+                "which stops at a step count only; remove it and set train_clip.max_steps"
+            )
+        training = {key: old.pop(key) for key in _OLD_CLIP_TRAINING_KEYS if key in old}
+        clip["small"] = old
+        data["clip"] = clip
+        if training:
+            data["train_clip"] = {**training, **(data.get("train_clip") or {})}
+    return data
 
 
 def load_config(path: str | Path | None = None) -> RunConfig:
@@ -569,7 +585,7 @@ def load_config(path: str | Path | None = None) -> RunConfig:
         return RunConfig()
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as demo/config.yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:

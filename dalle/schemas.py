@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from dalle.errors import UserError
+
 SCHEMA_VERSION = 1
 
 _VERSION_KEY = b"dalle.schema_version"
@@ -19,7 +21,7 @@ def _versioned(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata={_NAME_KEY: name.encode(), _VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A table whose schema or version this release cannot read."""
 
 
@@ -28,7 +30,7 @@ RAW_COLUMNS = ["key", "url", "caption", "status", "error_message", "sha256", "in
 
 # The normalised URL list handed to img2dataset: one row per input row that passed the
 # pre-crawl checks, in input order. `input_row` traces a sample back to its input line.
-URL_LIST = _versioned(
+URL_LIST_SCHEMA = _versioned(
     "url_list",
     [
         pa.field("input_row", pa.int64(), nullable=False),
@@ -41,7 +43,7 @@ URL_LIST = _versioned(
 # Per-sample fate, one row per input row: the ledger behind reports/curate.json.
 # fate is one of FATES; reason is a short machine-readable word, detail a sentence.
 FATES = ("kept", "blocked", "download_failed", "filtered", "duplicate_exact", "duplicate_near")
-SAMPLES = _versioned(
+SAMPLES_SCHEMA = _versioned(
     "samples",
     [
         pa.field("input_row", pa.int64(), nullable=False),
@@ -87,7 +89,7 @@ PROVENANCE = pa.struct(
 )
 
 # The kept, deduplicated pairs: what later stages (dVAE, tokenizer) read.
-CURATED = _versioned(
+CURATED_SCHEMA = _versioned(
     "curated",
     [
         pa.field("uid", pa.string(), nullable=False),
@@ -115,6 +117,40 @@ def token_shard_schema(num_codes: int) -> pa.Schema:
             pa.field("clip_score", pa.float32()),
         ],
     )
+
+
+_DECISION_FIELDS = [
+    pa.field("uid", pa.string()),
+    pa.field("fate", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("detail", pa.string()),
+    pa.field("value", pa.float64()),
+    pa.field("threshold", pa.float64()),
+]
+# The curation stages' per-sample decisions under curated/_stages/ (joined into the ledger).
+FILTER_DECISIONS_SCHEMA = pa.schema(
+    [
+        pa.field("input_row", pa.int64()),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("raw_shard", pa.string()),
+        pa.field("raw_key", pa.string()),
+        *_DECISION_FIELDS,
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+SCORE_DECISIONS_SCHEMA = pa.schema([*_DECISION_FIELDS, pa.field("clip_score", pa.float32())])
+DEDUP_DECISIONS_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string()),
+        pa.field("fate", pa.string()),
+        pa.field("dup_of", pa.string()),
+        pa.field("similarity", pa.float32()),
+    ]
+)
+
 
 
 def check_schema(table: pa.Table | pa.Schema, expected: pa.Schema, origin: str) -> None:

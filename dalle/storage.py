@@ -1,7 +1,7 @@
 """One storage API for a local folder and `s3://bucket/prefix`.
 
-Paths inside a run are relative to the run root and always use '/'. The layout
-of a run root (which stage writes where) lives here and nowhere else.
+Paths inside a run are relative to the run root and always use '/'. Which stage writes
+where is `dalle.runroot`'s business.
 
 Writes are atomic: a local file is written under a temporary name in the same
 folder and renamed; an S3 object is uploaded from a finished local temporary
@@ -24,56 +24,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dalle.errors import UserError
 
-class StorageError(RuntimeError):
+
+class StorageError(UserError, RuntimeError):
     """A storage location that cannot be used; the message says what to check."""
-
-
-# The run-root layout (DESIGN.md, "Storage"). Stages name these, never string literals.
-SOURCE = "source"  # the demo source's URL list
-RAW = "raw"
-RAW_INPUT = "raw/_input"
-CURATED = "curated"
-EMBEDDINGS = "embeddings"
-MODELS = "models"
-SHARDS = "shards"
-GALLERIES = "galleries"
-REPORTS = "reports"
-MANIFEST = "_manifest.json"
-CURATE_WORK = (
-    "curated/_stages"  # per-stage decisions of the curation flow, joined into reports/samples.parquet
-)
-
-
-TOKENIZER = f"{MODELS}/tokenizer"  # the run's text tokenizer (tokenizer.json + tokenizer_meta.json)
-METRICS = f"{REPORTS}/metrics.jsonl"
-
-
-def checkpoint_dir(model: str, step: int) -> str:
-    """Relative folder of a model checkpoint: models/<model>/step_XXXXXXXX."""
-    return f"{MODELS}/{model}/step_{step:08d}"
-
-
-def checkpoint_step(checkpoint: str) -> int:
-    """The step of a checkpoint folder (relative path or URI ending in step_XXXXXXXX)."""
-    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    if not name.startswith("step_"):
-        raise ValueError(f"{checkpoint} is not a checkpoint folder (models/<model>/step_XXXXXXXX)")
-    return int(name[len("step_") :])
-
-
-def latest_pointer(model: str) -> str:
-    """Relative path of models/<model>/latest.json, which names the newest checkpoint."""
-    return f"{MODELS}/{model}/latest.json"
-
-
-def split_checkpoint_uri(uri: str) -> tuple[str, str]:
-    """(run root, checkpoint folder relative to it) of a URI like ROOT/models/dalle/step_00001000."""
-    marker = f"/{MODELS}/"
-    if marker not in uri:
-        raise ValueError(f"{uri} is not a checkpoint folder (ROOT/models/dalle/step_XXXXXXXX)")
-    root, _, rel = uri.rstrip("/").rpartition(marker)
-    return root, f"{MODELS}/{rel}"
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -1,4 +1,4 @@
-"""What every flow shares: the retry rule, logging, and publishing a checkpoint to the dashboard."""
+"""What every flow shares: the retry rule, logging, and announcing a checkpoint to the dashboard."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
 from dalle.errors import USER_ERRORS
-from dalle.storage import split_checkpoint_uri
+from dalle.runroot import split_checkpoint_uri
 
 CHECKPOINT_EVENT = "dalle.checkpoint.saved"
 
@@ -29,7 +29,7 @@ def log(message: str) -> None:
     get_run_logger().info(message)
 
 
-def publish_checkpoint(info: dict[str, Any]) -> None:
+def announce_checkpoint(info: dict[str, Any]) -> None:
     """A table and a summary artifact for a new checkpoint, and the `dalle.checkpoint.saved` event
     (resource id: the checkpoint's URI) that galleries and automations react to."""
     model, step, uri = info["model"], info["step"], info["uri"]

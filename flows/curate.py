@@ -1,6 +1,6 @@
-"""The curation flow: crawl → filter → CLIP → score → deduplicate → publish.
+"""The curation flow: crawl → filter → (train the small CLIP) → score → deduplicate → curated shards.
 
-Thin orchestration over `dalle.data`: tasks pass the run root and small summaries,
+Thin orchestration over `dalle.curate`: tasks pass the run root and small summaries,
 never images or arrays; retries sit on the tasks that touch the network or storage.
 """
 
@@ -11,10 +11,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dalle.config import RunConfig, config_from_dict, dump_config
-from dalle.data import crawl as crawl_lib
-from dalle.data import curate as curate_lib
+from dalle.config import RunConfig, config_from_dict
+from dalle.curate import crawl as crawl_lib
+from dalle.curate import ledger as curate_lib
+from dalle.models.clip import ClipModel, load_clip
+from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
+from dalle.train.launch import launch
 from flows.common import log as _log
 from flows.common import retry_unless_user_error as _retry_unless_user_error
 
@@ -22,8 +25,7 @@ from flows.common import retry_unless_user_error as _retry_unless_user_error
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
     storage = Storage(root)
-    storage.check_writable()
-    storage.write_bytes("config.yaml", dump_config(cfg).encode())
+    run_config(storage, cfg)  # checks the root is writable, then keeps the configuration with the run
     prepared = crawl_lib.prepare_input(urls, storage, cfg.crawl)
     _log(
         f"{prepared.input_rows} input rows, {prepared.to_crawl} to crawl, refused before crawling: {prepared.refused}"
@@ -34,7 +36,7 @@ def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
 def crawl(root: str, cfg: RunConfig, prepared: dict) -> list[str]:
     shards = crawl_lib.run_crawl(Storage(root), cfg.crawl, crawl_lib.PreparedInput(**prepared))
-    _log(f"{len(shards)} raw shards finished under {Storage(root).uri('raw')}")
+    _log(f"{len(shards)} raw shards finished under {Storage(root).uri(RAW_DIR)}")
     return shards
 
 
@@ -45,31 +47,44 @@ def apply_filters(root: str, cfg: RunConfig, shards: list[str]) -> dict:
     return counts
 
 
-@task
-def obtain_clip(root: str, cfg: RunConfig, filtered: dict) -> str | None:
-    return curate_lib.clip_stage(Storage(root), cfg, log=_log)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
+def train_clip(root: str, cfg: RunConfig, filtered: dict) -> str | None:
+    """The small CLIP, trained on the shared loop (resumed, or left as it is once at train_clip.max_steps),
+    unless a pretrained CLIP or checkpoint is configured (None)."""
+    if cfg.clip.pretrained or cfg.clip.checkpoint:
+        return None
+    from flows.common import announce_checkpoint
+
+    return launch(CLIP, root, cfg, on_checkpoint=announce_checkpoint, log=_log)
+
+
+def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
+    """The configured CLIP, or the one trained in the run at `checkpoint_uri`."""
+    if checkpoint_uri is None:
+        return load_clip(cfg.clip)
+    return load_clip(cfg.clip.model_copy(update={"checkpoint": checkpoint_uri}))
 
 
 @task
 def score(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
-    counts = curate_lib.score_stage(Storage(root), cfg, curate_lib.open_clip_model(cfg, clip_uri))
+    counts = curate_lib.score_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
     _log(f"CLIP-score filter: {counts}")
     return counts
 
 
 @task
 def deduplicate(root: str, cfg: RunConfig, clip_uri: str | None, scored: dict) -> dict:
-    report = curate_lib.dedup_stage(Storage(root), cfg, curate_lib.open_clip_model(cfg, clip_uri))
+    report = curate_lib.dedup_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
     _log(f"dedup: {report['duplicates_exact']} exact, {report['duplicates_near']} near duplicates")
     return report
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
-def publish(root: str, cfg: RunConfig, clip_uri: str | None, dedup_report: dict) -> dict:
-    return curate_lib.publish_stage(Storage(root), cfg, dedup_report["clip_model"])
+def write_curated(root: str, cfg: RunConfig, clip_uri: str | None, dedup_report: dict) -> dict:
+    return curate_lib.write_curated(Storage(root), cfg, dedup_report["clip_model"])
 
 
-def _publish_artifacts(root: str, report: dict) -> None:
+def _curation_artifacts(root: str, report: dict) -> None:
     storage = Storage(root)
     funnel = [
         {"stage": "input rows", "count": report["input_rows"]},
@@ -104,7 +119,7 @@ def _publish_artifacts(root: str, report: dict) -> None:
             entry["detail"] or "",
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    lines += ["", f"Per-sample ledger: `{storage.uri(curate_lib.SAMPLES_REPORT)}`"]
+    lines += ["", f"Per-sample ledger: `{storage.uri(SAMPLES_REPORT)}`"]
     create_markdown_artifact(key="curation-summary", markdown="\n".join(lines))
 
 
@@ -115,9 +130,9 @@ def curate_flow(urls: str, root: str, config: dict[str, Any] | None = None) -> d
     prepared = prepare_input(urls, root, cfg)
     shards = crawl(root, cfg, prepared)
     filtered = apply_filters(root, cfg, shards)
-    clip_uri = obtain_clip(root, cfg, filtered)
+    clip_uri = train_clip(root, cfg, filtered)
     scored = score(root, cfg, clip_uri)
     dedup_report = deduplicate(root, cfg, clip_uri, scored)
-    report = publish(root, cfg, clip_uri, dedup_report)
-    _publish_artifacts(root, report)
+    report = write_curated(root, cfg, clip_uri, dedup_report)
+    _curation_artifacts(root, report)
     return report

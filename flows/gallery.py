@@ -7,11 +7,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from dalle.sample.gallery import gallery_dir
-from dalle.sample.publish import publish_checkpoint_gallery
+from dalle.runroot import GALLERY_SUMMARY, checkpoint_step, gallery_dir, run_config
+from dalle.sample.gallery import draw_gallery
 from dalle.sample.rerank import describe_sampling
-from dalle.storage import Storage, checkpoint_step
-from dalle.train.run import run_config
+from dalle.storage import Storage
 from flows.common import log, retry_unless_user_error
 
 
@@ -28,21 +27,19 @@ def checkpoint_rel(storage: Storage, checkpoint: str) -> str:
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
-def publish(root: str, checkpoint: str, config: dict[str, Any] | None) -> dict:
-    from dalle.eval.zero_shot import evaluate_sections
-
+def draw(root: str, checkpoint: str, config: dict[str, Any] | None) -> dict:
     storage = Storage(root)
     cfg = run_config(storage, config)
     rel = checkpoint_rel(storage, checkpoint)
-    uri = publish_checkpoint_gallery(storage, cfg, rel, evaluate=evaluate_sections, log=log)
+    uri = draw_gallery(storage, cfg, rel, log=log)
     step = checkpoint_step(rel)
-    return {"uri": uri, "summary": storage.read_json(f"{gallery_dir(step)}/summary.json")}
+    return {"uri": uri, "summary": storage.read_json(f"{gallery_dir(step)}/{GALLERY_SUMMARY}")}
 
 
 @flow(name="gallery")
 def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | None = None) -> str:
-    """Publish the gallery of one transformer checkpoint (URI or path under the root); returns the page URI."""
-    result = publish(root, checkpoint, config)
+    """Draw the gallery of one transformer checkpoint (URI or path under the root); returns the page URI."""
+    result = draw(root, checkpoint, config)
     summary = result["summary"]
     create_table_artifact(
         key="gallery-prompts",

@@ -1,4 +1,4 @@
-"""Training flows: the dVAE, the transformer and the small CLIP, each returning the URI it produced.
+"""Training flows: the small CLIP, the dVAE and the transformer, each returning the URI it produced.
 
 Training runs in this process, or under torchrun when the config asks for more than one
 process; either way each new checkpoint becomes artifacts and a `dalle.checkpoint.saved` event.
@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import flow, task
 
-from dalle.storage import Storage, checkpoint_dir
-from dalle.train.checkpoint import checkpoint_steps, latest_checkpoint
-from dalle.train.run import MODELS, run_config, run_training, train_clip, train_config
-from flows.common import log, publish_checkpoint, retry_unless_user_error
+from dalle.runroot import CLIP, DVAE, TRANSFORMER, checkpoint_dir, checkpoint_steps, latest_checkpoint, run_config
+from dalle.storage import Storage
+from dalle.train.launch import launch, training_settings
+from flows.common import announce_checkpoint, log, retry_unless_user_error
 
 
 class _CheckpointWatcher:
@@ -33,7 +33,7 @@ class _CheckpointWatcher:
         latest = latest_checkpoint(self.storage, self.name)
         if latest is not None and latest.step > self.seen:
             self.seen = latest.step
-            publish_checkpoint({"model": self.name, "step": latest.step, "uri": latest.uri})
+            announce_checkpoint({"model": self.name, "step": latest.step, "uri": latest.uri})
 
     def _loop(self) -> None:
         while not self.stop.wait(self.interval_s):
@@ -56,10 +56,10 @@ def train_model(
     """Train up to max_steps; a retry resumes from the last checkpoint, so it never repeats work."""
     storage = Storage(root)
     cfg = run_config(storage, config)
-    if train_config(model, cfg).nproc > 1:
-        with _CheckpointWatcher(storage, MODELS[model]):
-            return run_training(model, root, cfg, max_steps, resume, log=log)
-    return run_training(model, root, cfg, max_steps, resume, on_checkpoint=publish_checkpoint, log=log)
+    if training_settings(model, cfg).nproc > 1:
+        with _CheckpointWatcher(storage, model):
+            return launch(model, root, cfg, max_steps, resume, log=log)
+    return launch(model, root, cfg, max_steps, resume, on_checkpoint=announce_checkpoint, log=log)
 
 
 @flow(name="train-dvae")
@@ -67,7 +67,7 @@ def train_dvae_flow(
     root: str, config: dict[str, Any] | None = None, max_steps: int | None = None, resume: bool = True
 ) -> str:
     """Train the dVAE on the curated images; returns the newest checkpoint's URI."""
-    return train_model("dvae", root, config, max_steps, resume)
+    return train_model(DVAE, root, config, max_steps, resume)
 
 
 @flow(name="train-transformer")
@@ -82,13 +82,13 @@ def train_transformer_flow(
     wrote, and for every earlier one whose gallery is missing (a run stopped before it) or was drawn
     with other gallery settings (`galleries=False` leaves that to the checkpoint event); returns the
     newest checkpoint's URI."""
-    from dalle.sample.publish import gallery_is_current
+    from dalle.sample.gallery import gallery_is_current
     from flows.gallery import gallery_flow
 
     storage = Storage(root)
-    name = MODELS["transformer"]
+    name = TRANSFORMER
     before = set(checkpoint_steps(storage, name))
-    uri = train_model("transformer", root, config, max_steps, resume)
+    uri = train_model(TRANSFORMER, root, config, max_steps, resume)
     latest = latest_checkpoint(storage, name)
     if galleries and latest is not None:
         cfg = run_config(storage)
@@ -98,16 +98,10 @@ def train_transformer_flow(
     return uri
 
 
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)
-def train_small_clip_task(root: str, config: dict[str, Any] | None, max_steps: int | None) -> str:
-    storage = Storage(root)
-    uri = train_clip(root, run_config(storage, config), max_steps, log=log)
-    latest = latest_checkpoint(storage, "clip")
-    publish_checkpoint({"model": "clip", "step": latest.step if latest else 0, "uri": uri})
-    return uri
-
-
 @flow(name="train-clip")
-def train_clip_flow(root: str, config: dict[str, Any] | None = None, max_steps: int | None = None) -> str:
-    """Train the small CLIP on the curated pairs (when no pretrained one is configured); returns its URI."""
-    return train_small_clip_task(root, config, max_steps)
+def train_clip_flow(
+    root: str, config: dict[str, Any] | None = None, max_steps: int | None = None, resume: bool = True
+) -> str:
+    """Train the small CLIP on the pairs that passed the rule filters (when no pretrained one is
+    configured); returns the newest checkpoint's URI. Curation runs the same training."""
+    return train_model(CLIP, root, config, max_steps, resume)

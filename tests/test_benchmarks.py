@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dalle.storage import Storage
-from dalle.train.run import run_config
+from dalle.train.launch import run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dalle.cli import main
+from flows.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -15,7 +15,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     return subprocess.run(
-        [sys.executable, "-m", "dalle.cli", *args],
+        [sys.executable, "-m", "flows.cli", *args],
         check=False,
         capture_output=True,
         text=True,
@@ -26,7 +26,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_command():
     out = subprocess.run(
-        [sys.executable, "-m", "dalle.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True
     )
     for command in ("curate", "demo", "serve-demo"):
         assert command in out.stdout
@@ -74,3 +74,22 @@ def test_malformed_url_list_fails_fast(tmp_path, prefect_server, payload):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "not a readable Parquet file" in done.stderr
     assert "Traceback" not in done.stderr.split("error:")[-1]
+
+
+def test_without_the_demo_plugin_the_command_line_still_works():
+    # As if demo/ were deleted: `import demo` fails, the plug-in's commands are gone, the rest stays.
+    code = (
+        "import sys; sys.modules['demo'] = None\n"
+        "import flows.cli, flows.pipeline, dalle.sample.gallery\n"
+        "sys.exit(flows.cli.main(['--help']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pipeline" in out.stdout and "train" in out.stdout
+    assert "serve-demo" not in out.stdout and "  demo " not in out.stdout
+
+
+def test_train_takes_the_model_to_train(tmp_path, capsys):
+    code = main(["train", "dvae", "--out", str(tmp_path / "nothing-here")])
+    assert code == 2
+    assert "has no config.yaml" in capsys.readouterr().err

@@ -20,23 +20,19 @@ import safetensors.torch
 import torch
 from PIL import Image, ImageDraw
 
-from dalle.config import ClipConfig, ClipTrainConfig, ConfigError
-from dalle.data.embed import CLIP_MODEL_KEY, embed_pairs, embed_stage, vectors
-from dalle.models.clip import (
-    CheckpointError,
-    ClipModel,
-    distinct_caption_batches,
-    load_clip,
-    save_clip,
-    train_small_clip,
-)
-from dalle.storage import EMBEDDINGS, Storage
+from dalle.config import ClipConfig, ConfigError, RunConfig, SmallClipConfig, TrainConfig
+from dalle.curate.embed import CLIP_MODEL_KEY, embed_pairs, embed_stage, vectors
+from dalle.models.clip import CheckpointError, ClipModel, load_clip, save_clip
+from dalle.runroot import CLIP, EMBEDDINGS_DIR, METRICS
+from dalle.storage import Storage
+from dalle.train.clip import ClipTraining, distinct_caption_batches
+from dalle.train.loop import train
 
 COLORS = {"red": (215, 35, 35), "green": (35, 165, 45), "blue": (35, 60, 215), "yellow": (225, 195, 25)}
 SHAPES = ("circle", "square")
 CLASSES = [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
 
-SMALL = ClipTrainConfig(
+SMALL = SmallClipConfig(
     image_size=32,
     embed_dim=64,
     vision_width=64,
@@ -46,11 +42,19 @@ SMALL = ClipTrainConfig(
     text_layers=2,
     text_heads=2,
     context_length=16,
-    batch_size=64,
-    lr=2e-3,
-    max_steps=300,
-    max_seconds=None,  # steps, not seconds: a loaded machine must train the same CLIP
-    seed=0,
+)
+# The run's CLIP training settings (open_clip's AdamW, cosine to zero) with these few changed;
+# steps, not seconds: a loaded machine must train the same CLIP.
+TRAINING = RunConfig().train_clip.model_copy(
+    update={
+        "batch_size": 64,
+        "lr": 2e-3,
+        "max_steps": 300,
+        "seed": 0,
+        "device": "cpu",
+        "log_every": 1,  # a metrics line (with its loss) per step
+        "checkpoint_every": 10_000,  # one checkpoint, at the end
+    }
 )
 
 
@@ -79,6 +83,23 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def train_clip_on_pairs(
+    images: list[Image.Image], captions: list[str], root: Path, training: TrainConfig = TRAINING
+) -> tuple[ClipModel, list[tuple[int, float]]]:
+    """The small CLIP of SMALL trained on these pairs in a run root at `root` through the shared
+    training loop (as curation trains it, minus the filter stage that would pick the pairs), loaded
+    from its checkpoint; and the (step, loss) of every logged step."""
+    storage = Storage(str(root))
+    run_cfg = RunConfig(clip=ClipConfig(small=SMALL, device="cpu"), train_clip=training)
+    task = ClipTraining.__new__(ClipTraining)  # __init__ would read the pairs from the filter stage
+    task.storage, task.cfg = storage, run_cfg
+    task.images, task.captions = [png(image) for image in images], list(captions)
+    uri = train(task, storage, run_cfg, run_cfg.train_clip, log=lambda line: None)
+    clip = load_clip(run_cfg.clip.model_copy(update={"checkpoint": uri}))
+    records = [json.loads(line) for line in storage.read_bytes(METRICS).decode().splitlines() if line]
+    return clip, [(r["step"], r["loss"]) for r in records if r["model"] == CLIP]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     # The machine's cores are shared; a model this small gains little from a second thread.
@@ -89,12 +110,10 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(learning_seed) -> tuple[ClipModel, list[tuple[int, float]]]:
+def trained(learning_seed, tmp_path_factory) -> tuple[ClipModel, list[tuple[int, float]]]:
     images, captions, _ = make_shapes(200, seed=0)
-    losses: list[tuple[int, float]] = []
-    config = SMALL.model_copy(update={"seed": learning_seed})
-    clip = train_small_clip(images, captions, config, log=lambda step, loss: losses.append((step, loss)))
-    return clip, losses
+    training = TRAINING.model_copy(update={"seed": learning_seed})
+    return train_clip_on_pairs(images, captions, tmp_path_factory.mktemp("clip_run"), training)
 
 
 # --- the small CLIP ------------------------------------------------------------------
@@ -163,24 +182,25 @@ def test_contrastive_batches_repeat_captions_only_when_too_few_are_distinct():
     assert len(batch) == 8 and {captions[i] for i in batch} == {"a red circle", "a blue square"}
 
 
-def test_training_starts_from_the_seeded_initialisation():
+def test_training_starts_from_the_seeded_initialisation(tmp_path):
     images, captions, _ = make_shapes(12, seed=4)
-    one_step = SMALL.model_copy(update={"max_steps": 1, "batch_size": 64})  # batch larger than the data
-    first = train_small_clip(images, captions, one_step)
-    again = train_small_clip(images, captions, one_step)
-    other = train_small_clip(images, captions, one_step.model_copy(update={"seed": 1}))
+    one_step = TRAINING.model_copy(update={"max_steps": 1, "batch_size": 64})  # batch larger than the data
+    first, _ = train_clip_on_pairs(images, captions, tmp_path / "first", one_step)
+    again, _ = train_clip_on_pairs(images, captions, tmp_path / "again", one_step)
+    other, _ = train_clip_on_pairs(
+        images, captions, tmp_path / "other", one_step.model_copy(update={"seed": 1})
+    )
     assert first.identity == again.identity != other.identity
     assert first.identity.startswith("trained:")
 
 
-def test_step_bound_training_is_reproducible():
+def test_step_bound_training_is_reproducible(tmp_path):
     """Without a wall-clock budget the run is a function of the data and the seed alone."""
     images, captions, _ = make_shapes(24, seed=5)
-    steps = SMALL.model_copy(update={"max_steps": 4, "batch_size": 8, "max_seconds": None})
-    seen: list[list[int]] = [[], []]
-    first = train_small_clip(images, captions, steps, log=lambda step, loss: seen[0].append(step))
-    again = train_small_clip(images, captions, steps, log=lambda step, loss: seen[1].append(step))
-    assert seen[0] == seen[1] == [1, 2, 3, 4]
+    steps = TRAINING.model_copy(update={"max_steps": 4, "batch_size": 8})
+    first, first_losses = train_clip_on_pairs(images, captions, tmp_path / "first", steps)
+    again, again_losses = train_clip_on_pairs(images, captions, tmp_path / "again", steps)
+    assert [step for step, _ in first_losses] == [step for step, _ in again_losses] == [1, 2, 3, 4]
     assert first.identity == again.identity
 
 
@@ -298,7 +318,7 @@ def test_checkpoint_with_pickled_objects_is_refused(registered_tiny_architecture
 
 
 def test_no_pretrained_and_no_checkpoint_says_to_train():
-    with pytest.raises(ConfigError, match="train_small_clip"):
+    with pytest.raises(ConfigError, match="dalle train clip"):
         load_clip(ClipConfig(device="cpu"))
 
 
@@ -311,7 +331,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 
 def _parts(storage: Storage) -> list[str]:
-    return storage.list(EMBEDDINGS, ".parquet")
+    return storage.list(EMBEDDINGS_DIR, ".parquet")
 
 
 def _clip_of_part(storage: Storage, rel: str) -> bytes:
@@ -328,7 +348,7 @@ def test_embed_stage_embeds_each_uid_once_per_clip(trained, run_root):
 
     first = embed_stage(storage, uids[:20], encoded[:20], captions[:20], clip, batch_size=8)
     assert first.column("uid").to_pylist() == uids[:20]
-    assert _parts(storage) == [f"{EMBEDDINGS}/part-00000.parquet"]
+    assert _parts(storage) == [f"{EMBEDDINGS_DIR}/part-00000.parquet"]
     assert _clip_of_part(storage, _parts(storage)[0]) == clip.identity.encode()
     image_emb, text_emb = vectors(first, "image_embedding"), vectors(first, "text_embedding")
     np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)
@@ -341,7 +361,7 @@ def test_embed_stage_embeds_each_uid_once_per_clip(trained, run_root):
     np.testing.assert_allclose(text_emb, expected[1], atol=1e-5)
 
     again = embed_stage(storage, uids[:20], encoded[:20], captions[:20], clip, batch_size=8)
-    assert _parts(storage) == [f"{EMBEDDINGS}/part-00000.parquet"]
+    assert _parts(storage) == [f"{EMBEDDINGS_DIR}/part-00000.parquet"]
     assert again.equals(first)
 
     # Three new uids among known ones, in another order: one new part with exactly those three.
@@ -350,8 +370,8 @@ def test_embed_stage_embeds_each_uid_once_per_clip(trained, run_root):
         storage, [uids[i] for i in order], [encoded[i] for i in order], [captions[i] for i in order], clip, 8
     )
     assert mixed.column("uid").to_pylist() == [uids[i] for i in order]
-    assert _parts(storage) == [f"{EMBEDDINGS}/part-00000.parquet", f"{EMBEDDINGS}/part-00001.parquet"]
-    new_part = storage.read_table(f"{EMBEDDINGS}/part-00001.parquet")
+    assert _parts(storage) == [f"{EMBEDDINGS_DIR}/part-00000.parquet", f"{EMBEDDINGS_DIR}/part-00001.parquet"]
+    new_part = storage.read_table(f"{EMBEDDINGS_DIR}/part-00001.parquet")
     assert sorted(new_part.column("uid").to_pylist()) == [uids[20], uids[21], uids[22]]
     np.testing.assert_array_equal(vectors(mixed)[[1, 3, 5]], image_emb[[3, 0, 7]])
 

@@ -1,16 +1,28 @@
 import pytest
 
-from dalle.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+from dalle.config import (
+    ConfigError,
+    RunConfig,
+    SmallClipConfig,
+    TrainConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+from demo.world import world_config
 
 
 def test_demo_config_loads():
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("demo/config.yaml")
     assert "127.0.0.0/8" in cfg.crawl.allow_networks
-    assert cfg.source.heldout
+    assert world_config(cfg).heldout
 
 
 def test_demo_config_is_step_bound_so_runs_repeat():
-    assert load_config("configs/demo.yaml").clip.train.max_seconds is None
+    # No wall-clock budget exists any more: the CLIP's training stops at a step count only.
+    assert "max_seconds" not in TrainConfig.model_fields
+    assert "max_seconds" not in SmallClipConfig.model_fields
+    assert load_config("demo/config.yaml").train_clip.max_steps >= 1
 
 
 def test_cc3m_preset_names_a_headerless_tsv_and_a_paper_shaped_model():
@@ -57,7 +69,7 @@ def test_bad_cidr_and_bad_heldout_explained():
     with pytest.raises(ConfigError, match="not a CIDR"):
         config_from_dict({"crawl": {"allow_networks": ["localhost"]}})
     with pytest.raises(ConfigError, match="held-out combination 'pink circle'"):
-        config_from_dict({"source": {"heldout": ["pink circle"]}})
+        world_config(config_from_dict({"plugins": {"demo": {"heldout": ["pink circle"]}}}))
 
 
 def test_both_clip_rules_rejected():
@@ -92,3 +104,98 @@ def test_dump_roundtrip_and_fingerprint():
     assert again == cfg
     assert cfg.fingerprint("dedup") != RunConfig().fingerprint("dedup")
     assert cfg.fingerprint("crawl") == RunConfig().fingerprint("crawl")
+
+
+# A run config as an older release dumped it: the demo world's settings under `source` (no URL
+# list) and the small CLIP's architecture and optimisation together under `clip.train`.
+OLDER_RELEASE_DUMP = """
+source:
+  urls: null
+  seed: 3
+  num_images: 500
+  image_size: 48
+  colors: [red, green, blue]
+  shapes: [circle, square]
+  heldout: [red square]
+  pair_fraction: 0.1
+  exact_duplicates: 5
+  near_duplicates: 6
+clip:
+  model: ViT-B-32
+  pretrained: null
+  checkpoint: null
+  train:
+    image_size: 32
+    embed_dim: 64
+    vision_width: 64
+    vision_layers: 2
+    patch_size: 8
+    text_width: 64
+    text_layers: 2
+    text_heads: 2
+    context_length: 16
+    batch_size: 48
+    lr: 0.002
+    max_steps: 700
+    seed: 9
+    max_seconds: null
+  batch_size: 128
+  device: auto
+gallery:
+  samples_per_prompt: 16
+"""
+
+
+def test_older_release_run_config_loads():
+    import yaml
+
+    cfg = config_from_dict(yaml.safe_load(OLDER_RELEASE_DUMP), origin="run.yaml")
+    assert cfg.source.urls is None
+    assert cfg.plugins["demo"] == {
+        "seed": 3,
+        "num_images": 500,
+        "image_size": 48,
+        "colors": ["red", "green", "blue"],
+        "shapes": ["circle", "square"],
+        "heldout": ["red square"],
+        "pair_fraction": 0.1,
+        "exact_duplicates": 5,
+        "near_duplicates": 6,
+    }
+    world = world_config(cfg)
+    assert (world.seed, world.num_images, world.image_size, world.heldout) == (3, 500, 48, ["red square"])
+    assert cfg.gallery.evaluator == "demo.evaluation"
+    assert cfg.gallery.samples_per_prompt == 16  # the rest of the section is kept
+    assert cfg.clip.small == SmallClipConfig(
+        image_size=32, embed_dim=64, vision_width=64, vision_layers=2, patch_size=8,
+        text_width=64, text_layers=2, text_heads=2, context_length=16,
+    )  # fmt: skip
+    assert (cfg.train_clip.batch_size, cfg.train_clip.lr, cfg.train_clip.max_steps, cfg.train_clip.seed) == (
+        48, 0.002, 700, 9,
+    )  # fmt: skip
+    # Dumped again, it is a config of today's release and loads the same.
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_older_release_with_a_url_list_is_no_demo_run():
+    cfg = config_from_dict({"source": {"urls": "s3://bucket/urls.parquet", "seed": 1, "num_images": 10}})
+    assert cfg.source.urls == "s3://bucket/urls.parquet"
+    assert "demo" not in cfg.plugins and cfg.gallery.evaluator is None
+
+
+def test_older_release_clip_time_budget_is_refused():
+    import yaml
+
+    data = yaml.safe_load(OLDER_RELEASE_DUMP)
+    data["clip"]["train"]["max_seconds"] = 240
+    with pytest.raises(ConfigError, match=r"clip\.train\.max_seconds"):
+        config_from_dict(data, origin="run.yaml")
+
+
+def test_a_partial_training_section_keeps_that_models_own_defaults():
+    cfg = config_from_dict({"train_clip": {"max_steps": 7}, "train_dvae": {"lr": 0.01}})
+    clip_defaults, dvae_defaults = RunConfig().train_clip, RunConfig().train_dvae
+    assert cfg.train_clip.max_steps == 7
+    assert cfg.train_clip.model_dump(exclude={"max_steps"}) == clip_defaults.model_dump(exclude={"max_steps"})
+    assert cfg.train_dvae.lr == 0.01 and cfg.train_dvae.grad_clip is dvae_defaults.grad_clip is None
+    assert cfg.train_dvae.betas == dvae_defaults.betas != RunConfig().train_transformer.betas

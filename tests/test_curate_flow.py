@@ -8,9 +8,11 @@ import hashlib
 import pytest
 
 from dalle.config import config_from_dict
-from dalle.data.curate import CURATE_REPORT, CURATED_MANIFEST, SAMPLES_REPORT
-from dalle.data.sources import DemoServer, build_site
+from dalle.runroot import CURATE_REPORT, CURATED_MANIFEST, SAMPLES_REPORT, latest_checkpoint
 from dalle.storage import Storage
+from demo.site import DemoServer, build_site
+from demo.world import world_config
+from hostile_routes import hostile_server
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,7 @@ REPORT_KEYS = {
 }
 
 CONFIG = {
-    "source": {"num_images": 160, "image_size": 48, "exact_duplicates": 8, "near_duplicates": 8},
+    "plugins": {"demo": {"num_images": 160, "image_size": 48, "exact_duplicates": 8, "near_duplicates": 8}},
     "crawl": {
         "allow_networks": ["127.0.0.1/32"],
         "processes": 1,
@@ -36,7 +38,7 @@ CONFIG = {
     },
     "filter": {"min_side": 24, "min_image_bytes": 20},
     "clip": {
-        "train": {
+        "small": {
             "image_size": 32,
             "embed_dim": 64,
             "vision_width": 64,
@@ -44,9 +46,9 @@ CONFIG = {
             "patch_size": 8,
             "text_width": 64,
             "text_layers": 2,
-            "max_steps": 300,  # steps, not seconds: a loaded machine must train the same CLIP
         }
     },
+    "train_clip": {"max_steps": 300, "warmup_steps": 15, "checkpoint_every": 300},
     "dedup": {"vectors": "clip_tokens", "near_threshold": 0.95},
 }
 
@@ -58,11 +60,10 @@ def _csv_field(value: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def demo(learning_seed):
     """The demo site on 127.0.0.1, a second server on 127.0.0.2 that must never be contacted."""
-    clip = {"train": {**CONFIG["clip"]["train"], "seed": learning_seed}}
-    cfg = config_from_dict({**CONFIG, "clip": clip})
-    site = build_site(cfg.source)
+    cfg = config_from_dict({**CONFIG, "train_clip": {**CONFIG["train_clip"], "seed": learning_seed}})
+    site = build_site(world_config(cfg))
     robots = "User-agent: *\nDisallow: /private/\n"
-    with DemoServer(site, robots_txt=robots) as server, DemoServer(site, host="127.0.0.2") as forbidden:
+    with hostile_server(site, robots_txt=robots) as server, DemoServer(site, host="127.0.0.2") as forbidden:
         yield cfg, site, server, forbidden
 
 
@@ -179,3 +180,7 @@ def test_curate_flow_end_to_end(where, demo, tmp_path, prefect_server, request):
         sum(server.requests.values()) - sum(before.values()) == downloads
     )  # nothing refetched, robots.txt included
     assert storage.read_tables("curated").num_rows == report["kept"]
+    # The small CLIP trained on the shared loop; the re-run resumed it at its last step, no retraining.
+    clip = latest_checkpoint(storage, "clip")
+    assert clip is not None and clip.step == cfg.train_clip.max_steps
+    assert storage.exists(f"{clip.rel_dir}/train_state.pt")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dalle.config import DedupConfig
-from dalle.data.dedup import build_index, deduplicate, exact_groups, measure_recall, near_pairs
+from dalle.curate.dedup import build_index, deduplicate, exact_groups, measure_recall, near_pairs
 
 
 def unit(x: np.ndarray) -> np.ndarray:

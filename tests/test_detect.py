@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dalle.config import SourceConfig
-from dalle.data.sources import (
+from demo.detect import DetectedObject, detect_objects, judge, parse_prompt, relation_of
+from demo.world import (
     BACKGROUND,
     COLORS,
     RELATIONS,
     SHAPES,
     DemoSample,
     ShapeObject,
+    WorldConfig,
     caption_for,
     generate_samples,
     render,
 )
-from dalle.eval.detect import DetectedObject, detect_objects, judge, parse_prompt, relation_of
 
 SIDES = (32, 64)
 # Half single objects, half pairs: enough that 99% allows a handful of misses.
@@ -32,7 +32,7 @@ SAMPLES_PER_SIDE = {32: 700, 64: 500}
 @functools.cache
 def demo_samples(side: int) -> tuple[DemoSample, ...]:
     """Generated demo images with every colour and shape, nothing held out."""
-    cfg = SourceConfig(
+    cfg = WorldConfig(
         num_images=SAMPLES_PER_SIDE[side],
         image_size=side,
         pair_fraction=0.5,

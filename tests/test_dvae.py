@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dalle.config import ConfigError, DVAEConfig, SourceConfig, config_from_dict
-from dalle.data.sources import BACKGROUND, COLORS, generate_samples
+from dalle.config import ConfigError, DVAEConfig, config_from_dict
 from dalle.models.dvae import (
     DiscreteVAE,
     _logit_laplace_nll,
@@ -21,6 +20,7 @@ from dalle.models.dvae import (
     gumbel_temperature,
     kl_weight,
 )
+from demo.world import BACKGROUND, COLORS, WorldConfig, generate_samples
 
 TINY = DVAEConfig(image_size=16, downsample_steps=2, codebook_size=32, hidden_width=8)
 
@@ -162,7 +162,7 @@ def object_colour(reconstruction: torch.Tensor, original: torch.Tensor) -> str:
 
 @pytest.mark.learning
 def test_reconstructions_of_demo_shapes_keep_the_colour(learning_seed):
-    source = SourceConfig(num_images=600, image_size=32, pair_fraction=0.0, heldout=[])
+    source = WorldConfig(num_images=600, image_size=32, pair_fraction=0.0, heldout=[])
     samples = generate_samples(source)
     images = torch.tensor(np.stack([_pixels(s.image) for s in samples])).permute(0, 3, 1, 2)
     train, test = images[:500], images[500:]

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from dalle.config import FilterConfig
-from dalle.data.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
+from dalle.curate.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
 
 CFG = FilterConfig(min_side=32, max_aspect_ratio=3, min_image_bytes=50, max_image_pixels=1_000_000)
 

@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dalle.config import DVAEConfig, TokenizerConfig, TransformerConfig
-from dalle.data.text_tokenizer import train_bpe
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
-from dalle.sample.gallery import GALLERY_INDEX, Completion, GalleryPage, Section, gallery_dir, publish_gallery
+from dalle.runroot import GALLERY_INDEX, METRICS, gallery_dir
+from dalle.sample.page import Completion, GalleryPage, Section, write_gallery_page
 from dalle.sample.rerank import PromptSamples, SamplingSettings, samples_for
-from dalle.storage import METRICS, Storage
+from dalle.storage import Storage
+from dalle.tokens.bpe import train_bpe
 
 HOSTILE = "a red circle <script>document.title='pwned'</script> & \"quotes\""
 
@@ -33,11 +34,12 @@ def _samples(prompt: str, count: int, seed: int) -> PromptSamples:
 def test_gallery_pages_images_and_scores(run_root):
     storage = Storage(run_root)
     storage.write_bytes(
-        METRICS, b'{"model": "dalle", "step": 1, "loss": 3.0}\n{"model": "dalle", "step": 2, "loss": 2.5}\n'
+        METRICS,
+        b'{"model": "transformer", "step": 1, "loss": 3.0}\n{"model": "transformer", "step": 2, "loss": 2.5}\n',
     )
     page = GalleryPage(
         step=2,
-        checkpoint_uri=storage.uri("models/dalle/step_00000002"),
+        checkpoint_uri=storage.uri("models/transformer/step_00000002"),
         sections=[Section("held-out", [_samples(HOSTILE, 5, 0), _samples("a blue square", 5, 1)], top=3)],
         completions=[
             Completion("a green cross", PIL.Image.new("RGB", (8, 8)), [PIL.Image.new("RGB", (8, 8))] * 2, 4)
@@ -45,7 +47,7 @@ def test_gallery_pages_images_and_scores(run_root):
         evaluation={"heldout": {"color_acc": 0.5, "both_acc_reranked": 0.75, "num_prompts": 2}},
         sampling=SamplingSettings(num_samples=5, top=3, cond_scale=2.0).described(),
     )
-    uri = publish_gallery(storage, page)
+    uri = write_gallery_page(storage, page)
     folder = gallery_dir(2)
     assert uri == storage.uri(f"{folder}/index.html")
     text = storage.read_bytes(f"{folder}/index.html").decode()

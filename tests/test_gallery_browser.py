@@ -15,9 +15,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from dalle.sample.gallery import GalleryPage, Section, publish_gallery
+from dalle.runroot import METRICS
+from dalle.sample.page import GalleryPage, Section, write_gallery_page
 from dalle.sample.rerank import PromptSamples
-from dalle.storage import METRICS, Storage
+from dalle.storage import Storage
 
 HOSTILE = "a red circle <script>window.pwned = true; document.title = 'pwned'</script><img src=x onerror=\"window.pwned=true\">"
 ARTIFACTS = Path(os.environ.get("DALLE_TEST_ARTIFACTS", "test-artifacts"))
@@ -128,12 +129,13 @@ def test_gallery_in_headless_chromium(tmp_path, chromium):
     root = tmp_path / "run"
     storage = Storage(str(root))
     storage.write_bytes(
-        METRICS, b'{"model": "dalle", "step": 5, "loss": 3.1}\n{"model": "dalle", "step": 10, "loss": 2.4}\n'
+        METRICS,
+        b'{"model": "transformer", "step": 5, "loss": 3.1}\n{"model": "transformer", "step": 10, "loss": 2.4}\n',
     )
     for step in (5, 10):
         page = GalleryPage(
             step=step,
-            checkpoint_uri=storage.uri(f"models/dalle/step_{step:08d}"),
+            checkpoint_uri=storage.uri(f"models/transformer/step_{step:08d}"),
             sections=[
                 Section("held-out", [_samples(HOSTILE, step), _samples("a blue square", step + 1)], top=4)
             ],
@@ -141,7 +143,7 @@ def test_gallery_in_headless_chromium(tmp_path, chromium):
                 "heldout": {"color_acc": 0.5, "both_acc_reranked": 0.5 + step / 100, "num_prompts": 2}
             },
         )
-        publish_gallery(storage, page)
+        write_gallery_page(storage, page)
 
     server = _serve(root, HARNESS)
     try:

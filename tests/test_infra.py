@@ -37,7 +37,7 @@ def test_each_deployment_loads_with_parameters_its_flow_takes(deployment):
 
 def test_no_flow_module_shadows_the_standard_library():
     """Prefect puts an entrypoint's folder first on sys.path (and leaves it there): a flows/tokenize.py
-    then stands in for the standard `tokenize` in every process spawned later, which dies at start-up
+    would stand in for the standard `tokenize` in every process spawned later, which dies at start-up
     (img2dataset's worker pool respawned them forever)."""
     import sys
 
@@ -49,7 +49,7 @@ def test_training_leaves_galleries_to_the_event_triggered_deployment():
     by_name = {d["name"]: d for d in DEPLOYMENTS}
     assert by_name["train-transformer"]["parameters"]["galleries"] is False
     (trigger,) = by_name["gallery"]["triggers"]
-    assert trigger["expect"] == ["dalle.checkpoint.saved"] and trigger["match"] == {"dalle.model": "dalle"}
+    assert trigger["expect"] == ["dalle.checkpoint.saved"] and trigger["match"] == {"dalle.model": "transformer"}
 
 
 def test_the_gallery_trigger_renders_a_checkpoint_event_into_its_run(tmp_path, prefect_server):
@@ -62,15 +62,16 @@ def test_the_gallery_trigger_renders_a_checkpoint_event_into_its_run(tmp_path, p
         render_user_template_sync,
     )
 
-    from dalle.storage import Storage, checkpoint_dir
-    from flows.common import CHECKPOINT_EVENT, publish_checkpoint
+    from dalle.runroot import checkpoint_dir
+    from dalle.storage import Storage
+    from flows.common import CHECKPOINT_EVENT, announce_checkpoint
 
     storage = Storage(str(tmp_path / "run"))
-    uri = storage.uri(checkpoint_dir("dalle", 1200))
+    uri = storage.uri(checkpoint_dir("transformer", 1200))
 
     @flow
     def saved() -> None:
-        publish_checkpoint({"model": "dalle", "step": 1200, "uri": uri, "metrics": {"loss": 1.5}})
+        announce_checkpoint({"model": "transformer", "step": 1200, "uri": uri, "metrics": {"loss": 1.5}})
 
     saved()
     wanted = EventFilter(

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle.data.loader import ImageBatch, ShardDataset, ShardError, TokenBatch, make_loader
-from dalle.schemas import CURATED as CURATED_SCHEMA
-from dalle.schemas import SchemaError, token_shard_schema
-from dalle.storage import CURATED, MANIFEST, SHARDS, Storage
+from dalle.runroot import CURATED_DIR, MANIFEST, SHARDS_DIR
+from dalle.schemas import CURATED_SCHEMA, SchemaError, token_shard_schema
+from dalle.storage import Storage
+from dalle.tokens.loader import ImageBatch, ShardDataset, ShardError, TokenBatch, make_loader
 
 NUM_CODES = 4
 TEXT_LEN = 6
@@ -53,12 +53,12 @@ def write_token_shards(root: str, sizes=SIZES) -> list[range]:
     storage = Storage(root)
     entries, spans, first = [], [], 0
     for index, size in enumerate(sizes):
-        path = f"{SHARDS}/{index:05d}.parquet"
+        path = f"{SHARDS_DIR}/{index:05d}.parquet"
         storage.write_table(path, token_rows(first, size))
         entries.append((path, size))
         spans.append(range(first, first + size))
         first += size
-    write_manifest(storage, SHARDS, entries)
+    write_manifest(storage, SHARDS_DIR, entries)
     return spans
 
 
@@ -89,7 +89,9 @@ def token_root(tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_the_uninterrupted_stream(token_root, num_workers):
     def loader(start_batch):
-        dataset = ShardDataset(token_root, SHARDS, RowIds(), batch_size=4, seed=3, start_batch=start_batch)
+        dataset = ShardDataset(
+            token_root, SHARDS_DIR, RowIds(), batch_size=4, seed=3, start_batch=start_batch
+        )
         return make_loader(dataset, num_workers=num_workers)
 
     reference = batches(loader(0), 45)  # about two and a half epochs
@@ -102,7 +104,9 @@ def test_one_epoch_over_ranks_and_workers_covers_every_row_once(token_root):
     num_global = world_size * workers
     seen = []
     for rank in range(world_size):
-        dataset = ShardDataset(token_root, SHARDS, RowIds(), batch_size=4, rank=rank, world_size=world_size)
+        dataset = ShardDataset(
+            token_root, SHARDS_DIR, RowIds(), batch_size=4, rank=rank, world_size=world_size
+        )
         stream = batches(make_loader(dataset, num_workers=workers), 12)
         for role in range(workers):
             g = rank * workers + role
@@ -116,14 +120,14 @@ def test_one_worker_reads_each_listed_shard_whole_in_a_seeded_order(tmp_path):
     root = str(tmp_path / "run")
     spans = write_token_shards(root)
     # A shard the manifest does not list is never read.
-    Storage(root).write_table(f"{SHARDS}/00099.parquet", token_rows(1000, 8))
+    Storage(root).write_table(f"{SHARDS_DIR}/00099.parquet", token_rows(1000, 8))
 
     def shard_of(row):
         return next(index for index, span in enumerate(spans) if row in span)
 
     orders = set()
     for seed in range(6):
-        dataset = ShardDataset(root, SHARDS, RowIds(), batch_size=5, seed=seed)
+        dataset = ShardDataset(root, SHARDS_DIR, RowIds(), batch_size=5, seed=seed)
         rows = [row for batch in batches(dataset, 14) for row in batch]  # the epoch's 70 rows exactly
         assert sorted(rows) == list(range(70))
         visits = [shard for shard, _ in itertools.groupby(shard_of(row) for row in rows)]
@@ -134,7 +138,7 @@ def test_one_worker_reads_each_listed_shard_whole_in_a_seeded_order(tmp_path):
 
 def test_seed_fixes_the_order_and_epochs_reshuffle(token_root):
     def stream(seed):
-        return batches(ShardDataset(token_root, SHARDS, RowIds(), batch_size=7, seed=seed), 20)
+        return batches(ShardDataset(token_root, SHARDS_DIR, RowIds(), batch_size=7, seed=seed), 20)
 
     assert stream(0) == stream(0)
     assert stream(0) != stream(1)
@@ -148,7 +152,7 @@ def test_resume_opens_only_the_shard_where_it_resumes(tmp_path, monkeypatch):
     root = str(tmp_path / "run")
     spans = write_token_shards(root, sizes=[20] * 6)  # 120 rows: 30 batches of 4 per epoch
     start = 2 * 30 + 7  # third epoch, row 28 of it: inside its second shard
-    reference = batches(ShardDataset(root, SHARDS, RowIds(), batch_size=4), start + 1)[start]
+    reference = batches(ShardDataset(root, SHARDS_DIR, RowIds(), batch_size=4), start + 1)[start]
 
     reads = []
     original = Storage.read_bytes
@@ -159,14 +163,14 @@ def test_resume_opens_only_the_shard_where_it_resumes(tmp_path, monkeypatch):
         return original(self, rel)
 
     monkeypatch.setattr(Storage, "read_bytes", counting_read_bytes)
-    resumed = batches(ShardDataset(root, SHARDS, RowIds(), batch_size=4, start_batch=start), 1)
+    resumed = batches(ShardDataset(root, SHARDS_DIR, RowIds(), batch_size=4, start_batch=start), 1)
     assert resumed == [reference]
     shard = next(index for index, span in enumerate(spans) if reference[0] in span)
-    assert reads == [f"{SHARDS}/{shard:05d}.parquet"]
+    assert reads == [f"{SHARDS_DIR}/{shard:05d}.parquet"]
 
 
 def test_dataset_pickles_for_spawned_workers(token_root):
-    dataset = ShardDataset(token_root, SHARDS, TokenBatch(TEXT_LEN), batch_size=4, seed=1, start_batch=3)
+    dataset = ShardDataset(token_root, SHARDS_DIR, TokenBatch(TEXT_LEN), batch_size=4, seed=1, start_batch=3)
     clone = pickle.loads(pickle.dumps(dataset))
     for a, b in zip(itertools.islice(iter(dataset), 3), itertools.islice(iter(clone), 3)):
         assert torch.equal(a["text_tokens"], b["text_tokens"])
@@ -177,7 +181,9 @@ def test_token_batches_over_s3_and_local(run_root):
     write_token_shards(run_root, sizes=[12, 9])
 
     def loader(start_batch):
-        dataset = ShardDataset(run_root, SHARDS, TokenBatch(TEXT_LEN), batch_size=3, start_batch=start_batch)
+        dataset = ShardDataset(
+            run_root, SHARDS_DIR, TokenBatch(TEXT_LEN), batch_size=3, start_batch=start_batch
+        )
         return make_loader(dataset, num_workers=2)
 
     reference = list(itertools.islice(iter(loader(0)), 6))
@@ -206,16 +212,18 @@ def test_token_batch_refuses_text_longer_than_the_model_takes():
 
 def test_missing_manifest_says_what_to_run(tmp_path):
     with pytest.raises(ShardError, match=r"no _manifest.json under .*shards; run `dalle tokenize` first"):
-        ShardDataset(str(tmp_path), SHARDS, RowIds(), batch_size=2)
+        ShardDataset(str(tmp_path), SHARDS_DIR, RowIds(), batch_size=2)
 
 
 def test_shard_that_disagrees_with_its_manifest_is_named(tmp_path):
     root = str(tmp_path / "run")
     storage = Storage(root)
-    storage.write_table(f"{SHARDS}/00000.parquet", token_rows(0, 10))
-    storage.write_table(f"{SHARDS}/00001.parquet", token_rows(10, 10))
-    write_manifest(storage, SHARDS, [(f"{SHARDS}/00000.parquet", 10), (f"{SHARDS}/00001.parquet", 12)])
-    dataset = ShardDataset(root, SHARDS, RowIds(), batch_size=2)
+    storage.write_table(f"{SHARDS_DIR}/00000.parquet", token_rows(0, 10))
+    storage.write_table(f"{SHARDS_DIR}/00001.parquet", token_rows(10, 10))
+    write_manifest(
+        storage, SHARDS_DIR, [(f"{SHARDS_DIR}/00000.parquet", 10), (f"{SHARDS_DIR}/00001.parquet", 12)]
+    )
+    dataset = ShardDataset(root, SHARDS_DIR, RowIds(), batch_size=2)
     message = "shards/00001.parquet has 10 rows, its manifest says 12; re-run `dalle tokenize`"
     with pytest.raises(ShardError, match=message):
         batches(dataset, 11)  # the epoch reads both shards
@@ -223,13 +231,14 @@ def test_shard_that_disagrees_with_its_manifest_is_named(tmp_path):
 
 def test_empty_or_too_small_data_fails_instead_of_hanging(tmp_path):
     root = str(tmp_path / "run")
-    write_manifest(Storage(root), SHARDS, [])
+    write_manifest(Storage(root), SHARDS_DIR, [])
     with pytest.raises(ShardError, match="holds no rows"):
-        ShardDataset(root, SHARDS, RowIds(), batch_size=2)
+        ShardDataset(root, SHARDS_DIR, RowIds(), batch_size=2)
 
     small = str(tmp_path / "small")
     write_token_shards(small, sizes=[10])
-    dataset = ShardDataset(small, SHARDS, RowIds(), batch_size=4, rank=0, world_size=2)  # 5 rows each: fits
+    # 5 rows each: fits
+    dataset = ShardDataset(small, SHARDS_DIR, RowIds(), batch_size=4, rank=0, world_size=2)
     with pytest.raises(ShardError, match="too few for 2 ranks x 2 loader workers at batch size 4"):
         make_loader(dataset, num_workers=2)  # 2 or 3 rows each
 
@@ -237,10 +246,12 @@ def test_empty_or_too_small_data_fails_instead_of_hanging(tmp_path):
 def test_shard_of_another_kind_is_refused(tmp_path):
     root = str(tmp_path / "run")
     storage = Storage(root)
-    storage.write_table(f"{SHARDS}/00000.parquet", curated_rows(["a", "b"], [png(4, 4, [(0, 0, 255)])] * 2))
-    write_manifest(storage, SHARDS, [(f"{SHARDS}/00000.parquet", 2)])
+    storage.write_table(
+        f"{SHARDS_DIR}/00000.parquet", curated_rows(["a", "b"], [png(4, 4, [(0, 0, 255)])] * 2)
+    )
+    write_manifest(storage, SHARDS_DIR, [(f"{SHARDS_DIR}/00000.parquet", 2)])
     with pytest.raises(SchemaError, match="is not a dalle token_shard table"):
-        batches(ShardDataset(root, SHARDS, RowIds(), batch_size=2), 1)
+        batches(ShardDataset(root, SHARDS_DIR, RowIds(), batch_size=2), 1)
 
 
 def png(width: int, height: int, stripes: list[tuple[int, int, int]], vertical: bool = True, mode="RGB"):
@@ -283,11 +294,13 @@ def test_image_batches_are_centre_cropped_rgb_in_unit_range(tmp_path):
     wide = png(60, 20, [red, green, blue])  # the centre square is the green third
     tall = png(20, 60, [red, green, blue], vertical=False)
     grey = png(30, 30, [(128, 128, 128)], mode="L")
-    storage.write_table(f"{CURATED}/00000.parquet", curated_rows(["wide", "tall"], [wide, tall]))
-    storage.write_table(f"{CURATED}/00001.parquet", curated_rows(["grey", "wide2"], [grey, wide]))
-    write_manifest(storage, CURATED, [(f"{CURATED}/00000.parquet", 2), (f"{CURATED}/00001.parquet", 2)])
+    storage.write_table(f"{CURATED_DIR}/00000.parquet", curated_rows(["wide", "tall"], [wide, tall]))
+    storage.write_table(f"{CURATED_DIR}/00001.parquet", curated_rows(["grey", "wide2"], [grey, wide]))
+    write_manifest(
+        storage, CURATED_DIR, [(f"{CURATED_DIR}/00000.parquet", 2), (f"{CURATED_DIR}/00001.parquet", 2)]
+    )
 
-    dataset = ShardDataset(root, CURATED, ImageBatch(8), batch_size=4)
+    dataset = ShardDataset(root, CURATED_DIR, ImageBatch(8), batch_size=4)
     batch = next(iter(make_loader(dataset)))
     images, captions = batch["images"], batch["captions"]
     assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32
@@ -303,8 +316,8 @@ def test_a_shard_changed_after_its_manifest_is_refused(tmp_path):
     root = str(tmp_path / "run")
     write_token_shards(root, sizes=[8, 8])
     storage = Storage(root)
-    manifest = storage.read_json(f"{SHARDS}/_manifest.json")
+    manifest = storage.read_json(f"{SHARDS_DIR}/_manifest.json")
     other = storage.read_bytes(manifest["shards"][1]["path"])
     storage.write_bytes(manifest["shards"][0]["path"], other)  # same rows, other bytes
     with pytest.raises(ShardError, match="does not match the sha256"):
-        next(iter(ShardDataset(root, SHARDS, TokenBatch(TEXT_LEN), batch_size=4)))
+        next(iter(ShardDataset(root, SHARDS_DIR, TokenBatch(TEXT_LEN), batch_size=4)))

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dalle.data.netguard import (
+from dalle.curate.netguard import (
     BLOCKED_MARKER,
     AddressPolicy,
     BlockedAddress,

@@ -13,21 +13,21 @@ import pytest
 import yaml
 
 from dalle.config import config_from_dict, load_config
-from dalle.data.crawl import CrawlError
-from dalle.data.sources import DemoServer, build_site
-from dalle.eval.zero_shot import EVAL_REPORT
-from dalle.sample.gallery import GALLERY_INDEX
-from dalle.storage import SOURCE, Storage
+from dalle.curate.crawl import CrawlError
+from dalle.runroot import EVAL_REPORT, GALLERY_INDEX, SOURCE_DIR
+from dalle.storage import Storage
+from demo.site import DemoServer, build_site
+from demo.world import world_config
 from tests.test_benchmarks import REPO
 from tests.test_cli import run_cli
 from tests.test_train import SETTINGS
 
 TINY = {
-    "source": {"num_images": 120, "image_size": 48, "exact_duplicates": 4, "near_duplicates": 4},
+    "plugins": {"demo": {"num_images": 120, "image_size": 48, "exact_duplicates": 4, "near_duplicates": 4}},
     "crawl": {"processes": 1, "threads": 8, "timeout_s": 5, "samples_per_shard": 64},
     "filter": {"min_side": 24, "min_image_bytes": 20},
     "clip": {
-        "train": {
+        "small": {
             "image_size": 32,
             "embed_dim": 32,
             "vision_width": 32,
@@ -36,9 +36,9 @@ TINY = {
             "text_width": 32,
             "text_layers": 1,
             "text_heads": 2,
-            "max_steps": 20,
         }
     },
+    "train_clip": {"max_steps": 20, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 10},
     "dedup": {"vectors": "clip_tokens", "near_threshold": 0.95},
     **SETTINGS,
     # Trained with captions dropped, sampled with classifier-free guidance, as the demo is.
@@ -80,7 +80,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     curate = storage.read_json("reports/curate.json")
     assert curate["kept"] > 100 and curate["duplicates_exact"] >= 4
     assert storage.read_json("models/dvae/latest.json")["step"] == 6
-    assert storage.read_json("models/dalle/latest.json")["step"] == 6
+    assert storage.read_json("models/transformer/latest.json")["step"] == 6
     _check_galleries(storage)
 
     evaluation = storage.read_json(EVAL_REPORT)
@@ -121,7 +121,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     # A person's own prompt: the best --top of -n samples, with their scores and how they were drawn.
     mine = tmp_path / "mine"
     drawn = run_cli(
-        "sample", "--checkpoint", storage.uri("models/dalle/step_00000006"), "--prompt", "a red circle",
+        "sample", "--checkpoint", storage.uri("models/transformer/step_00000006"), "--prompt", "a red circle",
         "-n", "5", "--top", "2", "--cond-scale", "1.5", "--out", str(mine),
     )  # fmt: skip
     assert drawn.returncode == 0, drawn.stderr[-3000:]
@@ -131,14 +131,14 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     assert scores["samples"] == 5 and scores["sampling"]["cond_scale"] == 1.5  # the flag, not the run's 2
     assert PIL.Image.open(mine / "sample_01.png").mode == "RGB"
     refused = run_cli(
-        "sample", "--checkpoint", storage.uri("models/dalle/step_00000006"), "--prompt", "a red circle",
+        "sample", "--checkpoint", storage.uri("models/transformer/step_00000006"), "--prompt", "a red circle",
         "--top-k", "0", "--out", str(tmp_path / "refused"),
     )  # fmt: skip
     assert refused.returncode == 2 and "gallery.top_k" in refused.stderr
     assert not (tmp_path / "refused").exists()
 
     # One checkpoint's gallery by hand; the Prefect UI shows each gallery's figures and settings.
-    again = run_cli("gallery", "--checkpoint", storage.uri("models/dalle/step_00000003"), "--out", str(root))
+    again = run_cli("gallery", "--checkpoint", storage.uri("models/transformer/step_00000003"), "--out", str(root))
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.strip().splitlines()[-1] == storage.uri("galleries/step_00000003/index.html")
     assert storage.read_json(EVAL_REPORT)["step"] == 3
@@ -157,7 +157,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     config = _write_config(tmp_path / "fewer.yaml", fewer)
     rerun = run_cli("demo", "--out", str(root), "--config", config)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert storage.read_json("models/dalle/latest.json")["step"] == 6
+    assert storage.read_json("models/transformer/latest.json")["step"] == 6
     for step in (3, 6):
         summary = storage.read_json(f"galleries/step_{step:08d}/summary.json")
         assert summary["sampling"]["samples_per_prompt"] == 3
@@ -171,7 +171,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
 def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server):
     """The CC3M preset's crawl settings, pointed at a loopback copy of the shapes."""
     preset = load_config("configs/cc3m.yaml")
-    site = build_site(config_from_dict(TINY).source)
+    site = build_site(world_config(config_from_dict(TINY)))
     with DemoServer(site) as server:
         lines = [f"{caption}\t{server.url(path)}" for path, caption in site.rows[:80]]
         url_list = tmp_path / "Train_GCC-training.tsv"
@@ -201,7 +201,7 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server
     assert captions <= {caption for _, caption in site.rows[:80]}
     _check_galleries(storage)
     # Not the shapes source: no demo server, no held-out prompts, no zero-shot figures.
-    assert not storage.list(SOURCE) and not storage.exists(EVAL_REPORT)
+    assert not storage.list(SOURCE_DIR) and not storage.exists(EVAL_REPORT)
     page = storage.read_bytes("galleries/step_00000006/index.html").decode()
     assert "Captions from the data" in page
 
@@ -209,23 +209,29 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server
 def test_the_demo_source_serves_on_one_port_so_runs_share_their_uids(tmp_path, monkeypatch):
     import socket
 
-    import flows.pipeline
+    import demo.run
     from tests.conftest import free_port
 
     port = free_port()  # stands in for DEMO_PORT, which another process here may hold
-    monkeypatch.setattr(flows.pipeline, "DEMO_PORT", port)
-    site = build_site(config_from_dict(TINY).source)
-    with flows.pipeline.demo_server(site, Storage(str(tmp_path / "a"))) as first:
+    monkeypatch.setattr(demo.run, "DEMO_PORT", port)
+    site = build_site(world_config(config_from_dict(TINY)))
+    with demo.run.demo_server(site, Storage(str(tmp_path / "a"))) as first:
         assert first.port == port
-    with flows.pipeline.demo_server(site, Storage(str(tmp_path / "b"))) as second:
+    with demo.run.demo_server(site, Storage(str(tmp_path / "b"))) as second:
         assert second.port == port
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        with flows.pipeline.demo_server(site, Storage(str(tmp_path / "c"))) as third:
+        with demo.run.demo_server(site, Storage(str(tmp_path / "c"))) as third:
             assert third.port != port
         # A re-run of a run whose stored port is taken is told so, not handed a traceback.
         storage = Storage(str(tmp_path / "d"))
-        storage.write_json(flows.pipeline.DEMO_SERVER, {"port": port, "base_url": f"http://127.0.0.1:{port}"})
+        storage.write_json(demo.run.DEMO_SERVER, {"port": port, "base_url": f"http://127.0.0.1:{port}"})
         with pytest.raises(CrawlError, match=f"serves on 127.0.0.1:{port} .* stop what holds it"):
-            flows.pipeline.demo_server(site, storage)
+            demo.run.demo_server(site, storage)
+
+
+def test_the_pipeline_without_a_url_list_says_what_to_do(tmp_path, prefect_server):
+    done = run_cli("pipeline", "--out", str(tmp_path / "run"))
+    assert done.returncode == 2
+    assert "source.urls is not set" in done.stderr and "dalle demo" in done.stderr

@@ -3,7 +3,8 @@ import os
 import pyarrow as pa
 import pytest
 
-from dalle.storage import Storage, StorageError, checkpoint_dir, latest_pointer
+from dalle.runroot import checkpoint_dir, latest_pointer
+from dalle.storage import Storage, StorageError
 
 
 def test_write_read_roundtrip(run_root):

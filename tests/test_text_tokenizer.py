@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from dalle.config import TokenizerConfig
-from dalle.data.text_tokenizer import (
-    META_FILE,
+from dalle.runroot import TOKENIZER_DIR, TOKENIZER_FILE, TOKENIZER_META
+from dalle.storage import Storage
+from dalle.tokens.bpe import (
     PAD_ID,
-    TOKENIZER_FILE,
     TextTokenizer,
     TokenizerError,
     load_tokenizer,
@@ -15,7 +15,6 @@ from dalle.data.text_tokenizer import (
     tokenizer_for_run,
     train_bpe,
 )
-from dalle.storage import TOKENIZER, Storage
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -111,8 +110,8 @@ def test_identity_is_stable_and_names_the_tokenizer(bpe):
 def test_save_then_load_encodes_identically(bpe, run_root):
     storage = Storage(run_root)
     uri = save_tokenizer(bpe, storage)
-    assert uri == storage.uri(TOKENIZER)
-    meta = storage.read_json(META_FILE)
+    assert uri == storage.uri(TOKENIZER_DIR)
+    meta = storage.read_json(TOKENIZER_META)
     assert meta["kind"] == "bpe" and meta["identity"] == bpe.identity and meta["vocab_size"] == bpe.vocab_size
     assert meta["lowercase"] is True and meta["config"]["vocab_size"] == CFG.vocab_size
     loaded = load_tokenizer(storage, CFG)
@@ -136,7 +135,7 @@ def test_load_with_other_settings_names_the_key(bpe, tmp_path, change, key):
     save_tokenizer(bpe, storage)
     with pytest.raises(TokenizerError, match=rf"tokenizer\.{key}=.*delete") as err:
         load_tokenizer(storage, CFG.model_copy(update=change))
-    assert isinstance(err.value, ValueError) and storage.uri(TOKENIZER) in str(err.value)
+    assert isinstance(err.value, ValueError) and storage.uri(TOKENIZER_DIR) in str(err.value)
 
 
 def test_dropout_setting_alone_does_not_invalidate_a_saved_tokenizer(bpe, tmp_path):
@@ -190,7 +189,7 @@ def test_tokenizer_for_run_trains_once_then_loads(tmp_path):
         return iter(CAPTIONS)
 
     first = tokenizer_for_run(storage, CFG, captions)
-    assert calls == [1] and storage.exists(TOKENIZER_FILE) and storage.exists(META_FILE)
+    assert calls == [1] and storage.exists(TOKENIZER_FILE) and storage.exists(TOKENIZER_META)
 
     def must_not_be_read():
         raise AssertionError("the saved tokenizer must be reused, not retrained")
@@ -239,7 +238,7 @@ def test_open_clip_kind_works_offline(tmp_path):
     tokenizer = tokenizer_for_run(storage, cfg, must_not_be_read)
     assert tokenizer.kind == "open_clip" and tokenizer.vocab_size == 49408
     assert tokenizer.identity.startswith("open_clip:")
-    assert storage.exists(META_FILE) and not storage.exists(TOKENIZER_FILE)
+    assert storage.exists(TOKENIZER_META) and not storage.exists(TOKENIZER_FILE)
 
     tokens = tokenizer.encode_batch(["A Red Circle", "wow!$ " + "word " * 100] + HOSTILE, 16)
     assert tokens.shape == (2 + len(HOSTILE), 16) and tokens.dtype == np.int32

@@ -14,15 +14,18 @@ import pyarrow as pa
 import pytest
 import torch
 
-from dalle.config import ConfigError, SourceConfig, TrainConfig, config_from_dict, dump_config
-from dalle.data.sources import generate_samples
-from dalle.data.tokenize import SHARDS_MANIFEST, ShardsMismatch, tokenize_stage
-from dalle.schemas import CURATED, SCHEMA_VERSION, token_shard_schema
-from dalle.storage import METRICS, Storage, checkpoint_dir, latest_pointer
-from dalle.train.checkpoint import CheckpointMismatch, load_train_state
+from dalle.config import ConfigError, TrainConfig, config_from_dict, dump_config
+from dalle.models.weights import CheckpointMismatch, load_dvae, load_model
+from dalle.runroot import FILTER_TABLE, METRICS, SHARDS_MANIFEST, checkpoint_dir, latest_pointer, run_config
+from dalle.tokens.loader import ShardError
+from dalle.tokens.shards import ShardsMismatch, tokenize_stage
+from dalle.schemas import CURATED_SCHEMA, FILTER_DECISIONS_SCHEMA, SCHEMA_VERSION, token_shard_schema
+from dalle.storage import Storage
+from dalle.train.checkpoint import load_train_state
+from dalle.train.dvae import DVAETraining
+from dalle.train.launch import launch
 from dalle.train.loop import TrainingDiverged, lr_factor, train
-from dalle.train.run import run_config, run_training
-from dalle.train.tasks import DVAETask, load_trained
+from demo.world import WorldConfig, generate_samples
 
 SETTINGS = {
     "dvae": {"image_size": 16, "downsample_steps": 2, "codebook_size": 32, "hidden_width": 8},
@@ -42,7 +45,7 @@ SETTINGS = {
 
 def write_curated(storage: Storage, first: int, count: int, shard_index: int) -> None:
     """Curated pairs made from demo images (as the curation flow publishes them), one shard per call."""
-    samples = generate_samples(SourceConfig(num_images=first + count, image_size=16, pair_fraction=0.0))
+    samples = generate_samples(WorldConfig(num_images=first + count, image_size=16, pair_fraction=0.0))
     rows = [
         {
             "uid": f"uid{i:05d}",
@@ -63,7 +66,7 @@ def write_curated(storage: Storage, first: int, count: int, shard_index: int) ->
         for i, s in enumerate(samples[first:], start=first)
     ]
     rel = f"curated/{shard_index:05d}.parquet"
-    storage.write_table(rel, pa.Table.from_pylist(rows, schema=CURATED))
+    storage.write_table(rel, pa.Table.from_pylist(rows, schema=CURATED_SCHEMA))
     shards = (
         storage.read_json("curated/_manifest.json")["shards"]
         if storage.exists("curated/_manifest.json")
@@ -74,6 +77,30 @@ def write_curated(storage: Storage, first: int, count: int, shard_index: int) ->
     storage.write_json(
         "curated/_manifest.json", {"schema_version": SCHEMA_VERSION, "rows": total, "shards": shards}
     )
+
+
+def write_filter_stage(storage: Storage) -> None:
+    """The curated pairs as the crawl and the rule filters would have left them (raw shard and filter
+    decisions), which is what the small CLIP trains on."""
+    curated = storage.read_tables("curated").to_pylist()
+    raw = [
+        {
+            "key": str(i), "url": row["url"], "caption": row["caption"], "status": "success",
+            "error_message": None, "sha256": row["sha256"], "input_row": i, "caption_utf8": True,
+            "jpg": row["image"],
+        }  # fmt: skip
+        for i, row in enumerate(curated)
+    ]
+    storage.write_table("raw/00000.parquet", pa.Table.from_pylist(raw))
+    decisions = [
+        {
+            "input_row": r["input_row"], "url": r["url"], "caption": r["caption"], "raw_shard": "raw/00000.parquet",
+            "raw_key": r["key"], "uid": f"uid{r['input_row']:05d}", "fate": "pass", "sha256": r["sha256"],
+            "width": 16, "height": 16,
+        }  # fmt: skip
+        for r in raw
+    ]
+    storage.write_table(FILTER_TABLE, pa.Table.from_pylist(decisions, schema=FILTER_DECISIONS_SCHEMA))
 
 
 def make_run(root: str, **overrides) -> tuple[Storage, object]:
@@ -94,7 +121,7 @@ def metric_lines(storage: Storage, model: str) -> list[dict]:
 
 def test_train_tokenize_train_and_resume(run_root):
     storage, cfg = make_run(run_root)
-    dvae_uri = run_training("dvae", run_root, cfg, log=lambda m: None)
+    dvae_uri = launch("dvae", run_root, cfg, log=lambda m: None)
     assert dvae_uri == storage.uri(checkpoint_dir("dvae", 6))
     for name in ("model.safetensors", "model.json", "train_state.pt", "config.yaml"):
         assert storage.exists(f"{checkpoint_dir('dvae', 3)}/{name}")
@@ -105,7 +132,7 @@ def test_train_tokenize_train_and_resume(run_root):
         dvae_metrics[0]
     )
 
-    summary = tokenize_stage(storage, cfg, log=lambda m: None)
+    summary = tokenize_stage(storage, cfg, *load_dvae(storage), log=lambda m: None)
     assert summary["rows"] == 48 and summary["shards"] == 2 and summary["new_rows"] == 48
     manifest = storage.read_json(SHARDS_MANIFEST)
     assert manifest["dvae"]["uri"] == dvae_uri and manifest["tokenizer"].startswith("bpe:")
@@ -114,12 +141,12 @@ def test_train_tokenize_train_and_resume(run_root):
         table = storage.read_table(shard["path"])
         assert table.schema.equals(token_shard_schema(16), check_metadata=False)
 
-    run_training("transformer", run_root, cfg, log=lambda m: None)
+    launch("transformer", run_root, cfg, log=lambda m: None)
     # --max-steps is the total to reach: 4 more steps from the checkpoint at 6.
-    uri = run_training("transformer", run_root, cfg, max_steps=10, log=lambda m: None)
-    assert uri == storage.uri(checkpoint_dir("dalle", 10))
-    assert [m["step"] for m in metric_lines(storage, "dalle")] == list(range(1, 11))
-    state = load_train_state(storage, checkpoint_dir("dalle", 10))
+    uri = launch("transformer", run_root, cfg, max_steps=10, log=lambda m: None)
+    assert uri == storage.uri(checkpoint_dir("transformer", 10))
+    assert [m["step"] for m in metric_lines(storage, "transformer")] == list(range(1, 11))
+    state = load_train_state(storage, checkpoint_dir("transformer", 10))
     assert state["step"] == 10 and state["batches"] == 10
 
 
@@ -180,7 +207,7 @@ def test_torchrun_with_two_processes(tmp_path, fsdp):
             "checkpoint_every": 2,
         },
     )
-    uri = run_training("dvae", root, cfg)
+    uri = launch("dvae", root, cfg)
     assert uri == storage.uri(checkpoint_dir("dvae", 4))
     state = load_train_state(storage, checkpoint_dir("dvae", 4))
     assert state["world_size"] == 2
@@ -190,14 +217,14 @@ def test_torchrun_with_two_processes(tmp_path, fsdp):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"]), "ranks draw different noise"
     # Each step took one batch per rank: the ranks split the data rather than repeat it.
     assert state["batches"] == 4
-    model, meta = load_trained(storage, checkpoint_dir("dvae", 4))  # whole weights, also after sharding
+    model, meta = load_model(storage, checkpoint_dir("dvae", 4))  # whole weights, also after sharding
     assert meta["kind"] == "dvae" and model.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
 
 
 # ----- the NaN guard ------------------------------------------------------------------------------
 
 
-class _PoisonedDVAE(DVAETask):
+class _PoisonedDVAE(DVAETraining):
     """The dVAE task with a NaN loss from `first_bad` on: what a diverging run looks like."""
 
     def __init__(self, storage, cfg, first_bad: int, bad_steps: int):
@@ -235,20 +262,20 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error(tmp_path):
 def test_a_checkpoint_from_another_config_is_refused(tmp_path):
     root = str(tmp_path / "run")
     storage, cfg = make_run(root)
-    run_training("dvae", root, cfg, max_steps=3, log=lambda m: None)
+    launch("dvae", root, cfg, max_steps=3, log=lambda m: None)
     other = config_from_dict({**SETTINGS, "dvae": {**SETTINGS["dvae"], "codebook_size": 64}})
     with pytest.raises(CheckpointMismatch, match="codebook_size"):
-        run_training("dvae", root, other, max_steps=6, log=lambda m: None)
+        launch("dvae", root, other, max_steps=6, log=lambda m: None)
     with pytest.raises(CheckpointMismatch, match="already has checkpoints up to step 3"):
-        run_training("dvae", root, cfg, max_steps=6, resume=False, log=lambda m: None)
+        launch("dvae", root, cfg, max_steps=6, resume=False, log=lambda m: None)
     assert storage.read_json(latest_pointer("dvae"))["step"] == 3
 
 
 def test_tokenize_is_incremental_and_never_mixes_dvaes(tmp_path):
     root = str(tmp_path / "run")
     storage, cfg = make_run(root)
-    run_training("dvae", root, cfg, max_steps=3, log=lambda m: None)
-    first = tokenize_stage(storage, cfg, log=lambda m: None)
+    launch("dvae", root, cfg, max_steps=3, log=lambda m: None)
+    first = tokenize_stage(storage, cfg, *load_dvae(storage), log=lambda m: None)
     assert (first["shards"], first["rows"]) == (2, 48)
     before = {s["path"]: s["sha256"] for s in storage.read_json(SHARDS_MANIFEST)["shards"]}
 
@@ -256,7 +283,7 @@ def test_tokenize_is_incremental_and_never_mixes_dvaes(tmp_path):
     storage.write_bytes("shards/00009.parquet", b"partial")
     # New curated data becomes new shards; finished shards are not rewritten.
     write_curated(storage, 48, 20, 1)
-    second = tokenize_stage(storage, cfg, log=lambda m: None)
+    second = tokenize_stage(storage, cfg, *load_dvae(storage), log=lambda m: None)
     assert (second["rows"], second["new_rows"]) == (68, 20)
     after = {s["path"]: s["sha256"] for s in storage.read_json(SHARDS_MANIFEST)["shards"]}
     assert all(after[path] == digest for path, digest in before.items())
@@ -265,9 +292,9 @@ def test_tokenize_is_incremental_and_never_mixes_dvaes(tmp_path):
     assert len(uids) == len(set(uids)) == 68
 
     # Another dVAE must not add codes to these shards.
-    run_training("dvae", root, cfg, max_steps=6, log=lambda m: None)
+    launch("dvae", root, cfg, max_steps=6, log=lambda m: None)
     with pytest.raises(ShardsMismatch, match="codes of two dVAEs must never be mixed"):
-        tokenize_stage(storage, cfg, log=lambda m: None)
+        tokenize_stage(storage, cfg, *load_dvae(storage), log=lambda m: None)
     assert {s["path"]: s["sha256"] for s in storage.read_json(SHARDS_MANIFEST)["shards"]} == after
 
 
@@ -276,10 +303,12 @@ def test_commands_need_what_comes_before_them(tmp_path):
     with pytest.raises(ConfigError, match="pass --config"):
         run_config(storage)
     cfg = run_config(storage, SETTINGS)
-    with pytest.raises(FileNotFoundError, match="run `dalle curate` first"):
-        tokenize_stage(storage, cfg)
+    with pytest.raises(FileNotFoundError, match="run `dalle train dvae` first"):
+        load_dvae(storage)
+    with pytest.raises(ShardError, match="run `dalle curate` first"):
+        launch("dvae", storage.uri(), cfg)
     with pytest.raises(FileNotFoundError, match="no token shards .* run `dalle tokenize` first"):
-        run_training("transformer", storage.uri(), cfg)
+        launch("transformer", storage.uri(), cfg)
     assert storage.read_bytes("config.yaml").decode() == dump_config(cfg)
 
 
@@ -294,8 +323,8 @@ def test_learning_rate_schedules():
 def test_an_s3_endpoint_that_fails_now_and_then_costs_retries_not_the_run(s3_bucket, flaky_s3):
     root = f"{s3_bucket}/flaky"
     storage, cfg = make_run(root)
-    run_training("dvae", root, cfg, max_steps=4, log=lambda m: None)
-    summary = tokenize_stage(storage, cfg, log=lambda m: None)
+    launch("dvae", root, cfg, max_steps=4, log=lambda m: None)
+    summary = tokenize_stage(storage, cfg, *load_dvae(storage), log=lambda m: None)
     assert summary["rows"] == 48
     assert storage.read_json(latest_pointer("dvae"))["step"] == 4
     assert flaky_s3.failed >= 5, f"the proxy failed only {flaky_s3.failed} of {flaky_s3.requests} requests"

@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from dalle.storage import Storage, latest_pointer
+from dalle.runroot import latest_pointer
+from dalle.storage import Storage
 from tests.test_cli import run_cli
-from tests.test_train import SETTINGS, make_run
+from tests.test_train import SETTINGS, make_run, write_filter_stage
 
 
 def _checkpoint_events(uri_prefix: str) -> list:
@@ -26,7 +27,7 @@ def test_commands_train_tokenize_and_publish_each_checkpoint(tmp_path, prefect_s
     root = str(tmp_path / "run")
     storage, _ = make_run(root)
 
-    done = run_cli("train-dvae", "--out", root, "--max-steps", "6")
+    done = run_cli("train", "dvae", "--out", root, "--max-steps", "6")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == storage.uri("models/dvae/step_00000006")
 
@@ -36,12 +37,12 @@ def test_commands_train_tokenize_and_publish_each_checkpoint(tmp_path, prefect_s
 
     done = run_cli("train", "--out", root, "--max-steps", "3")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert storage.read_json(latest_pointer("dalle"))["step"] == 3
+    assert storage.read_json(latest_pointer("transformer"))["step"] == 3
 
     refused = run_cli("train", "--out", root, "--max-steps", "6", "--no-resume")
     assert refused.returncode == 2
     assert "already has checkpoints up to step 3" in refused.stderr
-    assert storage.read_json(latest_pointer("dalle"))["step"] == 3
+    assert storage.read_json(latest_pointer("transformer"))["step"] == 3
 
     # One event per checkpoint (dVAE at 3 and 6, transformer at 3), with the checkpoint as resource.
     deadline = time.monotonic() + 30
@@ -52,20 +53,20 @@ def test_commands_train_tokenize_and_publish_each_checkpoint(tmp_path, prefect_s
         time.sleep(1)
     assert sorted(e.resource.id for e in events) == sorted(
         storage.uri(f"models/{m}")
-        for m in ("dalle/step_00000003", "dvae/step_00000003", "dvae/step_00000006")
+        for m in ("transformer/step_00000003", "dvae/step_00000003", "dvae/step_00000006")
     )
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
-    assert {"dvae-checkpoint", "dvae-checkpoint-metrics", "dalle-checkpoint", "token-shards"} <= keys
+    assert {"dvae-checkpoint", "dvae-checkpoint-metrics", "transformer-checkpoint", "token-shards"} <= keys
 
 
 @pytest.mark.slow
 def test_a_flow_under_torchrun_publishes_the_checkpoints_its_children_write(tmp_path, prefect_server):
     root = str(tmp_path / "ddp")
     storage, _ = make_run(root, train_dvae={**SETTINGS["train_dvae"], "nproc": 2, "checkpoint_every": 2})
-    done = run_cli("train-dvae", "--out", root, "--max-steps", "4")
+    done = run_cli("train", "dvae", "--out", root, "--max-steps", "4")
     assert done.returncode == 0, done.stderr[-3000:]
     # Polling sees at least the last checkpoint (an earlier one may be overtaken between two polls);
     # events reach the server asynchronously, so wait for it.
@@ -88,14 +89,22 @@ def test_train_clip_trains_a_clip_the_pipeline_can_load(tmp_path, prefect_server
     from dalle.models.clip import load_clip
 
     root = str(tmp_path / "run")
-    clip_train = {
+    small = {
         "image_size": 16, "embed_dim": 16, "vision_width": 16, "vision_layers": 1, "patch_size": 8,
-        "text_width": 16, "text_layers": 1, "text_heads": 2, "context_length": 16, "batch_size": 8, "max_steps": 3,
+        "text_width": 16, "text_layers": 1, "text_heads": 2, "context_length": 16,
     }  # fmt: skip
-    storage, _ = make_run(root, clip={"train": clip_train})
-    done = run_cli("train-clip", "--out", root)
+    training = {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1}
+    storage, _ = make_run(root, clip={"small": small}, train_clip=training)
+    write_filter_stage(storage)
+    done = run_cli("train", "clip", "--out", root)
     assert done.returncode == 0, done.stderr[-3000:]
     uri = done.stdout.strip().splitlines()[-1]
-    assert storage.read_json(latest_pointer("clip"))["uri"] == uri
+    assert storage.read_json(latest_pointer("clip"))["uri"] == uri == storage.uri("models/clip/step_00000003")
     clip = load_clip(ClipConfig(checkpoint=uri))
     assert clip.encode_texts(["a red circle"]).shape == (1, 16)
+    # The CLIP trains on the shared loop: more steps resume from its checkpoint, like the other models.
+    done = run_cli("train", "clip", "--out", root, "--max-steps", "5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert storage.read_json(latest_pointer("clip"))["step"] == 5
+    lines = [line for line in storage.read_bytes("reports/metrics.jsonl").decode().splitlines() if '"clip"' in line]
+    assert [__import__("json").loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]

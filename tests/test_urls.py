@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dalle.config import CrawlConfig
-from dalle.data.urls import UrlListError, read_url_list
+from dalle.curate.urls import UrlListError, read_url_list
 
 ROWS = [("http://a.test/1.png", "a red circle"), ("http://a.test/2.png", "a blue square, big")]
 

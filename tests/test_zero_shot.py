@@ -8,14 +8,23 @@ import numpy as np
 import PIL.Image
 from PIL import ImageFilter
 
-from dalle.config import SourceConfig
-from dalle.data.sources import ShapeObject, render
-from dalle.eval.detect import parse_prompt
-from dalle.eval.zero_shot import HELDOUT, HELDOUT_PAIRS, SEEN, eval_prompts, evaluate_group, evaluate_sections
-from dalle.sample.gallery import Section
+from dalle.config import config_from_dict
+from dalle.sample.evaluation import load_evaluator
+from dalle.sample.page import Section
 from dalle.sample.rerank import PromptSamples
+from demo.detect import parse_prompt
+from demo.evaluation import (
+    HELDOUT,
+    HELDOUT_PAIRS,
+    SEEN,
+    TITLES,
+    eval_prompts,
+    evaluate_group,
+    evaluate_sections,
+)
+from demo.world import ShapeObject, WorldConfig, render
 
-SOURCE = SourceConfig()
+SOURCE = WorldConfig()
 KEYS = {"color_acc", "shape_acc", "both_acc", "color_acc_reranked", "shape_acc_reranked", "both_acc_reranked",
         "num_prompts", "samples_per_prompt"}  # fmt: skip
 
@@ -32,6 +41,20 @@ def test_prompt_groups_follow_the_source():
     for prompt in groups[HELDOUT_PAIRS]:
         parsed = parse_prompt(prompt)
         assert len(parsed["objects"]) == 2 and parsed["relation"]
+
+
+def test_the_gallery_evaluator_prompts_the_runs_world():
+    """`gallery.evaluator: demo.evaluation` gives the groups of the world in plugins.demo."""
+    world = {"heldout": ["orange cross", "purple circle"]}
+    cfg = config_from_dict({"gallery": {"evaluator": "demo.evaluation"}, "plugins": {"demo": world}})
+    evaluator = load_evaluator(cfg)
+    groups = evaluator.prompt_groups()
+    assert [(key, title) for key, title, _ in groups] == [
+        (k, TITLES[k]) for k in (HELDOUT, SEEN, HELDOUT_PAIRS)
+    ]
+    assert {key: prompts for key, _, prompts in groups} == eval_prompts(WorldConfig(**world))
+    assert groups[0][2] == ["an orange cross", "a purple circle"]
+    assert load_evaluator(config_from_dict({})) is None
 
 
 def test_accuracy_before_and_after_reranking():
@@ -82,8 +105,6 @@ def test_sections_carry_their_group():
         top=1,
         key=HELDOUT,
     )
-    from dalle.eval.zero_shot import evaluate_sections
-
     report = evaluate_sections([section, Section("captions", [], key="")], clip=None)
     assert set(report) == {HELDOUT, "reranked_by"} and report[HELDOUT]["both_acc"] == 1.0
 

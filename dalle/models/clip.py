@@ -1,22 +1,20 @@
 """CLIP for filtering, dedup vectors and reranking: open_clip models behind one small wrapper.
 
-Three ways to get one (DESIGN.md, "Models"): an open_clip pretrained tag (needs network),
-a checkpoint (our folder format written by `save_clip`, or an open_clip-style weights
-file), or `train_small_clip` on the crawled pairs with open_clip's own model and loss.
+Three ways to get one: an open_clip pretrained tag (needs network), a checkpoint (a
+checkpoint folder of the run's training loop, our folder format written by `save_clip`, or
+an open_clip-style weights file), or the small CLIP that dalle/train/clip.py trains on the
+crawled pairs with open_clip's own model and loss (`build_small_clip` makes it).
 Every model carries an `identity` string that names its weights exactly, so vectors made
 by different models are never mixed.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
 import hashlib
 import io
-import math
 import pickle
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -26,9 +24,13 @@ import PIL.Image
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform, image_transform_v2
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from dalle.config import ClipConfig, ClipTrainConfig, ConfigError
+from dalle.errors import UserError
+from dalle.config import ClipConfig, ConfigError, SmallClipConfig
+from dalle.devices import resolve_device
+from dalle.models.weights import load_model_state
+from dalle.runroot import CHECKPOINT_META, CHECKPOINT_WEIGHTS
 from dalle.storage import Storage, filesystem_for
 
 FOLDER_FORMAT = "dalle.clip"
@@ -39,19 +41,9 @@ WEIGHTS_FILE = "model.safetensors"
 # open_clip's BPE vocabulary (ships inside the package, works offline).
 BPE_VOCAB_SIZE = 49408
 
-# Training constants too minor for the run config.
-_WEIGHT_DECAY = 0.1
-_WARMUP_FRACTION = 0.05
-_GRAD_CLIP_NORM = 1.0
-_MAX_LOGIT_SCALE = math.log(100.0)  # open_clip's training clamps the temperature here too
-# Mild zoom only: a large random crop can cut an object away and flips would turn
-# "left of" into a wrong caption, so neither is used; colour jitter would change "red".
-_TRAIN_AUGMENTATION = AugmentationCfg(scale=(0.85, 1.0))
-
-ImageSource = Sequence[PIL.Image.Image] | Callable[[int], PIL.Image.Image]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A CLIP checkpoint that cannot be loaded; the message says why and what to do."""
 
 
@@ -179,36 +171,21 @@ def _rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a config value: 'auto' is cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(
-            f"clip.device {name!r} is not a torch device ({err}); use auto, cpu or cuda"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"clip.device is {name!r} but torch sees no CUDA device; use auto or cpu")
-    return device
-
-
 # --- architecture -------------------------------------------------------------------
 
 
-def small_clip_architecture(cfg: ClipTrainConfig) -> dict[str, Any]:
+def small_clip_architecture(cfg: SmallClipConfig) -> dict[str, Any]:
     """open_clip model config (embed_dim, vision_cfg, text_cfg) of the small CLIP that `cfg` describes."""
     # The run config names attention heads once; the image tower uses the same count when it
     # divides the width (open_clip sizes ViT heads by head_width).
     vision_heads = cfg.text_heads if cfg.vision_width % cfg.text_heads == 0 else 1
     if cfg.text_width % cfg.text_heads:
         raise ConfigError(
-            f"clip.train.text_width {cfg.text_width} must be a multiple of text_heads {cfg.text_heads}"
+            f"clip.small.text_width {cfg.text_width} must be a multiple of text_heads {cfg.text_heads}"
         )
     if cfg.image_size % cfg.patch_size:
         raise ConfigError(
-            f"clip.train.image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}"
+            f"clip.small.image_size {cfg.image_size} must be a multiple of patch_size {cfg.patch_size}"
         )
     return {
         "embed_dim": cfg.embed_dim,
@@ -229,7 +206,17 @@ def small_clip_architecture(cfg: ClipTrainConfig) -> dict[str, Any]:
     }
 
 
-def _model_from_architecture(architecture: dict[str, Any]) -> torch.nn.Module:
+def build_small_clip(cfg: SmallClipConfig) -> torch.nn.Module:
+    """A randomly initialised small CLIP of the architecture `cfg` describes."""
+    return model_from_architecture(small_clip_architecture(cfg))
+
+
+def small_clip_preprocess(cfg: SmallClipConfig) -> dict[str, Any]:
+    """open_clip's evaluation preprocessing settings for the small CLIP's input side."""
+    return asdict(PreprocessCfg(size=cfg.image_size))
+
+
+def model_from_architecture(architecture: dict[str, Any]) -> torch.nn.Module:
     """A randomly initialised open_clip model for a model config, picking the class as open_clip does."""
     arch = copy.deepcopy(architecture)
     custom_text = arch.pop("custom_text", False) or "hf_model_name" in arch.get("text_cfg", {})
@@ -324,7 +311,7 @@ def _load_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 def load_clip(cfg: ClipConfig) -> ClipModel:
     """The CLIP that `cfg` names: an open_clip pretrained tag or a checkpoint (folder or file, local or s3://)."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, setting="clip.device")
     if cfg.pretrained and cfg.checkpoint:
         raise ConfigError("clip.pretrained and clip.checkpoint are both set; keep one of them")
     if cfg.checkpoint:
@@ -333,8 +320,8 @@ def load_clip(cfg: ClipConfig) -> ClipModel:
         return _load_pretrained(cfg, device)
     raise ConfigError(
         "clip.pretrained and clip.checkpoint are both unset, so there is no CLIP to load: name an open_clip "
-        "pretrained tag (needs network), a checkpoint, or train one on the pairs with "
-        "dalle.models.clip.train_small_clip (what the pipeline does when neither is set)"
+        "pretrained tag (needs network) or a checkpoint, or train the small CLIP on the pairs with "
+        "`dalle train clip` (what curation does when neither is set)"
     )
 
 
@@ -384,7 +371,26 @@ def _load_checkpoint(cfg: ClipConfig, device: torch.device) -> ClipModel:
     )
 
 
+def _load_trained(storage: Storage, device: torch.device, batch_size: int) -> ClipModel:
+    """A small CLIP from a checkpoint folder of the training loop (model.json of kind "clip")."""
+    state, meta = load_model_state(storage, "")
+    if meta.get("kind") != "clip":
+        raise CheckpointError(f"{storage.uri()} holds a {meta.get('kind')!r} model, not a CLIP")
+    model = model_from_architecture(meta["architecture"])
+    _load_state_dict(model, state, storage.uri(CHECKPOINT_WEIGHTS))
+    return ClipModel(
+        model,
+        identity=f"trained:{meta['weights_sha256'][:16]}",
+        architecture=meta["architecture"],
+        preprocess_cfg=meta["preprocess"],
+        device=device,
+        batch_size=batch_size,
+    )
+
+
 def _load_folder(storage: Storage, device: torch.device, batch_size: int) -> ClipModel:
+    if storage.exists(CHECKPOINT_META):
+        return _load_trained(storage, device, batch_size)
     if not storage.exists(CONFIG_FILE):
         raise CheckpointError(
             f"{storage.uri()} is a folder without {CONFIG_FILE}, so not a CLIP saved by save_clip (or its save "
@@ -402,7 +408,7 @@ def _load_folder(storage: Storage, device: torch.device, batch_size: int) -> Cli
             f"{storage.uri(meta['weights'])} does not match the sha256 recorded in {CONFIG_FILE}; "
             "the checkpoint is damaged or was overwritten: save it again"
         )
-    model = _model_from_architecture(meta["architecture"])
+    model = model_from_architecture(meta["architecture"])
     _load_state_dict(model, safetensors.torch.load(data), storage.uri(meta["weights"]))
     return ClipModel(
         model,
@@ -435,128 +441,3 @@ def save_clip(clip: ClipModel, storage: Storage, rel_dir: str) -> str:
         },
     )
     return storage.uri(rel_dir)
-
-
-# --- training -----------------------------------------------------------------------
-
-
-def train_small_clip(
-    images: ImageSource,
-    captions: Sequence[str],
-    cfg: ClipTrainConfig,
-    device: str | torch.device = "cpu",
-    log: Callable[[int, float], None] | None = None,
-) -> ClipModel:
-    """Train the small CLIP of `cfg` on image-caption pairs with open_clip's model and ClipLoss.
-
-    `images` is a sequence of PIL images or a callable index -> PIL image (decoded on demand).
-    Stops at cfg.max_steps, or earlier when cfg.max_seconds is set and spent; `log(step, loss)`
-    is called after every step.
-    """
-    device = resolve_device(device) if isinstance(device, str) else device
-    num_pairs = len(captions)
-    if num_pairs < 2:
-        raise ValueError(f"a contrastive CLIP needs at least 2 image-caption pairs, got {num_pairs}")
-    if not callable(images) and len(images) != num_pairs:
-        raise ValueError(f"got {len(images)} images but {num_pairs} captions; pass one caption per image")
-    load_image = images if callable(images) else images.__getitem__
-
-    architecture = small_clip_architecture(cfg)
-    preprocess_cfg = asdict(PreprocessCfg(size=cfg.image_size))
-    augment = image_transform(cfg.image_size, is_train=True, aug_cfg=_TRAIN_AUGMENTATION)
-
-    torch.manual_seed(cfg.seed)
-    order = torch.Generator().manual_seed(cfg.seed)
-    model = _model_from_architecture(architecture).to(device).train()
-    tokens = open_clip.get_tokenizer("", context_length=cfg.context_length)([str(c) for c in captions])
-
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, logit_scale, class token
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": _WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-        fused=True,  # one kernel over all parameters: on CPU several times faster than the default loop
-    )
-    loss_fn = open_clip.ClipLoss()
-    batch_size = min(cfg.batch_size, num_pairs)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    batches = distinct_caption_batches(captions, batch_size, order)
-    start = time.monotonic()
-    for step in range(1, cfg.max_steps + 1):
-        # The schedule follows whichever budget (steps or seconds) runs out first.
-        progress = (step - 1) / cfg.max_steps
-        if cfg.max_seconds is not None:
-            progress = max(progress, (time.monotonic() - start) / cfg.max_seconds)
-        if progress >= 1.0:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(cfg.lr, progress)
-        index = next(batches)
-
-        batch_images = torch.stack([augment(_rgb(load_image(int(i)))) for i in index]).to(device)
-        with autocast:
-            image_features, text_features, logit_scale = model(batch_images, tokens[index].to(device))
-            loss = loss_fn(image_features, text_features, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP_NORM)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
-        if log is not None:
-            log(step, float(loss.detach()))
-
-    model.eval()
-    return ClipModel(
-        model,
-        identity=f"trained:{_sha256(_weights_bytes(model))[:16]}",
-        architecture=architecture,
-        preprocess_cfg=preprocess_cfg,
-        device=device,
-    )
-
-
-def distinct_caption_batches(
-    captions: Sequence[str], batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Endless batches of pair indices in shuffled epochs, no caption twice in a batch.
-
-    ClipLoss treats every other pair of a batch as a negative. When two pairs share a caption
-    (the demo has a few dozen single-object captions) that "negative" is really a positive,
-    and pushing it away blurs exactly the distinctions a reranker needs ("a yellow cross"
-    vs "a yellow square"). A pair whose caption is already in the batch waits for the next
-    batch, so every pair is still seen about once per epoch. Batches are chosen from a window of
-    four batches' pairs; when that window holds fewer distinct captions than a batch, the batch
-    is topped up with repeats.
-    """
-    keys = [str(c).strip().lower() for c in captions]
-    pending: collections.deque[int] = collections.deque()
-    while True:
-        if len(pending) < 4 * batch_size:  # a window to choose distinct captions from
-            pending.extend(torch.randperm(len(keys), generator=generator).tolist())
-            continue
-        window = [pending.popleft() for _ in range(4 * batch_size)]
-        batch: list[int] = []
-        seen: set[str] = set()
-        rest: list[int] = []
-        for index in window:
-            if len(batch) < batch_size and keys[index] not in seen:
-                batch.append(index)
-                seen.add(keys[index])
-            else:
-                rest.append(index)
-        missing = batch_size - len(batch)  # too few distinct captions in the window: repeats it is
-        batch, rest = batch + rest[:missing], rest[missing:]
-        pending.extendleft(reversed(rest))
-        yield torch.tensor(batch, dtype=torch.long)
-
-
-def _learning_rate(peak: float, progress: float) -> float:
-    """Linear warmup, then cosine decay to zero, over progress in [0, 1)."""
-    if progress < _WARMUP_FRACTION:
-        return peak * max(progress, 1e-3) / _WARMUP_FRACTION
-    decay = (progress - _WARMUP_FRACTION) / (1.0 - _WARMUP_FRACTION)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * decay))

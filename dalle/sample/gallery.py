@@ -1,252 +1,172 @@
-"""Static HTML galleries: one page per checkpoint, and an index over every checkpoint.
-
-    {root}/galleries/step_XXXXXXXX/index.html    reranked samples per prompt, completions, eval
-    {root}/galleries/step_XXXXXXXX/img/*.png
-    {root}/galleries/step_XXXXXXXX/scores.parquet one row per sample: prompt, section, rank, clip_score, shown
-    {root}/galleries/step_XXXXXXXX/summary.json   what the index page and the plots read
-    {root}/galleries/index.html                   every checkpoint, with loss and eval plots
-
-Captions come from the web: every text is escaped, nothing from a caption is ever markup.
-Images and tables are written first and the page last, so a page never links a missing file.
-"""
+"""The gallery of one transformer checkpoint: prompts sampled, reranked by the run's CLIP, completions, eval."""
 
 from __future__ import annotations
 
-import html
 import io
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-import PIL.Image
-import pyarrow as pa
+import torch
 
-from dalle.sample.rerank import PromptSamples, describe_sampling
-from dalle.storage import GALLERIES, METRICS, Storage
-
-GALLERY_INDEX = f"{GALLERIES}/index.html"
-SUMMARY = "summary.json"
-
-
-def gallery_dir(step: int) -> str:
-    return f"{GALLERIES}/step_{step:08d}"
-
-
-@dataclass
-class Section:
-    """A titled group of prompts, each shown as its `top` best samples."""
-
-    title: str
-    samples: list[PromptSamples]
-    top: int = 8
-    key: str = ""  # the evaluation group its prompts belong to, if any
+from dalle.config import RunConfig, config_from_dict
+from dalle.runroot import (
+    EVAL_REPORT,
+    GALLERY_SUMMARY,
+    SHARDS_MANIFEST,
+    checkpoint_step,
+    gallery_dir,
+    run_config,
+    split_checkpoint_uri,
+)
+from dalle.sample.evaluation import load_evaluator
+from dalle.sample.generate import generate
+from dalle.sample.page import Completion, GalleryPage, Section, write_gallery_page
+from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts
+from dalle.sample.sampler import Sampler
+from dalle.storage import Storage
 
 
-@dataclass
-class Completion:
-    """The paper's image-to-image trick: the top rows of an image's codes kept, the rest sampled."""
-
-    caption: str
-    original: PIL.Image.Image
-    completions: list[PIL.Image.Image]
-    rows_kept: int
-
-
-@dataclass
-class GalleryPage:
-    step: int
-    checkpoint_uri: str
-    sections: list[Section]
-    completions: list[Completion] = field(default_factory=list)
-    evaluation: dict | None = None
-    sampling: dict = field(default_factory=dict)  # SamplingSettings.described()
-    settings_fingerprint: str = ""  # of the gallery config it was drawn with: a changed one redraws it
-
-
-def _png(image: PIL.Image.Image, scale: int) -> bytes:
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-.prompt { margin: 1.2em 0; }
-.row { display: flex; flex-wrap: wrap; gap: 8px; }
-figure { margin: 0; text-align: center; font-size: 12px; }
-img { image-rendering: pixelated; border: 1px solid #ccc; }
-table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 2px 8px; }
-.caption { font-weight: 600; }
-"""
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        "<!doctype html>\n<html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+def sampling_settings(cfg: RunConfig) -> SamplingSettings:
+    g = cfg.gallery
+    return SamplingSettings(
+        num_samples=g.samples_per_prompt,
+        top=g.top,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        cond_scale=g.cond_scale,
+        batch_size=g.batch_size,
+        seed=g.seed,
     )
 
 
-def _eval_table(evaluation: dict) -> str:
-    groups = {k: v for k, v in evaluation.items() if isinstance(v, dict)}
-    columns = list(dict.fromkeys(name for figures in groups.values() for name in figures))
-    header = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
-    rows = []
-    for group, figures in groups.items():
-        cells = "".join(
-            f"<td>{figures[n]:.3f}</td>"
-            if isinstance(figures.get(n), float)
-            else f"<td>{html.escape(str(figures.get(n, '')))}</td>"
-            for n in columns
+def draw_section(title: str, key: str, prompts: list[str], sampler: Sampler, settings: SamplingSettings) -> Section:
+    """Every prompt's samples, reranked by the sampler's CLIP, as one gallery section."""
+    return Section(title, [sampler.sample(p, settings) for p in prompts], top=settings.top, key=key)
+
+
+def with_sampling(cfg: RunConfig, origin: str, **changes) -> RunConfig:
+    """`cfg` with gallery keys changed (None keeps a key), validated: a bad value raises a
+    ConfigError that names the key and `origin`."""
+    data = cfg.model_dump(mode="json")
+    data["gallery"].update({key: value for key, value in changes.items() if value is not None})
+    return config_from_dict(data, origin=origin)
+
+
+def user_prompts(cfg: RunConfig) -> list[str]:
+    if not cfg.gallery.prompts_file:
+        return []
+    location = cfg.gallery.prompts_file
+    folder, _, name = location.rpartition("/")
+    text = Storage(folder or ".").read_bytes(name).decode("utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def draw_gallery(
+    storage: Storage, cfg: RunConfig, checkpoint_rel: str, log: Callable[[str], None] = print
+) -> str:
+    """Sample, rerank and write the gallery of the transformer at `checkpoint_rel`; returns the page URI.
+    The evaluator plug-in of gallery.evaluator, when set, adds its sections and figures."""
+    sampler = Sampler.from_run(storage, cfg, checkpoint_rel)
+    transformer, dvae, tokenizer = sampler.transformer, sampler.dvae, sampler.tokenizer
+    evaluator = load_evaluator(cfg)
+    step = checkpoint_step(checkpoint_rel)
+    settings = sampling_settings(cfg)
+    manifest = storage.read_json(SHARDS_MANIFEST)
+    last_shard = storage.read_table(manifest["shards"][-1]["path"], columns=["caption", "image_codes"])
+
+    prompt_groups: list[tuple[str, str, list[str]]] = []  # (title, eval group, prompts)
+    if evaluator is not None:
+        prompt_groups += [(title, key, prompts) for key, title, prompts in evaluator.prompt_groups() if prompts]
+    captions = list(dict.fromkeys(last_shard.column("caption").to_pylist()))[: cfg.gallery.validation_prompts]
+    if captions:
+        prompt_groups.append(("Captions from the data", "", captions))
+    extra = user_prompts(cfg)
+    if extra:
+        prompt_groups.append(("Your prompts", "", extra))
+
+    sections = []
+    for title, key, prompts in prompt_groups:
+        log(f"gallery step {step}: sampling {len(prompts)} prompts x {settings.num_samples} ({title})")
+        sections.append(draw_section(title, key, prompts, sampler, settings))
+
+    completions = []
+    rows = cfg.gallery.completion_rows or max(1, transformer.grid // 2)
+    rows = min(rows, transformer.grid - 1)
+    for index in range(min(cfg.gallery.completions, last_shard.num_rows)):
+        caption = last_shard.column("caption")[index].as_py()
+        codes = torch.tensor(last_shard.column("image_codes")[index].as_py(), dtype=torch.long)
+        text = encode_prompts(tokenizer, [caption], transformer.text_len)
+        completed = generate(
+            transformer,
+            text,
+            num_images=cfg.gallery.completion_samples,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            cond_scale=settings.cond_scale,
+            seed=settings.seed + index,
+            prime_codes=codes[: rows * transformer.grid],
         )
-        rows.append(f"<tr><th>{html.escape(group)}</th>{cells}</tr>")
-    return f"<h2>Zero-shot evaluation</h2><table><tr><th></th>{header}</tr>{''.join(rows)}</table>"
+        original = decode_codes(dvae, codes[None])[0]
+        completions.append(Completion(caption, original, decode_codes(dvae, completed), rows))
 
-
-def publish_gallery(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
-    """Write the checkpoint's gallery (images, scores.parquet, summary.json, then index.html); returns its URI."""
-    folder = gallery_dir(page.step)
-    records, parts, per_prompt = [], [], []
-    parts.append(
-        f"<h1>Checkpoint step {page.step}</h1><p><code>{html.escape(page.checkpoint_uri)}</code></p>"
+    evaluation = evaluator.evaluate(sections, sampler.clip) if evaluator is not None else None
+    sampling = settings.described()
+    if evaluation:
+        storage.write_json(
+            EVAL_REPORT,
+            {**evaluation, "step": step, "checkpoint": storage.uri(checkpoint_rel), "sampling": sampling},
+        )
+    page = GalleryPage(
+        step,
+        storage.uri(checkpoint_rel),
+        sections,
+        completions,
+        evaluation,
+        sampling,
+        cfg.fingerprint("gallery"),
     )
-    parts.append("<p><a href='../index.html'>all checkpoints</a></p>")
-    if page.sampling:
-        parts.append(f"<p class='sampling'>Sampled with {html.escape(describe_sampling(page.sampling))}.</p>")
-    if page.evaluation:
-        parts.append(_eval_table(page.evaluation))
-    for s_index, section in enumerate(page.sections):
-        parts.append(f"<h2>{html.escape(section.title)}</h2>")
-        for p_index, samples in enumerate(section.samples):
-            figures = []
-            for rank, index in enumerate(samples.ranking):
-                shown = rank < section.top
-                records.append(
-                    {
-                        "section": section.title,
-                        "prompt": samples.prompt,
-                        "sample": index,
-                        "rank": rank,
-                        "clip_score": float(samples.scores[index]),
-                        "shown": shown,
-                    }
-                )
-                if shown:
-                    rel = f"img/s{s_index}_p{p_index:03d}_r{rank:02d}.png"
-                    storage.write_bytes(f"{folder}/{rel}", _png(samples.images[index], scale))
-                    figures.append(
-                        f"<figure><img src='{rel}' alt='sample {rank + 1}'>"
-                        f"<figcaption>{samples.scores[index]:.3f}</figcaption></figure>"
-                    )
-            scores = samples.scores
-            per_prompt.append(
-                {
-                    "section": section.title,
-                    "prompt": samples.prompt,
-                    "best": float(scores.max()) if len(scores) else None,
-                    "mean": float(scores.mean()) if len(scores) else None,
-                }
-            )
-            parts.append(
-                f"<div class='prompt'><div class='caption'>{html.escape(samples.prompt)}</div>"
-                f"<div class='row'>{''.join(figures)}</div></div>"
-            )
-    if page.completions:
-        parts.append("<h2>Image completion (top rows kept, the rest sampled)</h2>")
-        for c_index, completion in enumerate(page.completions):
-            original = f"img/c{c_index:03d}_original.png"
-            storage.write_bytes(f"{folder}/{original}", _png(completion.original, scale))
-            figures = [
-                f"<figure><img src='{original}' alt='original'><figcaption>original</figcaption></figure>"
-            ]
-            for k, image in enumerate(completion.completions):
-                rel = f"img/c{c_index:03d}_{k:02d}.png"
-                storage.write_bytes(f"{folder}/{rel}", _png(image, scale))
-                figures.append(
-                    f"<figure><img src='{rel}' alt='completion {k + 1}'><figcaption>{k + 1}</figcaption></figure>"
-                )
-            parts.append(
-                f"<div class='prompt'><div class='caption'>{html.escape(completion.caption)} "
-                f"({completion.rows_kept} rows kept)</div><div class='row'>{''.join(figures)}</div></div>"
-            )
-    storage.write_table(
-        f"{folder}/scores.parquet", pa.Table.from_pylist(records) if records else pa.table({})
+    return write_gallery_page(storage, page)
+
+
+def gallery_is_current(storage: Storage, cfg: RunConfig, step: int) -> bool:
+    """Whether the gallery of transformer checkpoint `step` exists, drawn with `cfg`'s gallery settings."""
+    summary = f"{gallery_dir(step)}/{GALLERY_SUMMARY}"
+    if not storage.exists(summary):
+        return False
+    return storage.read_json(summary).get("settings_fingerprint") == cfg.fingerprint("gallery")
+
+
+def sample_to_folder(
+    checkpoint: str, prompt: str, num: int, top: int, out: str, seed: int = 0, **changes
+) -> list[str]:
+    """Draw `num` images for `prompt` from a transformer checkpoint, keep the CLIP-best `top` in `out`
+    (PNG files and scores.json); returns what was written, one line each. `changes` are gallery
+    sampling keys (temperature, top_k, top_p, cond_scale) in place of the run's."""
+    root, rel = split_checkpoint_uri(checkpoint)
+    storage = Storage(root)
+    cfg = with_sampling(
+        run_config(storage), "the sample command", samples_per_prompt=num, top=top, seed=seed, **changes
     )
-    storage.write_json(
-        f"{folder}/{SUMMARY}",
-        {
-            "step": page.step,
-            "checkpoint": page.checkpoint_uri,
-            "prompts": per_prompt,
-            "evaluation": page.evaluation,
-            "sampling": page.sampling,
-            "settings_fingerprint": page.settings_fingerprint,
-        },
+    sampler = Sampler.from_run(storage, cfg, rel)
+    settings = sampling_settings(cfg)
+    samples = sampler.sample(prompt, settings)
+    target = Storage(out)
+    written, scores = [], []
+    for rank, (image, score) in enumerate(samples.best(top)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        written.append(target.write_bytes(f"sample_{rank:02d}.png", buffer.getvalue()))
+        scores.append({"file": f"sample_{rank:02d}.png", "rank": rank, "clip_score": score})
+    meta_out = {
+        "prompt": prompt,
+        "checkpoint": checkpoint,
+        "samples": num,
+        "reranked_by": sampler.clip.identity if sampler.clip else None,
+        "sampling": settings.described(),
+    }
+    written.append(
+        target.write_bytes("scores.json", json.dumps({**meta_out, "images": scores}, indent=2).encode())
     )
-    storage.write_bytes(f"{folder}/index.html", _page(f"step {page.step}", "\n".join(parts)).encode())
-    publish_index(storage)
-    return storage.uri(f"{folder}/index.html")
-
-
-def _plot(series: dict[str, tuple[list, list]], title: str, ylabel: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def publish_index(storage: Storage) -> str:
-    """galleries/index.html: a link per checkpoint gallery, the training loss and eval figures plotted."""
-    summaries = []
-    for name in storage.subfolders(GALLERIES):
-        if name.startswith("step_") and storage.exists(f"{GALLERIES}/{name}/{SUMMARY}"):
-            summaries.append(storage.read_json(f"{GALLERIES}/{name}/{SUMMARY}"))
-    summaries.sort(key=lambda s: s["step"])
-    parts = ["<h1>Galleries</h1>"]
-    if storage.exists(METRICS):
-        steps, losses = [], []
-        for line in storage.read_bytes(METRICS).decode().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("model") == "dalle" and "loss" in record:
-                steps.append(record["step"])
-                losses.append(record["loss"])
-        if steps:
-            storage.write_bytes(
-                f"{GALLERIES}/loss.png", _plot({"loss": (steps, losses)}, "transformer loss", "loss")
-            )
-            parts.append("<img src='loss.png' alt='training loss'>")
-    series: dict[str, tuple[list, list]] = {}
-    for summary in summaries:
-        for group, figures in (summary.get("evaluation") or {}).items():
-            if isinstance(figures, dict) and "both_acc_reranked" in figures:
-                xs, ys = series.setdefault(f"{group} both (reranked)", ([], []))
-                xs.append(summary["step"])
-                ys.append(figures["both_acc_reranked"])
-    if series:
-        storage.write_bytes(f"{GALLERIES}/eval.png", _plot(series, "zero-shot accuracy", "share right"))
-        parts.append("<img src='eval.png' alt='evaluation across checkpoints'>")
-    items = "".join(
-        f"<li><a href='step_{s['step']:08d}/index.html'>step {s['step']}</a></li>"
-        for s in reversed(summaries)
-    )
-    parts.append(f"<ul>{items}</ul>")
-    storage.write_bytes(GALLERY_INDEX, _page("galleries", "\n".join(parts)).encode())
-    return storage.uri(GALLERY_INDEX)
+    return written

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from dalle.data.text_tokenizer import TextTokenizer
+from dalle.tokens.bpe import TextTokenizer
 from dalle.models.clip import ClipModel
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dalle.config import ConfigError, TrainConfig
+from dalle.config import TrainConfig
+from dalle.devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -28,28 +29,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_train_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' is cuda:<local rank> when CUDA is available, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"device {name!r} is not a torch device ({err}); use auto, cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device is {name!r} but torch sees no CUDA device; use auto or cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def setup(cfg: TrainConfig) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, ...) or run as a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_train_device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":

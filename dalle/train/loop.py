@@ -1,6 +1,6 @@
 """The training loop shared by the dVAE, the transformer and the CLIP.
 
-A `TrainTask` says what is trained (model, data, loss); `train` does the rest: AdamW with
+A `ModelTraining` says what is trained (model, data, loss); `train` does the rest: AdamW with
 decay only where the task says, warm-up then cosine or step decay, bf16 autocast on GPU,
 gradient accumulation, a NaN/Inf guard, checkpoints with everything needed to resume
 exactly (optimizer, scheduler, step, data position, every rank's RNG), metrics, and DDP
@@ -26,20 +26,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import IterableDataset
 
 from dalle.config import RunConfig, TrainConfig, dump_config
-from dalle.data.loader import ShardDataset, make_loader
-from dalle.storage import METRICS, Storage, checkpoint_dir
+from dalle.errors import UserError
+from dalle.models.weights import CheckpointMismatch, load_model_state, save_model
+from dalle.runroot import CHECKPOINT_CONFIG, METRICS, MODELS_DIR, checkpoint_dir, latest_checkpoint, set_latest
+from dalle.storage import Storage
+from dalle.tokens.loader import make_loader
 from dalle.train import checkpoint as ckpt
 from dalle.train.distributed import DistInfo, all_agree, barrier, gather_objects, setup, teardown
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Too many consecutive steps had a NaN or Inf loss or gradient."""
 
 
-class TrainTask(Protocol):
-    """What a model's training needs beyond the shared loop."""
+class ModelTraining(Protocol):
+    """What a model's training needs beyond the shared loop (dalle/train/<model>.py)."""
 
     name: str  # folder under models/
     tokens_per_sample: int  # for tokens/s in the metrics (1 for image models)
@@ -52,11 +56,17 @@ class TrainTask(Protocol):
 
     def dataset(
         self, batch_size: int, seed: int, start_batch: int, rank: int, world_size: int
-    ) -> ShardDataset: ...
+    ) -> IterableDataset:
+        """An endless stream of batches for this rank, starting after its first `start_batch`."""
+        ...
 
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     def optimizer_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (e.g. to clamp a parameter); may do nothing."""
+        ...
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -136,14 +146,14 @@ def _check_meta(found: dict, expected: dict, where: str) -> None:
     if found != expected:
         keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
         details = "; ".join(f"{k}: checkpoint {found.get(k)!r}, now {expected.get(k)!r}" for k in keys)
-        raise ckpt.CheckpointMismatch(
+        raise CheckpointMismatch(
             f"{where} was trained with another model configuration ({details}); "
             "use the run's own config (omit --config), or train into another --out"
         )
 
 
 def train(
-    task: TrainTask,
+    task: ModelTraining,
     storage: Storage,
     run_cfg: RunConfig,
     cfg: TrainConfig,
@@ -164,16 +174,16 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(info.device)
     meta = task.model_meta()
-    existing = ckpt.latest_checkpoint(storage, task.name)
+    existing = latest_checkpoint(storage, task.name)
     if existing is not None and not resume:
-        raise ckpt.CheckpointMismatch(
-            f"{storage.uri(f'models/{task.name}')} already has checkpoints up to step {existing.step}; "
+        raise CheckpointMismatch(
+            f"{storage.uri(f'{MODELS_DIR}/{task.name}')} already has checkpoints up to step {existing.step}; "
             "resume it (the default), or train into another --out"
         )
 
     step, batches, bad_total, train_state = 0, 0, 0, None
     if existing is not None:
-        state, found_meta = ckpt.load_model_state(storage, existing.rel_dir)
+        state, found_meta = load_model_state(storage, existing.rel_dir)
         _check_meta(found_meta, meta, existing.uri)
         model.load_state_dict(state)
         train_state = ckpt.load_train_state(storage, existing.rel_dir)
@@ -226,7 +236,7 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str
         uri = storage.uri(checkpoint_dir(task.name, step))
         if info.is_main:
             rel = checkpoint_dir(task.name, step)
-            ckpt.save_model(storage, rel, model_state, meta)
+            save_model(storage, rel, model_state, meta)
             ckpt.save_train_state(
                 storage,
                 rel,
@@ -241,9 +251,9 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str
                     "rank_weight_checksums": checksums,
                 },
             )
-            storage.write_bytes(f"{rel}/{ckpt.RUN_CONFIG}", dump_config(run_cfg).encode())
+            storage.write_bytes(f"{rel}/{CHECKPOINT_CONFIG}", dump_config(run_cfg).encode())
             metrics.flush(force=True)
-            uri = ckpt.publish(storage, task.name, step)
+            uri = set_latest(storage, task.name, step)
             log(f"{task.name}: checkpoint at step {step}: {uri}")
             if on_checkpoint is not None:
                 on_checkpoint({"model": task.name, "step": step, "uri": uri, "metrics": last_record})
@@ -291,6 +301,7 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str
             continue
         bad_in_row = 0
         optimizer.step()
+        task.after_step(model)
         scheduler.step()
         step += 1
         window_steps += 1

@@ -1,4 +1,5 @@
-"""The captioned-shapes demo source: generation, site layout and the loopback server."""
+"""The captioned-shapes demo world and site: generation, site layout and the loopback server
+(with the crawler tests' misbehaving routes from hostile_routes)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,18 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hostile_routes import hostile_server
 from PIL import Image, UnidentifiedImageError
 
-from dalle.config import SourceConfig
-from dalle.data.sources import (
+from demo.site import DemoServer, build_site, url_table, write_url_list
+from demo.world import (
     COLORS,
     SIZE_BANDS,
-    DemoServer,
+    WorldConfig,
     allowed_combinations,
-    build_site,
     generate_samples,
     heldout_prompts,
     render,
-    url_table,
-    write_url_list,
 )
 
 SMALL = {
@@ -37,8 +36,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def cfg() -> SourceConfig:
-    return SourceConfig(**SMALL, shapes=["circle", "square", "triangle", "cross", "diamond"])
+def cfg() -> WorldConfig:
+    return WorldConfig(**SMALL, shapes=["circle", "square", "triangle", "cross", "diamond"])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def site(cfg):
 
 @pytest.fixture(scope="module")
 def server(site):
-    with DemoServer(site, robots_txt="User-agent: *\nDisallow: /private/\n") as srv:
+    with hostile_server(site, robots_txt="User-agent: *\nDisallow: /private/\n") as srv:
         yield srv
 
 
@@ -108,7 +107,7 @@ def test_no_heldout_combination_anywhere(cfg, site):
 
 
 def test_heldout_prompts_use_articles():
-    cfg = SourceConfig(heldout=["red square", "orange cross"])
+    cfg = WorldConfig(heldout=["red square", "orange cross"])
     assert heldout_prompts(cfg) == ["a red square", "an orange cross"]
 
 
@@ -160,9 +159,9 @@ def test_pixels_match_ground_truth(cfg, site):
 
 def test_unknown_colour_or_shape_is_named():
     with pytest.raises(ValueError, match="'magenta'.*red"):
-        generate_samples(SourceConfig(colors=["red", "magenta"], heldout=[]))
+        generate_samples(WorldConfig(colors=["red", "magenta"], heldout=[]))
     with pytest.raises(ValueError, match="'star'.*circle"):
-        generate_samples(SourceConfig(shapes=["circle", "star"], heldout=[]))
+        generate_samples(WorldConfig(shapes=["circle", "star"], heldout=[]))
 
 
 # --- site --------------------------------------------------------------------------------
@@ -285,10 +284,18 @@ def test_private_and_robots(server, site):
     assert status == 200 and Image.open(io.BytesIO(body)).size == (site.cfg.image_size,) * 2
     status, _, body = get(server, "/robots.txt")
     assert status == 200 and b"Disallow: /private/" in body
-    with DemoServer(None) as bare:
+    with hostile_server(None) as bare:
         assert get(bare, "/robots.txt")[0] == 404
         assert get(bare, "/img/000000.png")[0] == 404
         assert get(bare, "/bad/500")[0] == 500
+
+
+def test_plain_server_serves_only_the_site_and_robots(site):
+    with DemoServer(site, robots_txt="User-agent: *\nDisallow: /private/\n") as plain:
+        assert get(plain, "/" + site.samples[0].name)[0] == 200
+        assert get(plain, "/robots.txt")[0] == 200
+        assert get(plain, "/bad/500")[0] == 404
+        assert get(plain, "/private/anything.png")[0] == 404
 
 
 def test_slow_route_waits_then_serves_an_image(server):
@@ -299,7 +306,7 @@ def test_slow_route_waits_then_serves_an_image(server):
 
 
 def test_close_does_not_wait_for_a_slow_handler():
-    srv = DemoServer(None)
+    srv = hostile_server(None)
     sock = socket.create_connection((srv.host, srv.port))
     sock.sendall(b"GET /bad/slow?seconds=30 HTTP/1.0\r\n\r\n")
     deadline = time.monotonic() + 5
@@ -315,7 +322,7 @@ def test_close_does_not_wait_for_a_slow_handler():
 
 
 def test_server_is_quiet(site, capfd):
-    with DemoServer(site) as srv:
+    with hostile_server(site) as srv:
         get(srv, "/" + site.samples[0].name)
         get(srv, "/bad/404")
         # A client that hangs up mid-request must not print a traceback either.

@@ -1,6 +1,6 @@
 """The paper's central claim, measured: images for captions never seen in training.
 
-For demo runs, prompts in three groups: held-out single objects ("a red square" never appeared),
+The gallery's evaluator plug-in for demo runs (`gallery.evaluator: demo.evaluation`): prompts in three groups: held-out single objects ("a red square" never appeared),
 seen single objects, and two held-out objects in a relation. Each sample is judged from its
 pixels by the deterministic detector; accuracies are reported over all samples (before
 reranking) and over the CLIP-reranked top (after), so the reranker's gain is a number.
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dalle.config import SourceConfig
-from dalle.data.sources import RELATIONS, ShapeObject, allowed_combinations, caption_for
-from dalle.eval.detect import judge
+from dalle.config import RunConfig
+from demo.detect import judge
+from demo.world import RELATIONS, ShapeObject, WorldConfig, allowed_combinations, caption_for, world_config
 
 HELDOUT, SEEN, HELDOUT_PAIRS = "heldout", "seen", "heldout_pairs"
 TITLES = {
@@ -22,7 +22,6 @@ TITLES = {
     SEEN: "Seen combinations",
     HELDOUT_PAIRS: "Two held-out objects in a relation",
 }
-EVAL_REPORT = "reports/eval.json"
 
 
 def _caption(objects: Sequence[tuple[str, str]], relation: str | None = None) -> str:
@@ -31,7 +30,7 @@ def _caption(objects: Sequence[tuple[str, str]], relation: str | None = None) ->
     )
 
 
-def eval_prompts(source: SourceConfig, seen: int = 4) -> dict[str, list[str]]:
+def eval_prompts(source: WorldConfig, seen: int = 4) -> dict[str, list[str]]:
     """The prompts of each group, deterministic for the source configuration."""
     heldout = [tuple(combo.split()) for combo in source.heldout]
     allowed = allowed_combinations(source)
@@ -55,7 +54,7 @@ def _rates(judgments: list[dict], key: str) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def evaluate_group(samples: list, top: int, pairs: bool, source: SourceConfig | None = None) -> dict:
+def evaluate_group(samples: list, top: int, pairs: bool, source: WorldConfig | None = None) -> dict:
     """Accuracy figures of one group of PromptSamples (judged before and after keeping the CLIP top).
 
     With `source`, the detector names only that source's colours and shapes."""
@@ -79,7 +78,7 @@ def evaluate_group(samples: list, top: int, pairs: bool, source: SourceConfig | 
     return figures
 
 
-def evaluate_sections(sections: list, clip, source: SourceConfig | None = None) -> dict:
+def evaluate_sections(sections: list, clip, source: WorldConfig | None = None) -> dict:
     """The eval.json figures from the gallery's sections whose `key` names an eval group."""
     report = {}
     for section in sections:
@@ -91,3 +90,21 @@ def evaluate_sections(sections: list, clip, source: SourceConfig | None = None) 
     if report:
         report["reranked_by"] = getattr(clip, "identity", None) if clip is not None else None
     return report
+
+
+class ShapesEvaluation:
+    """The zero-shot sections of a demo run's gallery and their figures (dalle.sample.evaluation.Evaluator)."""
+
+    def __init__(self, world: WorldConfig):
+        self.world = world
+
+    def prompt_groups(self) -> list[tuple[str, str, list[str]]]:
+        return [(key, TITLES[key], prompts) for key, prompts in eval_prompts(self.world).items()]
+
+    def evaluate(self, sections: list, clip) -> dict:
+        return evaluate_sections(sections, clip, self.world)
+
+
+def evaluator(cfg: RunConfig) -> ShapesEvaluation:
+    """The plug-in's entry point: the evaluation of the world in cfg.plugins.demo."""
+    return ShapesEvaluation(world_config(cfg))

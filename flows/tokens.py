@@ -7,9 +7,11 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-from dalle.data.tokenize import tokenize_stage
+from dalle.devices import resolve_device
+from dalle.models.weights import load_dvae
+from dalle.runroot import run_config
 from dalle.storage import Storage
-from dalle.train.run import run_config
+from dalle.tokens.shards import tokenize_stage
 from flows.common import log, retry_unless_user_error
 
 
@@ -17,7 +19,8 @@ from flows.common import log, retry_unless_user_error
 def tokenize(root: str, config: dict[str, Any] | None) -> dict:
     storage = Storage(root)
     cfg = run_config(storage, config)
-    return tokenize_stage(storage, cfg, log=log)
+    dvae, identity = load_dvae(storage, device=resolve_device(cfg.tokenize.device, setting="tokenize.device"))
+    return tokenize_stage(storage, cfg, dvae, identity, log=log)
 
 
 @flow(name="tokenize")

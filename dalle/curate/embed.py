@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import PIL.Image
@@ -17,11 +18,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dalle.models.clip import ClipModel, row_cosine
 from dalle.schemas import SchemaError, check_schema, embeddings_schema
-from dalle.storage import EMBEDDINGS, Storage
+from dalle.runroot import EMBEDDINGS_DIR
+from dalle.storage import Storage
 
 CLIP_MODEL_KEY = b"dalle.clip_model"
+
+
+class ClipEncoder(Protocol):
+    """What curation needs of a CLIP (dalle.models.clip.ClipEncoder is one); given to the stages, so
+    that curation does not depend on where the CLIP comes from."""
+
+    identity: str  # names the weights exactly: vectors of different CLIPs are never mixed
+    embed_dim: int
+
+    def encode_images(self, images: Sequence[PIL.Image.Image], batch_size: int | None = None) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray: ...
+
+    def encode_image_tokens(
+        self, images: Sequence[PIL.Image.Image], batch_size: int | None = None
+    ) -> np.ndarray: ...
 _PART_NAME = re.compile(r"part-(\d+)\.parquet$")
 
 
@@ -34,7 +51,7 @@ def _decode(data: bytes, label: str) -> PIL.Image.Image:
 
 
 def _embed(
-    clip: ClipModel, images: Sequence[bytes], captions: Sequence[str], batch_size: int, labels: Sequence[str]
+    clip: ClipEncoder, images: Sequence[bytes], captions: Sequence[str], batch_size: int, labels: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
@@ -46,17 +63,17 @@ def _embed(
         ]
         image_emb[start : start + len(decoded)] = clip.encode_images(decoded, batch_size)
     text_emb = clip.encode_texts(list(captions), batch_size)
-    return image_emb, text_emb, row_cosine(image_emb, text_emb)
+    return image_emb, text_emb, np.einsum("nd,nd->n", image_emb, text_emb).astype(np.float32)
 
 
 def embed_pairs(
-    clip: ClipModel, images: Sequence[bytes], captions: Sequence[str], batch_size: int
+    clip: ClipEncoder, images: Sequence[bytes], captions: Sequence[str], batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image vectors, caption vectors, clip_score) of encoded images and their captions; vectors are unit-norm."""
     return _embed(clip, images, captions, batch_size, [f"image {i}" for i in range(len(images))])
 
 
-def tagged_schema(clip: ClipModel) -> pa.Schema:
+def tagged_schema(clip: ClipEncoder) -> pa.Schema:
     """`embeddings_schema` for this CLIP, tagged with its identity."""
     schema = embeddings_schema(clip.embed_dim)
     return schema.with_metadata({**schema.metadata, CLIP_MODEL_KEY: clip.identity.encode()})
@@ -86,7 +103,7 @@ def _read_stored(storage: Storage, wanted: set[str], schema: pa.Schema) -> list[
     identity = schema.metadata[CLIP_MODEL_KEY]
     found: list[pa.Table] = []
     remaining = set(wanted)
-    for rel in storage.list(EMBEDDINGS, ".parquet"):
+    for rel in storage.list(EMBEDDINGS_DIR, ".parquet"):
         if not remaining:
             break
         if not _PART_NAME.search(rel):
@@ -124,9 +141,9 @@ def _read_stored(storage: Storage, wanted: set[str], schema: pa.Schema) -> list[
 
 def _next_part(storage: Storage) -> str:
     numbers = [
-        int(m.group(1)) for rel in storage.list(EMBEDDINGS, ".parquet") if (m := _PART_NAME.search(rel))
+        int(m.group(1)) for rel in storage.list(EMBEDDINGS_DIR, ".parquet") if (m := _PART_NAME.search(rel))
     ]
-    return f"{EMBEDDINGS}/part-{max(numbers, default=-1) + 1:05d}.parquet"
+    return f"{EMBEDDINGS_DIR}/part-{max(numbers, default=-1) + 1:05d}.parquet"
 
 
 def embed_stage(
@@ -134,7 +151,7 @@ def embed_stage(
     uids: Sequence[str],
     images: Sequence[bytes],
     captions: Sequence[str],
-    clip: ClipModel,
+    clip: ClipEncoder,
     batch_size: int,
 ) -> pa.Table:
     """Embeddings of `uids` in the given order, embedding (and storing, as one new part) only those not yet stored for this CLIP."""

@@ -33,12 +33,13 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dalle.schemas import CURATED as CURATED_SCHEMA
+from dalle.schemas import CURATED_SCHEMA
 from dalle.schemas import SCHEMA_VERSION, SchemaError, check_schema, token_shard_schema
-from dalle.storage import CURATED, MANIFEST, SHARDS, Storage, StorageError
+from dalle.runroot import CURATED_DIR, MANIFEST, SHARDS_DIR
+from dalle.storage import Storage, StorageError
 
 # The command that (re)writes each shard folder, named in error messages.
-_PRODUCER = {SHARDS: "dalle tokenize", CURATED: "dalle curate"}
+_PRODUCER = {SHARDS_DIR: "dalle tokenize", CURATED_DIR: "dalle curate"}
 
 # Keys of the seeded permutations: the third entry keeps shard-order and row-order streams apart.
 _SHARD_ORDER, _ROW_ORDER = 0, 1
@@ -51,7 +52,7 @@ class ShardError(StorageError):
 def _expected_schema(shard_dir: str, file_schema: pa.Schema | None) -> pa.Schema:
     """The schema a shard under `shard_dir` must have. The code count of token shards is a property
     of the dVAE, not of the loader, so it is taken from the shard itself; the decode checks it."""
-    if shard_dir == CURATED:
+    if shard_dir == CURATED_DIR:
         return CURATED_SCHEMA
     num_codes = 1
     if file_schema is not None and "image_codes" in file_schema.names:
@@ -96,7 +97,7 @@ class ShardDataset(IterableDataset):
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
-        if expected_schema is None and shard_dir not in (SHARDS, CURATED):
+        if expected_schema is None and shard_dir not in (SHARDS_DIR, CURATED_DIR):
             raise ValueError(f"no known schema for shard folder {shard_dir!r}; pass expected_schema")
 
         self.shard_dir = shard_dir.strip("/")

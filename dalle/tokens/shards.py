@@ -14,26 +14,30 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from dalle.config import RunConfig
-from dalle.data.loader import ImageBatch
-from dalle.data.text_tokenizer import tokenizer_for_run
+from dalle.errors import UserError
+from dalle.runroot import CURATED_DIR, CURATED_MANIFEST, SHARDS_DIR, SHARDS_MANIFEST
 from dalle.schemas import SCHEMA_VERSION, token_shard_schema
-from dalle.storage import CURATED as CURATED_DIR
-from dalle.storage import MANIFEST, SHARDS, Storage, checkpoint_step, parquet_bytes
-from dalle.train.checkpoint import latest_checkpoint
-from dalle.train.distributed import resolve_train_device
-from dalle.train.tasks import DVAE, load_trained
-
-SHARDS_MANIFEST = f"{SHARDS}/{MANIFEST}"
-CURATED_MANIFEST = f"{CURATED_DIR}/{MANIFEST}"
+from dalle.storage import Storage, parquet_bytes
+from dalle.tokens.bpe import tokenizer_for_run
+from dalle.tokens.loader import ImageBatch
 
 
-class ShardsMismatch(ValueError):
+class ImageCoder(Protocol):
+    """What tokenizing needs of a trained dVAE (dalle.models.dvae.DiscreteVAE is one)."""
+
+    cfg: Any  # image_size, codebook_size and grid
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class ShardsMismatch(UserError, ValueError):
     """Existing token shards were made with another dVAE, tokenizer or sequence length."""
 
 
@@ -94,45 +98,31 @@ def _trim_padding(row: np.ndarray) -> list[int]:
 
 
 def tokenize_stage(
-    storage: Storage, cfg: RunConfig, dvae_checkpoint: str | None = None, log: Callable[[str], None] = print
+    storage: Storage,
+    cfg: RunConfig,
+    dvae: ImageCoder,
+    dvae_identity: dict,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Write token shards for every curated pair not tokenized yet; returns a summary with the shards' URI.
 
-    `dvae_checkpoint` is a checkpoint folder relative to the run root; default: models/dvae/latest.json.
+    `dvae` encodes the images (on its own device); `dvae_identity` names its checkpoint (uri, step,
+    weights_sha256, ...) in the manifest, so that shards of another dVAE are never mixed in.
     """
     curated = _curated_shards(storage)
-    if dvae_checkpoint is None:
-        latest = latest_checkpoint(storage, DVAE)
-        if latest is None:
-            raise FileNotFoundError(
-                f"no trained dVAE under {storage.uri(f'models/{DVAE}')}; run `dalle train-dvae` first"
-            )
-        dvae_checkpoint, step = latest.rel_dir, latest.step
-    else:
-        step = checkpoint_step(dvae_checkpoint) if "step_" in dvae_checkpoint else -1
-    device = resolve_train_device(cfg.tokenize.device)
-    dvae, meta = load_trained(storage, dvae_checkpoint, device)
-    if meta.get("kind") != "dvae":
-        raise ValueError(f"{storage.uri(dvae_checkpoint)} is not a dVAE checkpoint")
     dvae_cfg = dvae.cfg
     grid = dvae_cfg.grid
-    dvae_identity = {
-        "uri": storage.uri(dvae_checkpoint),
-        "step": step,
-        "weights_sha256": meta["weights_sha256"],
-        "codebook_size": dvae_cfg.codebook_size,
-        "image_size": dvae_cfg.image_size,
-    }
+    device = next(dvae.parameters()).device if hasattr(dvae, "parameters") else torch.device("cpu")
     tokenizer = tokenizer_for_run(storage, cfg.tokenizer, curated_captions(storage))
     expected = _expected_manifest_keys(dvae_identity, tokenizer.identity, cfg, grid)
 
     if storage.exists(SHARDS_MANIFEST):
         manifest = storage.read_json(SHARDS_MANIFEST)
-        _check_compatible(manifest, expected, storage.uri(SHARDS))
+        _check_compatible(manifest, expected, storage.uri(SHARDS_DIR))
     else:
         manifest = {**expected, "rows": 0, "shards": []}
     listed = {s["path"] for s in manifest["shards"]}
-    for rel in storage.list(SHARDS, ".parquet"):
+    for rel in storage.list(SHARDS_DIR, ".parquet"):
         if rel not in listed:  # a crash between writing a shard and listing it
             log(f"tokenize: removing unfinished {storage.uri(rel)}")
             storage.delete(rel)
@@ -150,7 +140,7 @@ def tokenize_stage(
 
     def write_shard(table: pa.Table) -> None:
         nonlocal new_rows
-        rel = f"{SHARDS}/{len(manifest['shards']):05d}.parquet"
+        rel = f"{SHARDS_DIR}/{len(manifest['shards']):05d}.parquet"
         tokens = tokenizer.encode_batch(table.column("caption").to_pylist(), cfg.transformer.text_seq_len)
         codes = []
         for start in range(0, table.num_rows, cfg.tokenize.batch_size):
@@ -198,7 +188,7 @@ def tokenize_stage(
     if not manifest["shards"]:
         storage.write_json(SHARDS_MANIFEST, manifest)
     return {
-        "uri": storage.uri(SHARDS),
+        "uri": storage.uri(SHARDS_DIR),
         "shards": len(manifest["shards"]),
         "rows": manifest["rows"],
         "new_rows": new_rows,

@@ -1,4 +1,5 @@
-"""The `dalle` command line: every pipeline stage, runnable without writing Python."""
+"""The `dalle` command line: every pipeline stage, runnable without writing Python. Plug-ins add
+commands through the `dalle.commands` entry point group (the demo adds `dalle demo`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 from dalle.config import ConfigError, RunConfig, load_config
+from dalle.runroot import CLIP, DVAE, MODEL_NAMES, TRANSFORMER
 
 
-def _with_networks(cfg: RunConfig, networks: Sequence[str] | None) -> RunConfig:
+def with_networks(cfg: RunConfig, networks: Sequence[str] | None) -> RunConfig:
     if networks:
         merged = [*cfg.crawl.allow_networks, *(n for n in networks if n not in cfg.crawl.allow_networks)]
         try:
@@ -30,7 +31,7 @@ def _print_report(root: str, report: dict) -> None:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    cfg = _with_networks(load_config(args.config), args.allow_network)
+    cfg = with_networks(load_config(args.config), args.allow_network)
     from flows.curate import curate_flow  # Prefect is imported only for commands that run flows
 
     report = curate_flow(args.urls, args.out, cfg.model_dump(mode="json"))
@@ -39,14 +40,17 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    cfg = _with_networks(load_config(args.config), args.allow_network)
+    cfg = with_networks(load_config(args.config), args.allow_network)
     from flows.pipeline import pipeline_flow
 
-    result = pipeline_flow(args.out, cfg.model_dump(mode="json"))
+    print_pipeline_result(pipeline_flow(args.out, cfg.model_dump(mode="json")))
+    return 0
+
+
+def print_pipeline_result(result: dict) -> None:
     _print_report(result["root"], result["curate"])
     _print_eval(result.get("eval"))
     print(f"\ngallery: {result['gallery']}")
-    return 0
 
 
 def _print_eval(evaluation: dict | None) -> None:
@@ -70,33 +74,13 @@ def _print_eval(evaluation: dict | None) -> None:
         print(f"  sampled with {describe_sampling(evaluation['sampling'])}")
 
 
-def cmd_serve_demo(args: argparse.Namespace) -> int:
-    from dalle.data.sources import DemoServer, build_site, url_table
-    from dalle.storage import Storage
-
-    cfg = load_config(args.config)
-    site = build_site(cfg.source)
-    with DemoServer(site, host=args.host, port=args.port) as server:
-        uri = Storage(args.out).write_table("urls.parquet", url_table(site, server.base_url))
-        print(f"serving {len(site.rows)} demo images at {server.base_url}; URL list: {uri}")
-        print(
-            f"crawl it with: dalle curate --urls {uri} --out RUN --allow-network 127.0.0.0/8   (Ctrl-C stops)"
-        )
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
 def _config_arg(args: argparse.Namespace) -> dict | None:
     """A given --config as a mapping for the flow (validated here first); None: the run root's own."""
     return load_config(args.config).model_dump(mode="json") if args.config else None
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from flows.tokenize_shards import tokenize_flow
+    from flows.tokens import tokenize_flow
 
     print(tokenize_flow(args.out, _config_arg(args)))
     return 0
@@ -105,17 +89,12 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from flows import train as train_flows
 
-    flow = {"dvae": train_flows.train_dvae_flow, "transformer": train_flows.train_transformer_flow}[
-        args.model
-    ]
+    flow = {
+        CLIP: train_flows.train_clip_flow,
+        DVAE: train_flows.train_dvae_flow,
+        TRANSFORMER: train_flows.train_transformer_flow,
+    }[args.model]
     print(flow(args.out, _config_arg(args), args.max_steps, args.resume))
-    return 0
-
-
-def cmd_train_clip(args: argparse.Namespace) -> int:
-    from flows.train import train_clip_flow
-
-    print(train_clip_flow(args.out, _config_arg(args), args.max_steps))
     return 0
 
 
@@ -127,7 +106,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from dalle.sample.publish import sample_to_folder
+    from dalle.sample.gallery import sample_to_folder
 
     changes = {
         "temperature": args.temperature,
@@ -150,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser, out_help: str) -> None:
         sub.add_argument("--out", required=True, help=out_help)
-        sub.add_argument("--config", help="run configuration YAML (default: built-in defaults; see configs/)")
+        sub.add_argument("--config", help="run configuration YAML (default: built-in defaults; see configs/ and demo/config.yaml)")
 
     def networks(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -169,19 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     curate.set_defaults(func=cmd_curate)
 
     pipeline = commands.add_parser(
-        "pipeline",
-        aliases=["demo"],
-        help="run the whole pipeline on the config's source.urls, or (unset) the built-in captioned-shapes source",
+        "pipeline", help="run the whole pipeline on the config's source.urls: curate, train, galleries"
     )
     common(pipeline, "run root: a local folder or s3://bucket/prefix")
     networks(pipeline)
     pipeline.set_defaults(func=cmd_pipeline)
-
-    serve = commands.add_parser("serve-demo", help="serve the captioned-shapes source over loopback HTTP")
-    common(serve, "folder for the URL list (urls.parquet)")
-    serve.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=0, help="port (default: any free one)")
-    serve.set_defaults(func=cmd_serve_demo)
 
     run_root = "run root made by `dalle curate` (folder or s3://bucket/prefix)"
     run_config = "configuration YAML; saved as the run's. Default: the run root's config.yaml"
@@ -192,28 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--config", help=run_config)
     tokenize.set_defaults(func=cmd_tokenize)
 
-    for name, model, what in (
-        ("train-dvae", "dvae", "train the dVAE on the curated images"),
-        ("train", "transformer", "train the transformer on the token shards"),
-        ("train-clip", "clip", "train the small CLIP on the curated pairs"),
-    ):
-        sub = commands.add_parser(name, help=what)
-        sub.add_argument("--out", required=True, help=run_root)
-        sub.add_argument("--config", help=run_config)
-        sub.add_argument("--max-steps", type=int, help="total steps to reach, counting steps already done")
-        if model == "clip":
-            sub.set_defaults(func=cmd_train_clip)
-        else:
-            sub.add_argument(
-                "--resume",
-                action=argparse.BooleanOptionalAction,
-                default=True,
-                help="continue from the newest checkpoint (default); --no-resume refuses to touch existing ones",
-            )
-            sub.set_defaults(func=cmd_train, model=model)
+    train = commands.add_parser(
+        "train", help="train one model of the run root (default: the transformer, on the token shards)"
+    )
+    train.add_argument(
+        "model",
+        nargs="?",
+        default=TRANSFORMER,
+        choices=MODEL_NAMES,
+        help="clip: the small CLIP on the filtered pairs; dvae: the dVAE on the curated images; "
+        "transformer (default): the transformer on the token shards",
+    )
+    train.add_argument("--out", required=True, help=run_root)
+    train.add_argument("--config", help=run_config)
+    train.add_argument("--max-steps", type=int, help="total steps to reach, counting steps already done")
+    train.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from the newest checkpoint (default); --no-resume refuses to touch existing ones",
+    )
+    train.set_defaults(func=cmd_train)
 
     gallery = commands.add_parser("gallery", help="publish the gallery of one transformer checkpoint")
-    gallery.add_argument("--checkpoint", required=True, help="checkpoint URI (models/dalle/step_XXXXXXXX)")
+    gallery.add_argument("--checkpoint", required=True, help="checkpoint URI (models/transformer/step_XXXXXXXX)")
     gallery.add_argument("--out", required=True, help=run_root)
     gallery.add_argument("--config", help=run_config)
     gallery.set_defaults(func=cmd_gallery)
@@ -233,7 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
         sample.add_argument(flag, type=kind, default=None, help="default: the run's gallery setting")
     sample.add_argument("--out", required=True, help="folder for the images and scores.json")
     sample.set_defaults(func=cmd_sample)
+    _plugin_commands(commands)
     return parser
+
+
+def _plugin_commands(commands: argparse._SubParsersAction) -> None:
+    """Commands of installed plug-ins (entry point group `dalle.commands`); one that is gone is skipped."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="dalle.commands"):
+        try:
+            add_commands = entry.load()
+        except ImportError:
+            continue  # e.g. the demo folder was deleted from a development install
+        add_commands(commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

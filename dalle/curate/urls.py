@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dalle.errors import UserError
 from dalle.config import CrawlConfig
 from dalle.storage import filesystem_for
 
@@ -30,7 +31,7 @@ _EXTENSIONS = {
 }
 
 
-class UrlListError(ValueError):
+class UrlListError(UserError, ValueError):
     """A URL list that cannot be read; the message says what is wrong and how to fix it."""
 
 

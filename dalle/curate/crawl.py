@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from dalle.config import CrawlConfig
-from dalle.data.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
-from dalle.data.urls import read_url_list
-from dalle.schemas import URL_LIST
-from dalle.storage import MANIFEST, RAW, RAW_INPUT, Storage, filesystem_for
+from dalle.errors import UserError
+from dalle.curate.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
+from dalle.curate.urls import read_url_list
+from dalle.schemas import URL_LIST_SCHEMA
+from dalle.runroot import INPUT_LIST, INPUT_MANIFEST, RAW_DIR, REFUSED_LIST
+from dalle.storage import Storage, filesystem_for
 
-INPUT_LIST = f"{RAW_INPUT}/urls.parquet"
-REFUSED_LIST = f"{RAW_INPUT}/refused.parquet"
-INPUT_MANIFEST = f"{RAW_INPUT}/{MANIFEST}"
 
 # Columns of img2dataset's output that later stages read (image bytes are in "jpg"
 # whatever their real format, because re-encoding is off).
@@ -38,7 +37,7 @@ RAW_IMAGE_COLUMN = "jpg"
 X_ROBOTS_MESSAGE = "disallowed by x-robots-tag"  # img2dataset's message, lower-cased
 
 
-class CrawlError(RuntimeError):
+class CrawlError(UserError, RuntimeError):
     """The crawl cannot go on; the message says what to do."""
 
 
@@ -95,8 +94,8 @@ def prepare_input(urls_uri: str, storage: Storage, cfg: CrawlConfig) -> Prepared
         manifest = storage.read_json(INPUT_MANIFEST)
         if manifest.get("fingerprint") != fingerprint:
             raise CrawlError(
-                f"{storage.uri(RAW)} was crawled from {manifest.get('source')} with other crawl settings or "
-                f"another version of the list; use a new --out for {urls_uri}, or delete {storage.uri(RAW)} "
+                f"{storage.uri(RAW_DIR)} was crawled from {manifest.get('source')} with other crawl settings or "
+                f"another version of the list; use a new --out for {urls_uri}, or delete {storage.uri(RAW_DIR)} "
                 "to crawl again from scratch"
             )
         return PreparedInput(manifest["input_rows"], manifest["to_crawl"], manifest["refused"], reused=True)
@@ -138,7 +137,7 @@ def prepare_input(urls_uri: str, storage: Storage, cfg: CrawlConfig) -> Prepared
             refuse(candidates[index], "blocked", reason, detail)
 
     keep = pa.array([row not in refused_rows for row in range(len(urls))])
-    to_crawl = table.filter(keep).cast(URL_LIST)
+    to_crawl = table.filter(keep).cast(URL_LIST_SCHEMA)
     storage.write_table(INPUT_LIST, to_crawl)
     storage.write_table(REFUSED_LIST, _refused_table(sorted(refused, key=lambda r: r["input_row"])))
     counts = dict(Counter(r["reason"] for r in refused))
@@ -163,7 +162,7 @@ def img2dataset_arguments(storage: Storage, cfg: CrawlConfig) -> dict:
         "url_col": "url",
         "caption_col": "caption",
         "save_additional_columns": ["input_row", "caption_utf8"],
-        "output_folder": storage.uri(RAW),
+        "output_folder": storage.uri(RAW_DIR),
         "output_format": "parquet",
         "processes_count": cfg.processes,
         "thread_count": cfg.threads,
@@ -188,8 +187,8 @@ def expected_shards(to_crawl: int, cfg: CrawlConfig) -> int:
 
 def finished_shards(storage: Storage) -> list[str]:
     """Relative paths of raw shards whose stats file exists (img2dataset writes it last)."""
-    stats = {rel[: -len("_stats.json")] for rel in storage.list(RAW, "_stats.json")}
-    return [rel for rel in storage.list(RAW, ".parquet") if rel[: -len(".parquet")] in stats]
+    stats = {rel[: -len("_stats.json")] for rel in storage.list(RAW_DIR, "_stats.json")}
+    return [rel for rel in storage.list(RAW_DIR, ".parquet") if rel[: -len(".parquet")] in stats]
 
 
 def run_crawl(storage: Storage, cfg: CrawlConfig, prepared: PreparedInput) -> list[str]:
@@ -198,8 +197,8 @@ def run_crawl(storage: Storage, cfg: CrawlConfig, prepared: PreparedInput) -> li
     if prepared.to_crawl and len(finished_shards(storage)) < want:
         spec = {"download": img2dataset_arguments(storage, cfg), "allow_networks": list(cfg.allow_networks)}
         # A child process: img2dataset's spawn-based workers re-import the caller's __main__,
-        # which would re-run whatever script called us; `python -m dalle.data.crawl` is safe.
-        result = subprocess.run([sys.executable, "-m", "dalle.data.crawl", json.dumps(spec)], check=False)
+        # which would re-run whatever script called us; `python -m dalle.curate.crawl` is safe.
+        result = subprocess.run([sys.executable, "-m", "dalle.curate.crawl", json.dumps(spec)], check=False)
         if result.returncode != 0:
             raise CrawlError(
                 f"img2dataset exited with status {result.returncode}; its output is above. "
@@ -263,7 +262,7 @@ def read_raw_shard(storage: Storage, rel: str, with_images: bool = True) -> pa.T
 def _child_main(spec_json: str) -> None:
     import img2dataset
 
-    from dalle.data.netguard import use_guard_in_img2dataset
+    from dalle.curate.netguard import use_guard_in_img2dataset
 
     spec = json.loads(spec_json)
     with use_guard_in_img2dataset(spec["allow_networks"]):

@@ -206,7 +206,7 @@ def deduplicate(
     similarity to the survivor for near duplicates. A missing (NaN) CLIP score never wins.
     """
     if cfg.near_threshold is None:
-        raise ValueError("dedup.near_threshold is unset: resolve it first (dalle.data.curate.dedup_settings)")
+        raise ValueError("dedup.near_threshold is unset: resolve it first (dalle.curate.ledger.dedup_settings)")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     uids = np.asarray(list(uids), dtype=object)

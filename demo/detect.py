@@ -13,7 +13,7 @@ edges) leaves them unchanged, as long as the blurred edge stays within EDGE_RING
 the object. The demo's shapes differ in them clearly: the triangle alone has a third moment,
 and the fourth is negative for the square, zero for the circle, positive for the diamond and
 over twice that for the cross. Each shape's prototype is measured on a large
-clean render by `dalle.data.sources.render`, so the detector follows the drawing code.
+clean render by `demo.site.render`, so the detector follows the drawing code.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 from scipy import ndimage
 
-from dalle.data.sources import (
+from demo.world import (
     BACKGROUND,
     COLORS,
     RELATIONS,

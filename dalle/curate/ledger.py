@@ -1,11 +1,14 @@
-"""Curation after the crawl: rule filters, CLIP scores, deduplication, publication.
+"""Curation after the crawl, and the per-sample ledger it keeps: rule filters, CLIP scores,
+deduplication, then the curated shards.
 
 Each stage is a plain function over a run root that reads what the previous stage
 wrote and writes its own decisions under `curated/_stages/`; `publish_stage` joins
 them into the per-sample ledger `reports/samples.parquet`, the curated shards and
 `reports/curate.json`. Every stage recomputes from its inputs, so a re-run gives
-the same result and never duplicates rows; the costly parts (downloads, CLIP
-training, embeddings) are reused when their inputs have not changed.
+the same result and never duplicates rows; the costly parts (downloads, embeddings)
+are reused when their inputs have not changed. The CLIP these stages score with is
+given to them: a pretrained one, or the small CLIP that dalle/train/clip.py trains
+on the pairs that passed the rule filters.
 """
 
 from __future__ import annotations
@@ -20,74 +23,37 @@ import pyarrow as pa
 from PIL import Image
 
 from dalle.config import DedupConfig, RunConfig
-from dalle.data.crawl import (
+from dalle.curate.crawl import RAW_IMAGE_COLUMN, classify_download_error, finished_shards, read_raw_shard
+from dalle.curate.dedup import deduplicate
+from dalle.curate.embed import ClipEncoder, embed_stage
+from dalle.curate.embed import vectors as embedding_matrix
+from dalle.curate.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
+from dalle.runroot import (
+    CURATE_REPORT,
+    CURATED_DIR,
+    CURATED_MANIFEST,
+    DEDUP_REPORT,
+    DEDUP_TABLE,
+    FILTER_TABLE,
     INPUT_MANIFEST,
-    RAW_IMAGE_COLUMN,
     REFUSED_LIST,
-    classify_download_error,
-    finished_shards,
-    read_raw_shard,
+    SAMPLES_REPORT,
+    SCORES_TABLE,
 )
-from dalle.data.dedup import deduplicate
-from dalle.data.embed import embed_stage
-from dalle.data.embed import vectors as embedding_matrix
-from dalle.data.filters import caption_decision, clip_decision, clip_score_cutoff, inspect_image
-from dalle.models.clip import ClipModel, load_clip, save_clip, train_small_clip
-from dalle.schemas import CURATED, SAMPLES, SCHEMA_VERSION
-from dalle.storage import (
-    CURATE_WORK,
-    MANIFEST,
-    REPORTS,
-    Storage,
-    checkpoint_dir,
-    latest_pointer,
-    parquet_bytes,
+from dalle.schemas import (
+    CURATED_SCHEMA,
+    DEDUP_DECISIONS_SCHEMA,
+    FILTER_DECISIONS_SCHEMA,
+    SAMPLES_SCHEMA,
+    SCHEMA_VERSION,
+    SCORE_DECISIONS_SCHEMA,
 )
-from dalle.storage import CURATED as CURATED_DIR
+from dalle.storage import Storage, parquet_bytes
 
-FILTER_TABLE = f"{CURATE_WORK}/filter.parquet"
-SCORES_TABLE = f"{CURATE_WORK}/clip.parquet"
-DEDUP_TABLE = f"{CURATE_WORK}/dedup.parquet"
-SAMPLES_REPORT = f"{REPORTS}/samples.parquet"
-CURATE_REPORT = f"{REPORTS}/curate.json"
-DEDUP_REPORT = f"{REPORTS}/dedup.json"
-CURATED_MANIFEST = f"{CURATED_DIR}/{MANIFEST}"
 CURATED_ROWS_PER_SHARD = 10_000
 
 PASS = "pass"  # interim fate of a sample that a stage let through
 Log = Callable[[str], None]
-
-_DECISION_FIELDS = [
-    pa.field("uid", pa.string()),
-    pa.field("fate", pa.string()),
-    pa.field("reason", pa.string()),
-    pa.field("detail", pa.string()),
-    pa.field("value", pa.float64()),
-    pa.field("threshold", pa.float64()),
-]
-FILTER_SCHEMA = pa.schema(
-    [
-        pa.field("input_row", pa.int64()),
-        pa.field("url", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("raw_shard", pa.string()),
-        pa.field("raw_key", pa.string()),
-        *_DECISION_FIELDS,
-        pa.field("sha256", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-    ]
-)
-SCORES_SCHEMA = pa.schema([*_DECISION_FIELDS, pa.field("clip_score", pa.float32())])
-DEDUP_SCHEMA = pa.schema(
-    [
-        pa.field("uid", pa.string()),
-        pa.field("fate", pa.string()),
-        pa.field("dup_of", pa.string()),
-        pa.field("similarity", pa.float32()),
-    ]
-)
-
 
 def sample_uid(url: str, image_sha256: str | None) -> str:
     """Stable id of a sample: its URL and, once downloaded, the hash of its bytes."""
@@ -151,7 +117,7 @@ def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
             else:
                 rows.append({**row, **_decision(PASS)})
     rows.sort(key=lambda r: r["input_row"])
-    storage.write_table(FILTER_TABLE, pa.Table.from_pylist(rows, schema=FILTER_SCHEMA))
+    storage.write_table(FILTER_TABLE, pa.Table.from_pylist(rows, schema=FILTER_DECISIONS_SCHEMA))
     return dict(Counter(r["fate"] for r in rows))
 
 
@@ -173,57 +139,18 @@ def _images_for(storage: Storage, rows: list[dict]) -> list[bytes]:
     return images  # type: ignore[return-value]
 
 
+def passing_pairs(storage: Storage) -> tuple[list[bytes], list[str]]:
+    """Image bytes and captions of the pairs that passed the rule filters (what the small CLIP learns from)."""
+    rows = _passing(storage)
+    return _images_for(storage, rows), [r["caption"] for r in rows]
+
+
 def _decode_rgb(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-# --- 2. CLIP ----------------------------------------------------------------------------
-def clip_stage(storage: Storage, cfg: RunConfig, log: Log = print) -> str | None:
-    """The CLIP to score and embed with: None means the configured pretrained model or checkpoint;
-    otherwise the URI of a small CLIP trained on the passing pairs (reused while they are unchanged)."""
-    if cfg.clip.pretrained or cfg.clip.checkpoint:
-        return None
-    rows = _passing(storage)
-    if len(rows) < 2:
-        raise ValueError(
-            f"only {len(rows)} pairs passed the filters, too few to train a CLIP; "
-            "crawl more pairs or set clip.pretrained / clip.checkpoint"
-        )
-    digest = hashlib.sha256(cfg.fingerprint("clip").encode())
-    for uid in sorted(r["uid"] for r in rows):
-        digest.update(uid.encode())
-    fingerprint = digest.hexdigest()[:16]
-    pointer = latest_pointer("clip")
-    if storage.exists(pointer):
-        latest = storage.read_json(pointer)
-        if latest.get("fingerprint") == fingerprint:
-            log(f"reusing the small CLIP at {latest['uri']}")
-            return latest["uri"]
-    log(f"training a small CLIP on {len(rows)} pairs (no pretrained model configured)")
-    images = [_decode_rgb(b) for b in _images_for(storage, rows)]
-    captions = [r["caption"] for r in rows]
-    model = train_small_clip(
-        images,
-        captions,
-        cfg.clip.train,
-        device=cfg.clip.device,
-        log=lambda step, loss: log(f"clip step {step} loss {loss:.3f}") if step % 50 == 0 else None,
-    )
-    step = cfg.clip.train.max_steps
-    uri = save_clip(model, storage, checkpoint_dir("clip", step))
-    storage.write_json(pointer, {"step": step, "uri": uri, "fingerprint": fingerprint})
-    return uri
-
-
-def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
-    clip_cfg = (
-        cfg.clip if checkpoint_uri is None else cfg.clip.model_copy(update={"checkpoint": checkpoint_uri})
-    )
-    return load_clip(clip_cfg)
-
-
-# --- 3. CLIP scores and the CLIP-score filter ---------------------------------------------------
-def score_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict[str, int]:
+# --- 2. CLIP scores and the CLIP-score filter ---------------------------------------------------
+def score_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict[str, int]:
     """Embed the passing pairs (cached by uid under embeddings/) and apply the CLIP-score filter."""
     rows = _passing(storage)
     images = _images_for(storage, rows)
@@ -241,7 +168,7 @@ def score_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict[str, 
             else _decision("filtered", decision.reason, decision.detail, decision.value, decision.threshold)
         )
         out.append({"uid": row["uid"], **fate, "clip_score": float(score)})
-    storage.write_table(SCORES_TABLE, pa.Table.from_pylist(out, schema=SCORES_SCHEMA))
+    storage.write_table(SCORES_TABLE, pa.Table.from_pylist(out, schema=SCORE_DECISIONS_SCHEMA))
     return dict(Counter(r["fate"] for r in out))
 
 
@@ -263,7 +190,7 @@ def dedup_settings(cfg: RunConfig) -> DedupConfig:
     return cfg.dedup.model_copy(update={"near_threshold": DEFAULT_NEAR_THRESHOLD[dedup_vectors(cfg)]})
 
 
-def _token_vectors(clip: ClipModel, images: list[bytes], batch_size: int) -> np.ndarray:
+def _token_vectors(clip: ClipEncoder, images: list[bytes], batch_size: int) -> np.ndarray:
     """Patch-token vectors, centred on their mean over the set so that the shared background
     does not make every pair look alike, then L2-normalised."""
     tokens = clip.encode_image_tokens([_decode_rgb(b) for b in images], batch_size)
@@ -274,8 +201,8 @@ def _token_vectors(clip: ClipModel, images: list[bytes], batch_size: int) -> np.
     return (tokens / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-# --- 4. deduplication ---------------------------------------------------------------------
-def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
+# --- 3. deduplication ---------------------------------------------------------------------
+def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict:
     """Exact (sha256) then near (CLIP image vectors, FAISS) duplicates among the scored survivors."""
     scored = {r["uid"]: r for r in storage.read_table(SCORES_TABLE).to_pylist() if r["fate"] == PASS}
     rows = [r for r in _passing(storage) if r["uid"] in scored]
@@ -301,19 +228,19 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipModel) -> dict:
             )
         else:
             out.append({"uid": uid, "fate": PASS, "dup_of": None, "similarity": None})
-    storage.write_table(DEDUP_TABLE, pa.Table.from_pylist(out, schema=DEDUP_SCHEMA))
+    storage.write_table(DEDUP_TABLE, pa.Table.from_pylist(out, schema=DEDUP_DECISIONS_SCHEMA))
     report = {"clip_model": clip.identity, "vectors": dedup_vectors(cfg), **result.report}
     storage.write_json(DEDUP_REPORT, report)
     return report
 
 
-# --- 5. publication --------------------------------------------------------------------------
+# --- 4. the curated shards --------------------------------------------------------------------------
 def _ledger(storage: Storage) -> list[dict]:
     scores = {r["uid"]: r for r in storage.read_table(SCORES_TABLE).to_pylist()}
     dedup = {r["uid"]: r for r in storage.read_table(DEDUP_TABLE).to_pylist()}
     ledger = []
     for row in storage.read_table(FILTER_TABLE).to_pylist():
-        entry = {name: row.get(name) for name in SAMPLES.names}
+        entry = {name: row.get(name) for name in SAMPLES_SCHEMA.names}
         entry["raw_key"] = row["raw_key"]
         score = scores.get(row["uid"]) if row["fate"] == PASS else None
         if score is not None:
@@ -356,10 +283,10 @@ def curate_report(storage: Storage, ledger: Iterable[dict]) -> dict:
     }
 
 
-def publish_stage(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
+def write_curated(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
     """Write the ledger, the curated shards (manifest last) and reports/curate.json."""
     ledger = _ledger(storage)
-    storage.write_table(SAMPLES_REPORT, pa.Table.from_pylist(ledger, schema=SAMPLES))
+    storage.write_table(SAMPLES_REPORT, pa.Table.from_pylist(ledger, schema=SAMPLES_SCHEMA))
     filter_rows = {r["uid"]: r for r in _passing(storage)}
     kept = [e for e in ledger if e["fate"] == "kept"]
     shards = []
@@ -389,7 +316,7 @@ def publish_stage(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
                 }
                 for e, src, image in zip(chunk, sources, images)
             ],
-            schema=CURATED,
+            schema=CURATED_SCHEMA,
         )
         rel = f"{CURATED_DIR}/{len(shards):05d}.parquet"
         data = parquet_bytes(table)

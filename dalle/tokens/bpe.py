@@ -2,7 +2,7 @@
 
 Every tokenizer here pads with id 0 and never produces 0 for text, so the transformer can
 replace 0 by its per-position padding tokens. A run trains (or picks) its tokenizer once and
-keeps it under the storage folder `TOKENIZER`: `tokenizer.json` (bpe only) and
+keeps it under the storage folder `TOKENIZER_DIR`: `tokenizer.json` (bpe only) and
 `tokenizer_meta.json`, written last, which marks the tokenizer as complete. Token shards
 record `identity`, so shards made by another tokenizer are never mixed silently.
 """
@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from dalle.errors import UserError
 from dalle.config import TokenizerConfig
-from dalle.storage import TOKENIZER, Storage
+from dalle.runroot import TOKENIZER_DIR, TOKENIZER_FILE, TOKENIZER_META
+from dalle.storage import Storage
 
 PAD_ID = 0  # padding id of every tokenizer we produce; the transformer replaces 0 by per-position pad tokens
 
-TOKENIZER_FILE = f"{TOKENIZER}/tokenizer.json"
-META_FILE = f"{TOKENIZER}/tokenizer_meta.json"
 
 PAD_TOKEN = "<pad>"
 OPEN_CLIP_VOCAB_SIZE = 49408
@@ -38,7 +38,7 @@ _OPEN_CLIP_KEYS = ("kind",)
 _ASCII_SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A saved tokenizer that is missing, damaged or disagrees with the config; the message says what to do."""
 
 
@@ -238,7 +238,7 @@ def open_clip_tokenizer(cfg: TokenizerConfig | None = None) -> OpenClipTokenizer
 
 
 def save_tokenizer(tokenizer: TextTokenizer, storage: Storage) -> str:
-    """Write the tokenizer under the storage's TOKENIZER folder (meta last); returns the folder URI."""
+    """Write the tokenizer under the storage's TOKENIZER_DIR folder (meta last); returns the folder URI."""
     if isinstance(tokenizer, BpeTokenizer):
         storage.write_bytes(TOKENIZER_FILE, tokenizer.tokenizer_json.encode())
     meta = {
@@ -248,16 +248,16 @@ def save_tokenizer(tokenizer: TextTokenizer, storage: Storage) -> str:
         "lowercase": tokenizer.config.lowercase if tokenizer.kind == "bpe" else True,
         "config": tokenizer.config.model_dump(mode="json"),
     }
-    storage.write_json(META_FILE, meta)
-    return storage.uri(TOKENIZER)
+    storage.write_json(TOKENIZER_META, meta)
+    return storage.uri(TOKENIZER_DIR)
 
 
 def load_tokenizer(storage: Storage, cfg: TokenizerConfig | None = None) -> TextTokenizer:
     """The tokenizer saved in this run; with `cfg`, fails when it was built with other settings."""
-    folder = storage.uri(TOKENIZER)
-    if not storage.exists(META_FILE):
+    folder = storage.uri(TOKENIZER_DIR)
+    if not storage.exists(TOKENIZER_META):
         raise TokenizerError(f"no tokenizer under {folder}; run `dalle tokenize` first")
-    meta = storage.read_json(META_FILE)
+    meta = storage.read_json(TOKENIZER_META)
     saved = TokenizerConfig(**meta.get("config", {"kind": meta["kind"]}))
     if cfg is not None:
         keys = _BPE_KEYS if saved.kind == "bpe" or cfg.kind == "bpe" else _OPEN_CLIP_KEYS
@@ -292,7 +292,7 @@ def tokenizer_for_run(
     storage: Storage, cfg: TokenizerConfig, captions: Callable[[], Iterable[str]]
 ) -> TextTokenizer:
     """The run's tokenizer: the saved one when there is one, else built (BPE trained on `captions()`) and saved."""
-    if storage.exists(META_FILE):
+    if storage.exists(TOKENIZER_META):
         return load_tokenizer(storage, cfg)
     tokenizer = train_bpe(captions(), cfg) if cfg.kind == "bpe" else OpenClipTokenizer(cfg)
     save_tokenizer(tokenizer, storage)

@@ -1,0 +1,207 @@
+"""The layout of a run root: every path a stage reads or writes, the run's configuration, and
+where each model's checkpoints are. Stages name these constants, never string literals.
+
+    config.yaml                      the configuration the run was made with
+    source/                          a URL list served for this run by a plug-in (the demo)
+    raw/_input/                      the crawl's input: accepted URLs, refused URLs, manifest
+    raw/NNNNN.parquet                img2dataset's shards (every URL's download status)
+    curated/_stages/                 each curation stage's per-sample decisions
+    curated/NNNNN.parquet            the curated pairs, with _manifest.json written last
+    embeddings/                      CLIP vectors, cached by sample uid and CLIP identity
+    shards/                          token shards for the transformer, with _manifest.json
+    models/tokenizer/                the run's text tokenizer
+    models/<model>/step_XXXXXXXX/    checkpoints of clip, dvae and transformer
+    models/<model>/latest.json       the newest complete checkpoint (written last)
+    galleries/step_XXXXXXXX/         a transformer checkpoint's gallery; galleries/index.html
+    reports/                         metrics.jsonl, samples.parquet, curate.json, dedup.json, eval.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+from dalle.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+from dalle.storage import Storage
+
+MANIFEST = "_manifest.json"  # written last in a shard folder: the folder is complete when it exists
+RUN_CONFIG = "config.yaml"
+
+SOURCE_DIR = "source"
+
+RAW_DIR = "raw"
+RAW_INPUT_DIR = f"{RAW_DIR}/_input"
+INPUT_LIST = f"{RAW_INPUT_DIR}/urls.parquet"
+REFUSED_LIST = f"{RAW_INPUT_DIR}/refused.parquet"
+INPUT_MANIFEST = f"{RAW_INPUT_DIR}/{MANIFEST}"
+
+CURATED_DIR = "curated"
+CURATED_MANIFEST = f"{CURATED_DIR}/{MANIFEST}"
+CURATE_WORK_DIR = f"{CURATED_DIR}/_stages"  # joined into reports/samples.parquet
+FILTER_TABLE = f"{CURATE_WORK_DIR}/filter.parquet"
+SCORES_TABLE = f"{CURATE_WORK_DIR}/clip.parquet"
+DEDUP_TABLE = f"{CURATE_WORK_DIR}/dedup.parquet"
+
+EMBEDDINGS_DIR = "embeddings"
+
+SHARDS_DIR = "shards"
+SHARDS_MANIFEST = f"{SHARDS_DIR}/{MANIFEST}"
+
+MODELS_DIR = "models"
+TOKENIZER_DIR = f"{MODELS_DIR}/tokenizer"
+TOKENIZER_FILE = f"{TOKENIZER_DIR}/tokenizer.json"
+TOKENIZER_META = f"{TOKENIZER_DIR}/tokenizer_meta.json"
+
+# The models a run trains, by the name of their folder under models/ (and in metrics and events).
+CLIP = "clip"
+DVAE = "dvae"
+TRANSFORMER = "transformer"
+MODEL_NAMES = (CLIP, DVAE, TRANSFORMER)
+
+# The files of one checkpoint folder.
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_META = "model.json"
+CHECKPOINT_TRAIN_STATE = "train_state.pt"
+CHECKPOINT_CONFIG = RUN_CONFIG
+
+GALLERIES_DIR = "galleries"
+GALLERY_INDEX = f"{GALLERIES_DIR}/index.html"
+GALLERY_SUMMARY = "summary.json"  # inside each gallery folder
+
+REPORTS_DIR = "reports"
+METRICS = f"{REPORTS_DIR}/metrics.jsonl"
+SAMPLES_REPORT = f"{REPORTS_DIR}/samples.parquet"
+CURATE_REPORT = f"{REPORTS_DIR}/curate.json"
+DEDUP_REPORT = f"{REPORTS_DIR}/dedup.json"
+EVAL_REPORT = f"{REPORTS_DIR}/eval.json"
+
+# Run roots made before the transformer had one name kept its checkpoints here.
+_OLD_TRANSFORMER = "dalle"
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def checkpoint_dir(model: str, step: int) -> str:
+    """Relative folder of a model checkpoint: models/<model>/step_XXXXXXXX."""
+    return f"{MODELS_DIR}/{model}/step_{step:08d}"
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The step of a checkpoint folder (relative path or URI ending in step_XXXXXXXX)."""
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith("step_"):
+        raise ValueError(f"{checkpoint} is not a checkpoint folder (models/<model>/step_XXXXXXXX)")
+    return int(name[len("step_") :])
+
+
+def latest_pointer(model: str) -> str:
+    """Relative path of models/<model>/latest.json, which names the newest checkpoint."""
+    return f"{MODELS_DIR}/{model}/latest.json"
+
+
+def gallery_dir(step: int) -> str:
+    """Relative folder of the gallery of the transformer checkpoint at `step`."""
+    return f"{GALLERIES_DIR}/step_{step:08d}"
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str]:
+    """(run root, checkpoint folder relative to it) of a URI like ROOT/models/transformer/step_00001000."""
+    marker = f"/{MODELS_DIR}/"
+    if marker not in uri:
+        raise ValueError(f"{uri} is not a checkpoint folder (ROOT/models/transformer/step_XXXXXXXX)")
+    root, _, rel = uri.rstrip("/").rpartition(marker)
+    rel = f"{MODELS_DIR}/{rel}"
+    old = f"{MODELS_DIR}/{_OLD_TRANSFORMER}/"
+    if rel.startswith(old):  # a URI copied from an older run root's logs
+        rel = f"{MODELS_DIR}/{TRANSFORMER}/{rel[len(old):]}"
+    return root, rel
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint found through latest.json."""
+
+    model: str
+    step: int
+    rel_dir: str
+    uri: str
+
+
+def checkpoint_steps(storage: Storage, model: str) -> list[int]:
+    """Steps of every checkpoint folder of `model`, complete or not, ascending."""
+    folders = storage.subfolders(f"{MODELS_DIR}/{model}")
+    return sorted(checkpoint_step(folder) for folder in folders if folder.startswith("step_"))
+
+
+def latest_checkpoint(storage: Storage, model: str) -> Checkpoint | None:
+    """The checkpoint latest.json names, or None when the model has none yet."""
+    pointer = latest_pointer(model)
+    if not storage.exists(pointer):
+        return None
+    step = int(storage.read_json(pointer)["step"])
+    rel = checkpoint_dir(model, step)
+    return Checkpoint(model=model, step=step, rel_dir=rel, uri=storage.uri(rel))
+
+
+def set_latest(storage: Storage, model: str, step: int, **extra) -> str:
+    """Point latest.json at the checkpoint of `step`: the last write of a checkpoint. Returns its URI."""
+    uri = storage.uri(checkpoint_dir(model, step))
+    storage.write_json(latest_pointer(model), {"step": step, "uri": uri, **extra})
+    return uri
+
+
+# --- the run's configuration ------------------------------------------------------------------
+def run_config(storage: Storage, config: str | dict | RunConfig | None = None) -> RunConfig:
+    """The configuration for a command on `storage`: the given one (a YAML path, a mapping or a
+    RunConfig), then saved as the run's config.yaml; without one, the run's own config.yaml."""
+    if config is not None:
+        if isinstance(config, RunConfig):
+            cfg = config
+        else:
+            cfg = load_config(config) if isinstance(config, str) else config_from_dict(config)
+        storage.check_writable()  # a missing bucket is named here, before any work
+        migrate(storage)
+        storage.write_bytes(RUN_CONFIG, dump_config(cfg).encode())
+        return cfg
+    if not storage.exists(RUN_CONFIG):
+        raise ConfigError(
+            f"{storage.uri()} has no {RUN_CONFIG} (not a run root yet); pass --config YAML, e.g. demo/config.yaml"
+        )
+    migrate(storage)
+    data = yaml.safe_load(storage.read_bytes(RUN_CONFIG))
+    return config_from_dict(data, origin=storage.uri(RUN_CONFIG))
+
+
+def migrate(storage: Storage) -> list[str]:
+    """Bring a run root made by an older release to this layout, once; returns what was changed.
+
+    The transformer's checkpoints move from models/dalle/ to models/transformer/ (latest.json
+    last, so an interrupted move is finished by the next call), and its metrics lines are renamed.
+    """
+    done: list[str] = []
+    old_dir, new_dir = f"{MODELS_DIR}/{_OLD_TRANSFORMER}", f"{MODELS_DIR}/{TRANSFORMER}"
+    if storage.subfolders(old_dir) or storage.exists(latest_pointer(_OLD_TRANSFORMER)):
+        for folder in storage.subfolders(old_dir):
+            for rel in _files_under(storage, f"{old_dir}/{folder}"):
+                target = new_dir + rel[len(old_dir) :]
+                if not storage.exists(target):
+                    storage.write_bytes(target, storage.read_bytes(rel))
+            done.append(f"{storage.uri(old_dir)}/{folder} -> {storage.uri(new_dir)}/{folder}")
+        if storage.exists(latest_pointer(_OLD_TRANSFORMER)):
+            step = int(storage.read_json(latest_pointer(_OLD_TRANSFORMER))["step"])
+            set_latest(storage, TRANSFORMER, step)
+        storage.delete(old_dir)
+    if storage.exists(METRICS):
+        text = storage.read_bytes(METRICS).decode()
+        old = f'"model": "{_OLD_TRANSFORMER}"'
+        if old in text:
+            storage.write_bytes(METRICS, text.replace(old, f'"model": "{TRANSFORMER}"').encode())
+            done.append(f"{storage.uri(METRICS)}: model {_OLD_TRANSFORMER!r} -> {TRANSFORMER!r}")
+    return done
+
+
+def _files_under(storage: Storage, rel_dir: str) -> list[str]:
+    files = storage.list(rel_dir)
+    for folder in storage.subfolders(rel_dir):
+        files += _files_under(storage, f"{rel_dir}/{folder}")
+    return files

@@ -1,0 +1,245 @@
+"""Static HTML galleries: one page per checkpoint, and an index over every checkpoint.
+
+    {root}/galleries/step_XXXXXXXX/index.html    reranked samples per prompt, completions, eval
+    {root}/galleries/step_XXXXXXXX/img/*.png
+    {root}/galleries/step_XXXXXXXX/scores.parquet one row per sample: prompt, section, rank, clip_score, shown
+    {root}/galleries/step_XXXXXXXX/summary.json   what the index page and the plots read
+    {root}/galleries/index.html                   every checkpoint, with loss and eval plots
+
+Captions come from the web: every text is escaped, nothing from a caption is ever markup.
+Images and tables are written first and the page last, so a page never links a missing file.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from dataclasses import dataclass, field
+
+import PIL.Image
+import pyarrow as pa
+
+from dalle.sample.rerank import PromptSamples, describe_sampling
+from dalle.runroot import GALLERIES_DIR, GALLERY_INDEX, GALLERY_SUMMARY, METRICS, TRANSFORMER, gallery_dir
+from dalle.storage import Storage
+
+@dataclass
+class Section:
+    """A titled group of prompts, each shown as its `top` best samples."""
+
+    title: str
+    samples: list[PromptSamples]
+    top: int = 8
+    key: str = ""  # the evaluation group its prompts belong to, if any
+
+
+@dataclass
+class Completion:
+    """The paper's image-to-image trick: the top rows of an image's codes kept, the rest sampled."""
+
+    caption: str
+    original: PIL.Image.Image
+    completions: list[PIL.Image.Image]
+    rows_kept: int
+
+
+@dataclass
+class GalleryPage:
+    step: int
+    checkpoint_uri: str
+    sections: list[Section]
+    completions: list[Completion] = field(default_factory=list)
+    evaluation: dict | None = None
+    sampling: dict = field(default_factory=dict)  # SamplingSettings.described()
+    settings_fingerprint: str = ""  # of the gallery config it was drawn with: a changed one redraws it
+
+
+def _png(image: PIL.Image.Image, scale: int) -> bytes:
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+.prompt { margin: 1.2em 0; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; }
+figure { margin: 0; text-align: center; font-size: 12px; }
+img { image-rendering: pixelated; border: 1px solid #ccc; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 2px 8px; }
+.caption { font-weight: 600; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!doctype html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def _eval_table(evaluation: dict) -> str:
+    groups = {k: v for k, v in evaluation.items() if isinstance(v, dict)}
+    columns = list(dict.fromkeys(name for figures in groups.values() for name in figures))
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
+    rows = []
+    for group, figures in groups.items():
+        cells = "".join(
+            f"<td>{figures[n]:.3f}</td>"
+            if isinstance(figures.get(n), float)
+            else f"<td>{html.escape(str(figures.get(n, '')))}</td>"
+            for n in columns
+        )
+        rows.append(f"<tr><th>{html.escape(group)}</th>{cells}</tr>")
+    return f"<h2>Zero-shot evaluation</h2><table><tr><th></th>{header}</tr>{''.join(rows)}</table>"
+
+
+def write_gallery_page(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
+    """Write the checkpoint's gallery (images, scores.parquet, summary.json, then index.html); returns its URI."""
+    folder = gallery_dir(page.step)
+    records, parts, per_prompt = [], [], []
+    parts.append(
+        f"<h1>Checkpoint step {page.step}</h1><p><code>{html.escape(page.checkpoint_uri)}</code></p>"
+    )
+    parts.append("<p><a href='../index.html'>all checkpoints</a></p>")
+    if page.sampling:
+        parts.append(f"<p class='sampling'>Sampled with {html.escape(describe_sampling(page.sampling))}.</p>")
+    if page.evaluation:
+        parts.append(_eval_table(page.evaluation))
+    for s_index, section in enumerate(page.sections):
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        for p_index, samples in enumerate(section.samples):
+            figures = []
+            for rank, index in enumerate(samples.ranking):
+                shown = rank < section.top
+                records.append(
+                    {
+                        "section": section.title,
+                        "prompt": samples.prompt,
+                        "sample": index,
+                        "rank": rank,
+                        "clip_score": float(samples.scores[index]),
+                        "shown": shown,
+                    }
+                )
+                if shown:
+                    rel = f"img/s{s_index}_p{p_index:03d}_r{rank:02d}.png"
+                    storage.write_bytes(f"{folder}/{rel}", _png(samples.images[index], scale))
+                    figures.append(
+                        f"<figure><img src='{rel}' alt='sample {rank + 1}'>"
+                        f"<figcaption>{samples.scores[index]:.3f}</figcaption></figure>"
+                    )
+            scores = samples.scores
+            per_prompt.append(
+                {
+                    "section": section.title,
+                    "prompt": samples.prompt,
+                    "best": float(scores.max()) if len(scores) else None,
+                    "mean": float(scores.mean()) if len(scores) else None,
+                }
+            )
+            parts.append(
+                f"<div class='prompt'><div class='caption'>{html.escape(samples.prompt)}</div>"
+                f"<div class='row'>{''.join(figures)}</div></div>"
+            )
+    if page.completions:
+        parts.append("<h2>Image completion (top rows kept, the rest sampled)</h2>")
+        for c_index, completion in enumerate(page.completions):
+            original = f"img/c{c_index:03d}_original.png"
+            storage.write_bytes(f"{folder}/{original}", _png(completion.original, scale))
+            figures = [
+                f"<figure><img src='{original}' alt='original'><figcaption>original</figcaption></figure>"
+            ]
+            for k, image in enumerate(completion.completions):
+                rel = f"img/c{c_index:03d}_{k:02d}.png"
+                storage.write_bytes(f"{folder}/{rel}", _png(image, scale))
+                figures.append(
+                    f"<figure><img src='{rel}' alt='completion {k + 1}'><figcaption>{k + 1}</figcaption></figure>"
+                )
+            parts.append(
+                f"<div class='prompt'><div class='caption'>{html.escape(completion.caption)} "
+                f"({completion.rows_kept} rows kept)</div><div class='row'>{''.join(figures)}</div></div>"
+            )
+    storage.write_table(
+        f"{folder}/scores.parquet", pa.Table.from_pylist(records) if records else pa.table({})
+    )
+    storage.write_json(
+        f"{folder}/{GALLERY_SUMMARY}",
+        {
+            "step": page.step,
+            "checkpoint": page.checkpoint_uri,
+            "prompts": per_prompt,
+            "evaluation": page.evaluation,
+            "sampling": page.sampling,
+            "settings_fingerprint": page.settings_fingerprint,
+        },
+    )
+    storage.write_bytes(f"{folder}/index.html", _page(f"step {page.step}", "\n".join(parts)).encode())
+    write_gallery_index(storage)
+    return storage.uri(f"{folder}/index.html")
+
+
+def _plot(series: dict[str, tuple[list, list]], title: str, ylabel: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_gallery_index(storage: Storage) -> str:
+    """galleries/index.html: a link per checkpoint gallery, the training loss and eval figures plotted."""
+    summaries = []
+    for name in storage.subfolders(GALLERIES_DIR):
+        if name.startswith("step_") and storage.exists(f"{GALLERIES_DIR}/{name}/{GALLERY_SUMMARY}"):
+            summaries.append(storage.read_json(f"{GALLERIES_DIR}/{name}/{GALLERY_SUMMARY}"))
+    summaries.sort(key=lambda s: s["step"])
+    parts = ["<h1>Galleries</h1>"]
+    if storage.exists(METRICS):
+        steps, losses = [], []
+        for line in storage.read_bytes(METRICS).decode().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("model") == TRANSFORMER and "loss" in record:
+                steps.append(record["step"])
+                losses.append(record["loss"])
+        if steps:
+            storage.write_bytes(
+                f"{GALLERIES_DIR}/loss.png", _plot({"loss": (steps, losses)}, "transformer loss", "loss")
+            )
+            parts.append("<img src='loss.png' alt='training loss'>")
+    series: dict[str, tuple[list, list]] = {}
+    for summary in summaries:
+        for group, figures in (summary.get("evaluation") or {}).items():
+            if isinstance(figures, dict) and "both_acc_reranked" in figures:
+                xs, ys = series.setdefault(f"{group} both (reranked)", ([], []))
+                xs.append(summary["step"])
+                ys.append(figures["both_acc_reranked"])
+    if series:
+        storage.write_bytes(f"{GALLERIES_DIR}/eval.png", _plot(series, "zero-shot accuracy", "share right"))
+        parts.append("<img src='eval.png' alt='evaluation across checkpoints'>")
+    items = "".join(
+        f"<li><a href='step_{s['step']:08d}/index.html'>step {s['step']}</a></li>"
+        for s in reversed(summaries)
+    )
+    parts.append(f"<ul>{items}</ul>")
+    storage.write_bytes(GALLERY_INDEX, _page("galleries", "\n".join(parts)).encode())
+    return storage.uri(GALLERY_INDEX)

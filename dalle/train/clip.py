@@ -1,0 +1,157 @@
+"""What training the small CLIP needs on top of the shared loop: open_clip's model and contrastive
+loss, on the pairs that passed curation's rule filters, in batches without a repeated caption.
+
+Curation trains it (through dalle.train.launch) when no pretrained CLIP is configured, and
+`dalle train clip` continues it: one code path, so it resumes, logs and checkpoints like the
+dVAE and the transformer, under torchrun too.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.transform import AugmentationCfg, image_transform
+from PIL import Image
+from torch import nn
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dalle.config import ConfigError, RunConfig
+from dalle.curate.ledger import passing_pairs
+from dalle.models.clip import build_small_clip, small_clip_architecture, small_clip_preprocess
+from dalle.runroot import CLIP
+from dalle.storage import Storage
+
+_MAX_LOGIT_SCALE = math.log(100.0)  # open_clip's training clamps the temperature here too
+# Mild zoom only: a large random crop can cut an object away and flips would turn
+# "left of" into a wrong caption, so neither is used; colour jitter would change "red".
+_TRAIN_AUGMENTATION = AugmentationCfg(scale=(0.85, 1.0))
+
+
+class ClipTraining:
+    """The small CLIP of clip.small on the filtered pairs."""
+
+    name = CLIP
+    tokens_per_sample = 1
+
+    def __init__(self, storage: Storage, cfg: RunConfig):
+        if cfg.clip.pretrained or cfg.clip.checkpoint:
+            raise ConfigError(
+                "clip.pretrained or clip.checkpoint is set, so the run uses that CLIP and trains none; "
+                "unset both to train the small CLIP on the crawled pairs"
+            )
+        self.storage, self.cfg = storage, cfg
+        self.images, self.captions = passing_pairs(storage)
+        if len(self.captions) < 2:
+            raise ValueError(
+                f"only {len(self.captions)} pairs passed the filters, too few to train a CLIP; "
+                "crawl more pairs or set clip.pretrained / clip.checkpoint"
+            )
+
+    def build_model(self) -> nn.Module:
+        return build_small_clip(self.cfg.clip.small)
+
+    def model_meta(self) -> dict[str, Any]:
+        meta = {
+            "kind": "clip",
+            "architecture": small_clip_architecture(self.cfg.clip.small),
+            "preprocess": small_clip_preprocess(self.cfg.clip.small),
+        }
+        return json.loads(json.dumps(meta))  # as model.json stores it (tuples are lists), to compare on resume
+
+    def dataset(self, batch_size, seed, start_batch, rank, world_size) -> IterableDataset:
+        return PairBatches(
+            self.images, self.captions, min(batch_size, len(self.captions)), self.cfg.clip.small,
+            seed, start_batch, rank,
+        )  # fmt: skip
+
+    def loss(self, model, batch, step):
+        image_features, text_features, logit_scale = model(batch["images"], batch["text"])
+        loss = open_clip.ClipLoss()(image_features, text_features, logit_scale)
+        return loss, {"logit_scale": float(logit_scale.detach())}
+
+    def optimizer_groups(self, model, weight_decay):
+        # Biases, norms, the logit scale and the class token are not decayed (open_clip's rule).
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def after_step(self, model) -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+
+
+class PairBatches(IterableDataset):
+    """Endless batches of augmented images and tokenized captions, no caption twice in a batch.
+
+    The order is seeded by (seed, rank); a DataLoader worker w of W yields batches w, w+W, ...
+    Resuming after `start_batch` batches replays only the index stream, not the images.
+    """
+
+    def __init__(self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank):
+        super().__init__()
+        self.images, self.captions = images, captions
+        self.batch_size, self.seed, self.start_batch, self.rank = batch_size, seed, start_batch, rank
+        self.image_size, self.context_length = small_cfg.image_size, small_cfg.context_length
+
+    def check_split(self, num_workers: int) -> None:
+        """Every worker draws from the whole set: any number of workers works."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        augment = image_transform(self.image_size, is_train=True, aug_cfg=_TRAIN_AUGMENTATION)
+        tokenize = open_clip.get_tokenizer("", context_length=self.context_length)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
+        batches = distinct_caption_batches(self.captions, self.batch_size, generator)
+        number = 0
+        for index in batches:
+            number += 1
+            if number <= self.start_batch or (number - 1) % workers != worker_id:
+                continue
+            images = [Image.open(io.BytesIO(self.images[int(i)])).convert("RGB") for i in index]
+            yield {
+                "images": torch.stack([augment(image) for image in images]),
+                "text": tokenize([str(self.captions[int(i)]) for i in index]),
+            }
+
+
+def distinct_caption_batches(
+    captions: Sequence[str], batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Endless batches of pair indices in shuffled epochs, no caption twice in a batch.
+
+    ClipLoss treats every other pair of a batch as a negative. When two pairs share a caption
+    (the demo has a few dozen single-object captions) that "negative" is really a positive,
+    and pushing it away blurs exactly the distinctions a reranker needs ("a yellow cross"
+    vs "a yellow square"). A pair whose caption is already in the batch waits for the next
+    batch, so every pair is still seen about once per epoch. Batches are chosen from a window of
+    four batches' pairs; when that window holds fewer distinct captions than a batch, the batch
+    is topped up with repeats.
+    """
+    keys = [str(c).strip().lower() for c in captions]
+    pending: collections.deque[int] = collections.deque()
+    while True:
+        if len(pending) < 4 * batch_size:  # a window to choose distinct captions from
+            pending.extend(torch.randperm(len(keys), generator=generator).tolist())
+            continue
+        window = [pending.popleft() for _ in range(4 * batch_size)]
+        batch: list[int] = []
+        seen: set[str] = set()
+        rest: list[int] = []
+        for index in window:
+            if len(batch) < batch_size and keys[index] not in seen:
+                batch.append(index)
+                seen.add(keys[index])
+            else:
+                rest.append(index)
+        missing = batch_size - len(batch)  # too few distinct captions in the window: repeats it is
+        batch, rest = batch + rest[:missing], rest[missing:]
+        pending.extendleft(reversed(rest))
+        yield torch.tensor(batch, dtype=torch.long)
