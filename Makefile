@@ -42,7 +42,7 @@ test-paths: install
 	$(BIN)/python tests/kernel_paths.py
 
 lint: install
-	$(BIN)/ruff check dalle flows tests benchmarks tools
+	$(BIN)/ruff check dalle flows demo tests benchmarks tools
 
 # Re-resolve the whole dependency set into constraints.txt with uv, installed into a
 # throwaway virtual environment that is removed afterwards (needs PyPI; .venv is untouched).

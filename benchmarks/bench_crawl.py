@@ -27,9 +27,9 @@ import pyarrow as pa
 
 from dalle.config import CrawlConfig
 from dalle.curate.crawl import img2dataset_arguments, prepare_input, run_crawl
+from dalle.storage import Storage
 from demo.site import DemoServer, build_site
 from demo.world import WorldConfig
-from dalle.storage import Storage
 
 
 def url_list(server: DemoServer, paths: list[str], n: int) -> pa.Table:

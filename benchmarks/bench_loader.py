@@ -29,10 +29,10 @@ import pyarrow as pa
 import torch
 
 from dalle.config import TransformerConfig
-from dalle.tokens.loader import ShardDataset, TokenBatch, make_loader
 from dalle.models.transformer import DalleTransformer
 from dalle.schemas import SCHEMA_VERSION, token_shard_schema
 from dalle.storage import MANIFEST, SHARDS, Storage
+from dalle.tokens.loader import ShardDataset, TokenBatch, make_loader
 
 TEXT_LEN = 32
 GRID = 8

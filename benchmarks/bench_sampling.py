@@ -50,7 +50,8 @@ def measure(sampler: Sampler, evaluator: Evaluator, cfg: RunConfig) -> dict:
     settings = sampling_settings(cfg)
     start = time.perf_counter()
     sections = [
-        draw_section(title, key, prompts, sampler, settings) for key, title, prompts in evaluator.prompt_groups()
+        draw_section(title, key, prompts, sampler, settings)
+        for key, title, prompts in evaluator.prompt_groups()
     ]
     report = evaluator.evaluate(sections, sampler.clip)
     figures = {

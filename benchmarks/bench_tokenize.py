@@ -23,14 +23,14 @@ import pyarrow as pa
 import torch
 
 from dalle.config import config_from_dict
-from dalle.tokens.loader import ImageBatch
-from demo.world import WorldConfig, generate_samples
-from dalle.tokens.shards import tokenize_stage
 from dalle.models.dvae import DiscreteVAE
-from dalle.schemas import CURATED_SCHEMA, SCHEMA_VERSION
 from dalle.models.weights import load_dvae, save_model
 from dalle.runroot import checkpoint_dir, set_latest
+from dalle.schemas import CURATED_SCHEMA, SCHEMA_VERSION
 from dalle.storage import Storage
+from dalle.tokens.loader import ImageBatch
+from dalle.tokens.shards import tokenize_stage
+from demo.world import WorldConfig, generate_samples
 
 SETTINGS = {
     "dvae": {"image_size": 64, "downsample_steps": 3, "codebook_size": 512, "hidden_width": 64},

@@ -476,9 +476,18 @@ class RunConfig(_Section):
     )
     train_clip: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
-            batch_size=64, max_steps=600, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1,
-            grad_clip=1.0, warmup_steps=30, min_lr_ratio=0.0, checkpoint_every=600, log_every=50,
-        ),  # fmt: skip
+            batch_size=64,
+            max_steps=600,
+            lr=1e-3,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+            weight_decay=0.1,
+            grad_clip=1.0,
+            warmup_steps=30,
+            min_lr_ratio=0.0,
+            checkpoint_every=600,
+            log_every=50,
+        ),
         description="Training the small CLIP (defaults: open_clip's AdamW settings, cosine to zero).",
     )
     plugins: dict[str, dict[str, Any]] = Field(

@@ -15,7 +15,9 @@ def resolve_device(name: str, local_rank: int = 0, setting: str = "device") -> t
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"{setting} {name!r} is not a torch device ({err}); use auto, cpu or cuda") from None
+        raise ConfigError(
+            f"{setting} {name!r} is not a torch device ({err}); use auto, cpu or cuda"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"{setting} is {name!r} but torch sees no CUDA device; use auto or cpu")

@@ -113,7 +113,7 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str]:
     rel = f"{MODELS_DIR}/{rel}"
     old = f"{MODELS_DIR}/{_OLD_TRANSFORMER}/"
     if rel.startswith(old):  # a URI copied from an older run root's logs
-        rel = f"{MODELS_DIR}/{TRANSFORMER}/{rel[len(old):]}"
+        rel = f"{MODELS_DIR}/{TRANSFORMER}/{rel[len(old) :]}"
     return root, rel
 
 

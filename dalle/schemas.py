@@ -152,7 +152,6 @@ DEDUP_DECISIONS_SCHEMA = pa.schema(
 )
 
 
-
 def check_schema(table: pa.Table | pa.Schema, expected: pa.Schema, origin: str) -> None:
     """Raise SchemaError unless `table` was written with `expected`'s name and version and has its columns."""
     schema = table.schema if isinstance(table, pa.Table) else table

@@ -99,7 +99,8 @@ def cmd_serve_demo(args: argparse.Namespace) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """The demo's commands, for the `dalle` command line (entry point group `dalle.commands`)."""
     demo = commands.add_parser(
-        "demo", help="serve the built-in captioned-shapes world over loopback and run the whole pipeline on it"
+        "demo",
+        help="serve the built-in captioned-shapes world over loopback and run the whole pipeline on it",
     )
     demo.add_argument("--out", required=True, help="run root: a local folder or s3://bucket/prefix")
     demo.add_argument("--config", help="run configuration YAML (default: demo/config.yaml)")
@@ -108,7 +109,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     serve = commands.add_parser("serve-demo", help="serve the captioned-shapes world over loopback HTTP")
     serve.add_argument("--out", required=True, help="folder for the URL list (urls.parquet)")
-    serve.add_argument("--config", help="run configuration YAML; its plugins.demo is used (default: demo/config.yaml)")
+    serve.add_argument(
+        "--config", help="run configuration YAML; its plugins.demo is used (default: demo/config.yaml)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="port (default: any free one)")
     serve.set_defaults(func=cmd_serve_demo)

@@ -234,7 +234,6 @@ class DemoServer:
         return Handler
 
 
-
 def main(argv: list[str] | None = None) -> None:
     """Serve the demo site until Ctrl-C and write its URL list to OUT/urls.parquet."""
     import argparse
@@ -245,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m demo.site", description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder (or s3://bucket/prefix) for urls.parquet")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
-    parser.add_argument("--config", default=None, help="run configuration YAML; its `plugins.demo` section is used")
+    parser.add_argument(
+        "--config", default=None, help="run configuration YAML; its `plugins.demo` section is used"
+    )
     args = parser.parse_args(argv)
     site = build_site(world_config(load_config(args.config)))
     with DemoServer(site, port=args.port) as server:

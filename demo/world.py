@@ -26,8 +26,12 @@ class WorldConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(0, description="Seed of the generator: the same seed gives the same images and captions.")
-    num_images: int = Field(1200, ge=1, description="Number of distinct generated images (before planted duplicates).")
+    seed: int = Field(
+        0, description="Seed of the generator: the same seed gives the same images and captions."
+    )
+    num_images: int = Field(
+        1200, ge=1, description="Number of distinct generated images (before planted duplicates)."
+    )
     image_size: int = Field(64, ge=16, description="Side of the generated square images, in pixels.")
     colors: list[str] = Field(
         default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"],
@@ -42,10 +46,17 @@ class WorldConfig(BaseModel):
         description="'colour shape' combinations never shown in training images; prompted later for zero-shot.",
     )
     pair_fraction: float = Field(
-        0.2, ge=0, le=1, description="Share of images with two objects and a relation ('a red circle above ...')."
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of images with two objects and a relation ('a red circle above ...').",
     )
-    exact_duplicates: int = Field(30, ge=0, description="Planted exact duplicates: the same bytes at another URL.")
-    near_duplicates: int = Field(30, ge=0, description="Planted near duplicates: resized and re-encoded copies.")
+    exact_duplicates: int = Field(
+        30, ge=0, description="Planted exact duplicates: the same bytes at another URL."
+    )
+    near_duplicates: int = Field(
+        30, ge=0, description="Planted near duplicates: resized and re-encoded copies."
+    )
 
     @model_validator(mode="after")
     def _heldout_known(self) -> WorldConfig:
@@ -312,5 +323,3 @@ def generate_samples(cfg: WorldConfig) -> list[DemoSample]:
             DemoSample(f"img/{index:06d}.png", caption_for(objects, relation), objects, relation, png)
         )
     return samples
-
-

@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser, out_help: str) -> None:
         sub.add_argument("--out", required=True, help=out_help)
-        sub.add_argument("--config", help="run configuration YAML (default: built-in defaults; see configs/ and demo/config.yaml)")
+        sub.add_argument(
+            "--config",
+            help="run configuration YAML (default: built-in defaults; see configs/ and demo/config.yaml)",
+        )
 
     def networks(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -186,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     gallery = commands.add_parser("gallery", help="publish the gallery of one transformer checkpoint")
-    gallery.add_argument("--checkpoint", required=True, help="checkpoint URI (models/transformer/step_XXXXXXXX)")
+    gallery.add_argument(
+        "--checkpoint", required=True, help="checkpoint URI (models/transformer/step_XXXXXXXX)"
+    )
     gallery.add_argument("--out", required=True, help=run_root)
     gallery.add_argument("--config", help=run_config)
     gallery.set_defaults(func=cmd_gallery)

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dalle.config import RunConfig, config_from_dict
 from dalle.curate import crawl as crawl_lib
-from dalle.curate import ledger as curate_lib
+from dalle.curate import dedup, embed, filters, ledger
 from dalle.models.clip import ClipModel, load_clip
 from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
@@ -42,7 +42,7 @@ def crawl(root: str, cfg: RunConfig, prepared: dict) -> list[str]:
 
 @task
 def apply_filters(root: str, cfg: RunConfig, shards: list[str]) -> dict:
-    counts = curate_lib.filter_stage(Storage(root), cfg)
+    counts = filters.filter_stage(Storage(root), cfg)
     _log(f"rule filters: {counts}")
     return counts
 
@@ -67,21 +67,21 @@ def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
 
 @task
 def score(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
-    counts = curate_lib.score_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
+    counts = embed.score_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
     _log(f"CLIP-score filter: {counts}")
     return counts
 
 
 @task
 def deduplicate(root: str, cfg: RunConfig, clip_uri: str | None, scored: dict) -> dict:
-    report = curate_lib.dedup_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
+    report = dedup.dedup_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
     _log(f"dedup: {report['duplicates_exact']} exact, {report['duplicates_near']} near duplicates")
     return report
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def write_curated(root: str, cfg: RunConfig, clip_uri: str | None, dedup_report: dict) -> dict:
-    return curate_lib.write_curated(Storage(root), cfg, dedup_report["clip_model"])
+    return ledger.write_curated(Storage(root), cfg, dedup_report["clip_model"])
 
 
 def _curation_artifacts(root: str, report: dict) -> None:
@@ -110,7 +110,7 @@ def _curation_artifacts(root: str, report: dict) -> None:
         "| fate | reason | url | caption | detail |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for entry in curate_lib.examples_of_removals(storage):
+    for entry in ledger.examples_of_removals(storage):
         cells = [
             entry["fate"],
             entry["reason"],

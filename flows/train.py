@@ -12,7 +12,15 @@ from typing import Any
 
 from prefect import flow, task
 
-from dalle.runroot import CLIP, DVAE, TRANSFORMER, checkpoint_dir, checkpoint_steps, latest_checkpoint, run_config
+from dalle.runroot import (
+    CLIP,
+    DVAE,
+    TRANSFORMER,
+    checkpoint_dir,
+    checkpoint_steps,
+    latest_checkpoint,
+    run_config,
+)
 from dalle.storage import Storage
 from dalle.train.launch import launch, training_settings
 from flows.common import announce_checkpoint, log, retry_unless_user_error

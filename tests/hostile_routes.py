@@ -73,7 +73,11 @@ class HostileRoutes:
             time.sleep(min(max(seconds, 0.0), 600.0))
             return 200, png, self.image_png
         if path == "/bad/not-image":
-            return 200, {"Content-Type": "image/jpeg"}, b"<!doctype html><html><body>Not an image</body></html>\n"
+            return (
+                200,
+                {"Content-Type": "image/jpeg"},
+                b"<!doctype html><html><body>Not an image</body></html>\n",
+            )
         if path == "/bad/truncated.jpg":
             return 200, {"Content-Type": "image/jpeg"}, self.truncated_jpeg
         if path == "/bad/bomb.png":

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hostile_routes import hostile_server
 
 from dalle.config import config_from_dict
 from dalle.runroot import CURATE_REPORT, CURATED_MANIFEST, SAMPLES_REPORT, latest_checkpoint
 from dalle.storage import Storage
 from demo.site import DemoServer, build_site
 from demo.world import world_config
-from hostile_routes import hostile_server
 
 pytestmark = pytest.mark.slow
 

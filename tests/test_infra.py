@@ -49,7 +49,9 @@ def test_training_leaves_galleries_to_the_event_triggered_deployment():
     by_name = {d["name"]: d for d in DEPLOYMENTS}
     assert by_name["train-transformer"]["parameters"]["galleries"] is False
     (trigger,) = by_name["gallery"]["triggers"]
-    assert trigger["expect"] == ["dalle.checkpoint.saved"] and trigger["match"] == {"dalle.model": "transformer"}
+    assert trigger["expect"] == ["dalle.checkpoint.saved"] and trigger["match"] == {
+        "dalle.model": "transformer"
+    }
 
 
 def test_the_gallery_trigger_renders_a_checkpoint_event_into_its_run(tmp_path, prefect_server):

@@ -33,9 +33,9 @@ def layer_of(module: str) -> int | None:
     best: tuple[int, int] | None = None  # (prefix length, layer index): the longest prefix wins
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if module == prefix or module.startswith(prefix + "."):
-                if best is None or len(prefix) > best[0]:
-                    best = (len(prefix), index)
+            matches = module == prefix or module.startswith(prefix + ".")
+            if matches and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), index)
     return None if best is None else best[1]
 
 
@@ -68,7 +68,9 @@ def upward_imports() -> list[str]:
         own = layer_of(module_name(path))
         for name, line in imports_of(path):
             if name.split(".")[0] == "prefect" and module_name(path).startswith("dalle"):
-                problems.append(f"{path.relative_to(REPO)}:{line} imports prefect: the library runs without it")
+                problems.append(
+                    f"{path.relative_to(REPO)}:{line} imports prefect: the library runs without it"
+                )
             target = layer_of(name)
             if target is not None and own is not None and target > own:
                 problems.append(
@@ -120,7 +122,9 @@ def graph() -> Counter:
 if __name__ == "__main__":
     order = [name for name, _ in LAYERS]
     print("layers, lowest first: " + " < ".join(order))
-    for (source, target), count in sorted(graph().items(), key=lambda e: (order.index(e[0][0]), order.index(e[0][1]))):
+    for (source, target), count in sorted(
+        graph().items(), key=lambda e: (order.index(e[0][0]), order.index(e[0][1]))
+    ):
         print(f"  {source:9s} -> {target:9s} {count:3d} imports")
     problems = upward_imports()
     print("\n".join(problems) if problems else "no upward imports")

@@ -138,7 +138,9 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     assert not (tmp_path / "refused").exists()
 
     # One checkpoint's gallery by hand; the Prefect UI shows each gallery's figures and settings.
-    again = run_cli("gallery", "--checkpoint", storage.uri("models/transformer/step_00000003"), "--out", str(root))
+    again = run_cli(
+        "gallery", "--checkpoint", storage.uri("models/transformer/step_00000003"), "--out", str(root)
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.strip().splitlines()[-1] == storage.uri("galleries/step_00000003/index.html")
     assert storage.read_json(EVAL_REPORT)["step"] == 3

@@ -25,7 +25,9 @@ def _old_run_root(storage: Storage) -> None:
     for step in (2, 4):
         for name in ("model.safetensors", "model.json", "train_state.pt", "config.yaml"):
             storage.write_bytes(f"models/dalle/step_{step:08d}/{name}", f"{name} at {step}".encode())
-    storage.write_json("models/dalle/latest.json", {"step": 4, "uri": storage.uri("models/dalle/step_00000004")})
+    storage.write_json(
+        "models/dalle/latest.json", {"step": 4, "uri": storage.uri("models/dalle/step_00000004")}
+    )
     lines = [{"model": "dvae", "step": 1, "loss": 1.0}, {"model": "dalle", "step": 1, "loss": 5.0}]
     storage.write_bytes(METRICS, ("\n".join(json.dumps(line) for line in lines) + "\n").encode())
     storage.write_bytes("config.yaml", dump_config(RunConfig()).encode())

@@ -17,10 +17,10 @@ import torch
 from dalle.config import ConfigError, TrainConfig, config_from_dict, dump_config
 from dalle.models.weights import CheckpointMismatch, load_dvae, load_model
 from dalle.runroot import FILTER_TABLE, METRICS, SHARDS_MANIFEST, checkpoint_dir, latest_pointer, run_config
-from dalle.tokens.loader import ShardError
-from dalle.tokens.shards import ShardsMismatch, tokenize_stage
 from dalle.schemas import CURATED_SCHEMA, FILTER_DECISIONS_SCHEMA, SCHEMA_VERSION, token_shard_schema
 from dalle.storage import Storage
+from dalle.tokens.loader import ShardError
+from dalle.tokens.shards import ShardsMismatch, tokenize_stage
 from dalle.train.checkpoint import load_train_state
 from dalle.train.dvae import DVAETraining
 from dalle.train.launch import launch
@@ -85,19 +85,32 @@ def write_filter_stage(storage: Storage) -> None:
     curated = storage.read_tables("curated").to_pylist()
     raw = [
         {
-            "key": str(i), "url": row["url"], "caption": row["caption"], "status": "success",
-            "error_message": None, "sha256": row["sha256"], "input_row": i, "caption_utf8": True,
+            "key": str(i),
+            "url": row["url"],
+            "caption": row["caption"],
+            "status": "success",
+            "error_message": None,
+            "sha256": row["sha256"],
+            "input_row": i,
+            "caption_utf8": True,
             "jpg": row["image"],
-        }  # fmt: skip
+        }
         for i, row in enumerate(curated)
     ]
     storage.write_table("raw/00000.parquet", pa.Table.from_pylist(raw))
     decisions = [
         {
-            "input_row": r["input_row"], "url": r["url"], "caption": r["caption"], "raw_shard": "raw/00000.parquet",
-            "raw_key": r["key"], "uid": f"uid{r['input_row']:05d}", "fate": "pass", "sha256": r["sha256"],
-            "width": 16, "height": 16,
-        }  # fmt: skip
+            "input_row": r["input_row"],
+            "url": r["url"],
+            "caption": r["caption"],
+            "raw_shard": "raw/00000.parquet",
+            "raw_key": r["key"],
+            "uid": f"uid{r['input_row']:05d}",
+            "fate": "pass",
+            "sha256": r["sha256"],
+            "width": 16,
+            "height": 16,
+        }
         for r in raw
     ]
     storage.write_table(FILTER_TABLE, pa.Table.from_pylist(decisions, schema=FILTER_DECISIONS_SCHEMA))

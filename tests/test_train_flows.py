@@ -106,5 +106,7 @@ def test_train_clip_trains_a_clip_the_pipeline_can_load(tmp_path, prefect_server
     done = run_cli("train", "clip", "--out", root, "--max-steps", "5")
     assert done.returncode == 0, done.stderr[-3000:]
     assert storage.read_json(latest_pointer("clip"))["step"] == 5
-    lines = [line for line in storage.read_bytes("reports/metrics.jsonl").decode().splitlines() if '"clip"' in line]
+    lines = [
+        line for line in storage.read_bytes("reports/metrics.jsonl").decode().splitlines() if '"clip"' in line
+    ]
     assert [__import__("json").loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]

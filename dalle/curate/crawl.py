@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from dalle.config import CrawlConfig
-from dalle.errors import UserError
 from dalle.curate.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
 from dalle.curate.urls import read_url_list
-from dalle.schemas import URL_LIST_SCHEMA
+from dalle.errors import UserError
 from dalle.runroot import INPUT_LIST, INPUT_MANIFEST, RAW_DIR, REFUSED_LIST
+from dalle.schemas import URL_LIST_SCHEMA
 from dalle.storage import Storage, filesystem_for
-
 
 # Columns of img2dataset's output that later stages read (image bytes are in "jpg"
 # whatever their real format, because re-encoding is off).

@@ -1,8 +1,8 @@
 """Duplicate removal: exact duplicates by sha256 of the image bytes, near duplicates by
 cosine similarity of CLIP image vectors searched with FAISS.
 
-Pure library: arrays in, a `DedupResult` out. The caller writes `{root}/reports/dedup.json`
-from `DedupResult.report`.
+`deduplicate` is pure: arrays in, a `DedupResult` out. `dedup_stage` runs it over the pairs that
+survived the CLIP-score filter and writes their decisions and `{root}/reports/dedup.json`.
 
 Grouping is by connected components of the "near duplicate" graph, so groups can chain:
 a~b and b~c put a, b and c in one group even when a and c are below the threshold. That
@@ -21,10 +21,17 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dalle.config import DedupConfig
+from dalle.config import DedupConfig, RunConfig
+from dalle.curate.embed import ClipEncoder, embed_stage
+from dalle.curate.embed import vectors as embedding_matrix
+from dalle.curate.fates import PASS, decode_rgb, images_for, passing_rows
+from dalle.runroot import DEDUP_REPORT, DEDUP_TABLE, SCORES_TABLE
+from dalle.schemas import DEDUP_DECISIONS_SCHEMA
+from dalle.storage import Storage
 
 # float32 inner products of unit vectors carry rounding of order 1e-7 (faiss and numpy
 # disagree in that digit); searching this much below the threshold keeps pairs at exactly
@@ -206,7 +213,9 @@ def deduplicate(
     similarity to the survivor for near duplicates. A missing (NaN) CLIP score never wins.
     """
     if cfg.near_threshold is None:
-        raise ValueError("dedup.near_threshold is unset: resolve it first (dalle.curate.ledger.dedup_settings)")
+        raise ValueError(
+            "dedup.near_threshold is unset: resolve it first (dalle.curate.ledger.dedup_settings)"
+        )
     timings: dict[str, float] = {}
     started = time.perf_counter()
     uids = np.asarray(list(uids), dtype=object)
@@ -304,3 +313,65 @@ def deduplicate(
         "seconds": {name: round(value, 4) for name, value in timings.items()},
     }
     return result
+
+
+# --- the stage ---------------------------------------------------------------------------------
+def dedup_vectors(cfg: RunConfig) -> str:
+    """Which vectors near-duplicate search compares. A small CLIP trained on captions maps every
+    image of one caption to nearly one pooled vector, so its patch tokens are used instead."""
+    if cfg.dedup.vectors != "auto":
+        return cfg.dedup.vectors
+    return "clip" if (cfg.clip.pretrained or cfg.clip.checkpoint) else "clip_tokens"
+
+
+DEFAULT_NEAR_THRESHOLD = {"clip": 0.95, "clip_tokens": 0.99}
+
+
+def dedup_settings(cfg: RunConfig) -> DedupConfig:
+    """The dedup config with the near-duplicate threshold resolved for the vectors in use."""
+    if cfg.dedup.near_threshold is not None:
+        return cfg.dedup
+    return cfg.dedup.model_copy(update={"near_threshold": DEFAULT_NEAR_THRESHOLD[dedup_vectors(cfg)]})
+
+
+def _token_vectors(clip: ClipEncoder, images: list[bytes], batch_size: int) -> np.ndarray:
+    """Patch-token vectors, centred on their mean over the set so that the shared background
+    does not make every pair look alike, then L2-normalised."""
+    tokens = clip.encode_image_tokens([decode_rgb(b) for b in images], batch_size)
+    if len(tokens) == 0:
+        return np.zeros((0, clip.embed_dim), dtype=np.float32)
+    tokens -= tokens.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(tokens, axis=1, keepdims=True)
+    return (tokens / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict:
+    """Exact (sha256) then near (CLIP image vectors, FAISS) duplicates among the scored survivors."""
+    scored = {r["uid"]: r for r in storage.read_table(SCORES_TABLE).to_pylist() if r["fate"] == PASS}
+    rows = [r for r in passing_rows(storage) if r["uid"] in scored]
+    uids = [r["uid"] for r in rows]
+    if dedup_vectors(cfg) == "clip_tokens":
+        vectors = _token_vectors(clip, images_for(storage, rows), cfg.clip.batch_size)
+    else:
+        # Everything needed is cached by now, so embed_stage only reads.
+        stored = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)
+        vectors = embedding_matrix(stored, "image_embedding")
+    scores = np.asarray([scored[u]["clip_score"] for u in uids], dtype=np.float32)
+    result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, dedup_settings(cfg))
+    out = []
+    for uid in uids:
+        if uid in result.dup_of:
+            out.append(
+                {
+                    "uid": uid,
+                    "fate": f"duplicate_{result.kind[uid]}",
+                    "dup_of": result.dup_of[uid],
+                    "similarity": result.similarity[uid],
+                }
+            )
+        else:
+            out.append({"uid": uid, "fate": PASS, "dup_of": None, "similarity": None})
+    storage.write_table(DEDUP_TABLE, pa.Table.from_pylist(out, schema=DEDUP_DECISIONS_SCHEMA))
+    report = {"clip_model": clip.identity, "vectors": dedup_vectors(cfg), **result.report}
+    storage.write_json(DEDUP_REPORT, report)
+    return report

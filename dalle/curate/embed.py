@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -18,8 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dalle.schemas import SchemaError, check_schema, embeddings_schema
-from dalle.runroot import EMBEDDINGS_DIR
+from dalle.config import RunConfig
+from dalle.curate.fates import PASS, fate_record, images_for, passing_rows
+from dalle.curate.filters import clip_decision, clip_score_cutoff
+from dalle.runroot import EMBEDDINGS_DIR, SCORES_TABLE
+from dalle.schemas import SCORE_DECISIONS_SCHEMA, SchemaError, check_schema, embeddings_schema
 from dalle.storage import Storage
 
 CLIP_MODEL_KEY = b"dalle.clip_model"
@@ -32,13 +36,17 @@ class ClipEncoder(Protocol):
     identity: str  # names the weights exactly: vectors of different CLIPs are never mixed
     embed_dim: int
 
-    def encode_images(self, images: Sequence[PIL.Image.Image], batch_size: int | None = None) -> np.ndarray: ...
+    def encode_images(
+        self, images: Sequence[PIL.Image.Image], batch_size: int | None = None
+    ) -> np.ndarray: ...
 
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray: ...
 
     def encode_image_tokens(
         self, images: Sequence[PIL.Image.Image], batch_size: int | None = None
     ) -> np.ndarray: ...
+
+
 _PART_NAME = re.compile(r"part-(\d+)\.parquet$")
 
 
@@ -51,7 +59,11 @@ def _decode(data: bytes, label: str) -> PIL.Image.Image:
 
 
 def _embed(
-    clip: ClipEncoder, images: Sequence[bytes], captions: Sequence[str], batch_size: int, labels: Sequence[str]
+    clip: ClipEncoder,
+    images: Sequence[bytes],
+    captions: Sequence[str],
+    batch_size: int,
+    labels: Sequence[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(images) != len(captions):
         raise ValueError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
@@ -186,3 +198,26 @@ def embed_stage(
     combined = pa.concat_tables(tables)
     position = {uid: i for i, uid in enumerate(combined.column("uid").to_pylist())}
     return combined.take(pa.array([position[uid] for uid in uids], pa.int64()))
+
+
+# --- the stage: CLIP scores and the CLIP-score filter ------------------------------------------
+def score_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict[str, int]:
+    """Embed the passing pairs (cached by uid under embeddings/) and apply the CLIP-score filter."""
+    rows = passing_rows(storage)
+    images = images_for(storage, rows)
+    table = embed_stage(
+        storage, [r["uid"] for r in rows], images, [r["caption"] for r in rows], clip, cfg.clip.batch_size
+    )
+    scores = table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float32)
+    cutoff = clip_score_cutoff(scores, cfg.filter)
+    out = []
+    for row, score in zip(rows, scores):
+        decision = clip_decision(float(score), cutoff)
+        fate = (
+            fate_record(PASS)
+            if decision is None
+            else fate_record("filtered", decision.reason, decision.detail, decision.value, decision.threshold)
+        )
+        out.append({"uid": row["uid"], **fate, "clip_score": float(score)})
+    storage.write_table(SCORES_TABLE, pa.Table.from_pylist(out, schema=SCORE_DECISIONS_SCHEMA))
+    return dict(Counter(r["fate"] for r in out))

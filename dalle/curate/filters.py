@@ -1,4 +1,5 @@
-"""Rule filters and the CLIP-score filter.
+"""The filter stage: rule filters on every crawled sample, and the CLIP-score filter the embed
+stage applies.
 
 Each check returns a `Decision` (reason, a sentence, the measured value and the
 threshold it failed) or None when the sample passes, so every removal is
@@ -9,12 +10,19 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from dalle.config import FilterConfig
+from dalle.config import FilterConfig, RunConfig
+from dalle.curate.crawl import RAW_IMAGE_COLUMN, classify_download_error, finished_shards, read_raw_shard
+from dalle.curate.fates import PASS, fate_record, sample_uid
+from dalle.runroot import FILTER_TABLE, REFUSED_LIST
+from dalle.schemas import FILTER_DECISIONS_SCHEMA
+from dalle.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -118,3 +126,57 @@ def clip_decision(score: float, cutoff: float | None) -> Decision | None:
     if cutoff is None or score >= cutoff:
         return None
     return Decision("clip_score_low", f"CLIP score {score:.3f} < {cutoff:.3f}", float(score), cutoff)
+
+
+# --- the stage -------------------------------------------------------------------------------
+def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
+    """Record every crawled sample's fate so far: refused, failed download, filtered by a rule, or passed."""
+    rows: list[dict] = []
+    for refused in storage.read_table(REFUSED_LIST).to_pylist():
+        rows.append(
+            {
+                "input_row": refused["input_row"],
+                "url": refused["url"],
+                "caption": refused["caption"],
+                "uid": sample_uid(refused["url"], None),
+                **fate_record(refused["fate"], refused["reason"], refused["detail"]),
+            }
+        )
+    for rel in finished_shards(storage):
+        shard = read_raw_shard(storage, rel)
+        for raw in shard.to_pylist():
+            row = {
+                "input_row": raw["input_row"],
+                "url": raw["url"],
+                "caption": raw["caption"],
+                "raw_shard": rel,
+                "raw_key": raw["key"],
+                "sha256": raw["sha256"],
+            }
+            if raw["status"] != "success":
+                message = raw["error_message"] or raw["status"]
+                fate, reason = classify_download_error(message)
+                rows.append(
+                    {**row, "uid": sample_uid(raw["url"], None), **fate_record(fate, reason, message)}
+                )
+                continue
+            row["uid"] = sample_uid(raw["url"], raw["sha256"])
+            decision = caption_decision(raw["caption"], raw["caption_utf8"], cfg.filter)
+            info, image_decision = inspect_image(raw[RAW_IMAGE_COLUMN], cfg.filter)
+            if info is not None:
+                row["width"], row["height"] = info.width, info.height
+            decision = decision or image_decision
+            if decision is not None:
+                rows.append(
+                    {
+                        **row,
+                        **fate_record(
+                            "filtered", decision.reason, decision.detail, decision.value, decision.threshold
+                        ),
+                    }
+                )
+            else:
+                rows.append({**row, **fate_record(PASS)})
+    rows.sort(key=lambda r: r["input_row"])
+    storage.write_table(FILTER_TABLE, pa.Table.from_pylist(rows, schema=FILTER_DECISIONS_SCHEMA))
+    return dict(Counter(r["fate"] for r in rows))

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from dalle.errors import UserError
 from dalle.config import CrawlConfig
+from dalle.errors import UserError
 from dalle.storage import filesystem_for
 
 FORMATS = ("parquet", "csv", "tsv", "txt", "jsonl")

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from dalle.errors import UserError
 from dalle.config import ClipConfig, ConfigError, SmallClipConfig
 from dalle.devices import resolve_device
+from dalle.errors import UserError
 from dalle.models.weights import load_model_state
 from dalle.runroot import CHECKPOINT_META, CHECKPOINT_WEIGHTS
 from dalle.storage import Storage, filesystem_for
@@ -40,7 +40,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 # open_clip's BPE vocabulary (ships inside the package, works offline).
 BPE_VOCAB_SIZE = 49408
-
 
 
 class CheckpointError(UserError, ValueError):

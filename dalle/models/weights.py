@@ -14,7 +14,14 @@ from dalle.config import DVAEConfig, TransformerConfig
 from dalle.errors import UserError
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
-from dalle.runroot import CHECKPOINT_META, CHECKPOINT_WEIGHTS, DVAE, MODELS_DIR, checkpoint_step, latest_checkpoint
+from dalle.runroot import (
+    CHECKPOINT_META,
+    CHECKPOINT_WEIGHTS,
+    DVAE,
+    MODELS_DIR,
+    checkpoint_step,
+    latest_checkpoint,
+)
 from dalle.storage import Storage
 
 

@@ -40,7 +40,9 @@ def sampling_settings(cfg: RunConfig) -> SamplingSettings:
     )
 
 
-def draw_section(title: str, key: str, prompts: list[str], sampler: Sampler, settings: SamplingSettings) -> Section:
+def draw_section(
+    title: str, key: str, prompts: list[str], sampler: Sampler, settings: SamplingSettings
+) -> Section:
     """Every prompt's samples, reranked by the sampler's CLIP, as one gallery section."""
     return Section(title, [sampler.sample(p, settings) for p in prompts], top=settings.top, key=key)
 
@@ -77,7 +79,9 @@ def draw_gallery(
 
     prompt_groups: list[tuple[str, str, list[str]]] = []  # (title, eval group, prompts)
     if evaluator is not None:
-        prompt_groups += [(title, key, prompts) for key, title, prompts in evaluator.prompt_groups() if prompts]
+        prompt_groups += [
+            (title, key, prompts) for key, title, prompts in evaluator.prompt_groups() if prompts
+        ]
     captions = list(dict.fromkeys(last_shard.column("caption").to_pylist()))[: cfg.gallery.validation_prompts]
     if captions:
         prompt_groups.append(("Captions from the data", "", captions))

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import PIL.Image
 import pyarrow as pa
 
-from dalle.sample.rerank import PromptSamples, describe_sampling
 from dalle.runroot import GALLERIES_DIR, GALLERY_INDEX, GALLERY_SUMMARY, METRICS, TRANSFORMER, gallery_dir
+from dalle.sample.rerank import PromptSamples, describe_sampling
 from dalle.storage import Storage
+
 
 @dataclass
 class Section:

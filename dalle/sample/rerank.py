@@ -14,11 +14,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from dalle.tokens.bpe import TextTokenizer
 from dalle.models.clip import ClipModel
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
 from dalle.sample.generate import generate
+from dalle.tokens.bpe import TextTokenizer
 
 
 @dataclass

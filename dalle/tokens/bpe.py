@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dalle.errors import UserError
 from dalle.config import TokenizerConfig
+from dalle.errors import UserError
 from dalle.runroot import TOKENIZER_DIR, TOKENIZER_FILE, TOKENIZER_META
 from dalle.storage import Storage
 

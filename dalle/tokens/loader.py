@@ -33,9 +33,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dalle.schemas import CURATED_SCHEMA
-from dalle.schemas import SCHEMA_VERSION, SchemaError, check_schema, token_shard_schema
 from dalle.runroot import CURATED_DIR, MANIFEST, SHARDS_DIR
+from dalle.schemas import CURATED_SCHEMA, SCHEMA_VERSION, SchemaError, check_schema, token_shard_schema
 from dalle.storage import Storage, StorageError
 
 # The command that (re)writes each shard folder, named in error messages.

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dalle.config import ConfigError, RunConfig
-from dalle.curate.ledger import passing_pairs
+from dalle.curate.fates import passing_pairs
 from dalle.models.clip import build_small_clip, small_clip_architecture, small_clip_preprocess
 from dalle.runroot import CLIP
 from dalle.storage import Storage
@@ -63,7 +63,9 @@ class ClipTraining:
             "architecture": small_clip_architecture(self.cfg.clip.small),
             "preprocess": small_clip_preprocess(self.cfg.clip.small),
         }
-        return json.loads(json.dumps(meta))  # as model.json stores it (tuples are lists), to compare on resume
+        return json.loads(
+            json.dumps(meta)
+        )  # as model.json stores it (tuples are lists), to compare on resume
 
     def dataset(self, batch_size, seed, start_batch, rank, world_size) -> IterableDataset:
         return PairBatches(
@@ -94,7 +96,9 @@ class PairBatches(IterableDataset):
     Resuming after `start_batch` batches replays only the index stream, not the images.
     """
 
-    def __init__(self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank):
+    def __init__(
+        self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank
+    ):
         super().__init__()
         self.images, self.captions = images, captions
         self.batch_size, self.seed, self.start_batch, self.rank = batch_size, seed, start_batch, rank

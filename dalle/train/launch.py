@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-
 from dalle.config import RunConfig, TrainConfig, load_config
 from dalle.runroot import CHECKPOINT_META, CLIP, DVAE, MODEL_NAMES, TRANSFORMER, latest_checkpoint, run_config
 from dalle.storage import Storage

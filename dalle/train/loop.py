@@ -31,7 +31,14 @@ from torch.utils.data import IterableDataset
 from dalle.config import RunConfig, TrainConfig, dump_config
 from dalle.errors import UserError
 from dalle.models.weights import CheckpointMismatch, load_model_state, save_model
-from dalle.runroot import CHECKPOINT_CONFIG, METRICS, MODELS_DIR, checkpoint_dir, latest_checkpoint, set_latest
+from dalle.runroot import (
+    CHECKPOINT_CONFIG,
+    METRICS,
+    MODELS_DIR,
+    checkpoint_dir,
+    latest_checkpoint,
+    set_latest,
+)
 from dalle.storage import Storage
 from dalle.tokens.loader import make_loader
 from dalle.train import checkpoint as ckpt
