@@ -9,7 +9,6 @@ import http.server
 import io
 import socketserver
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -232,32 +231,3 @@ class DemoServer:
                 pass
 
         return Handler
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Serve the demo site until Ctrl-C and write its URL list to OUT/urls.parquet."""
-    import argparse
-
-    from dalle.config import load_config
-    from demo.world import world_config
-
-    parser = argparse.ArgumentParser(prog="python -m demo.site", description=main.__doc__)
-    parser.add_argument("--out", required=True, help="folder (or s3://bucket/prefix) for urls.parquet")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
-    parser.add_argument(
-        "--config", default=None, help="run configuration YAML; its `plugins.demo` section is used"
-    )
-    args = parser.parse_args(argv)
-    site = build_site(world_config(load_config(args.config)))
-    with DemoServer(site, port=args.port) as server:
-        uri = write_url_list(url_table(site, server.base_url), f"{args.out.rstrip('/')}/urls.parquet")
-        print(f"serving {len(site.files)} images at {server.base_url}; URL list written to {uri}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-
-
-if __name__ == "__main__":
-    main()

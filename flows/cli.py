@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    gallery = commands.add_parser("gallery", help="publish the gallery of one transformer checkpoint")
+    gallery = commands.add_parser("gallery", help="draw the gallery of one transformer checkpoint")
     gallery.add_argument(
         "--checkpoint", required=True, help="checkpoint URI (models/transformer/step_XXXXXXXX)"
     )

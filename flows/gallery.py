@@ -1,4 +1,4 @@
-"""The gallery flow: sample, rerank and publish a transformer checkpoint's gallery (and its zero-shot eval)."""
+"""The gallery flow: sample, rerank and draw a transformer checkpoint's gallery (and its zero-shot eval)."""
 
 from __future__ import annotations
 

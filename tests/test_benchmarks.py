@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dalle.runroot import run_config
 from dalle.storage import Storage
-from dalle.train.launch import run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_a_bad_override_is_named_before_any_work(tmp_path, override, message):
 )
 def test_a_bad_sampling_variant_is_named_before_any_work(tmp_path, variant, message):
     root = tmp_path / "run"
-    run_config(Storage(str(root)), str(REPO / "configs" / "demo.yaml"))
+    run_config(Storage(str(root)), str(REPO / "demo" / "config.yaml"))
     before = sorted(root.rglob("*"))
     command = [sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--run", str(root)]
     done = subprocess.run(

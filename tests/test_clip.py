@@ -224,6 +224,26 @@ def test_saved_clip_loads_back_identical(trained, run_root):
     assert np.array_equal(loaded.encode_texts(captions), clip.encode_texts(captions))
 
 
+def test_a_clip_an_older_release_trained_is_kept_not_retrained(trained, tmp_path):
+    # Run roots of the previous release hold the small CLIP in save_clip's folder format, which the
+    # shared loop cannot resume: curation and `dalle train clip` use it as it is.
+    from dalle.config import RunConfig
+    from dalle.runroot import set_latest
+    from dalle.train.launch import launch
+
+    clip, _ = trained
+    storage = Storage(str(tmp_path / "old"))
+    uri = save_clip(clip, storage, "models/clip/step_00000300")
+    set_latest(storage, "clip", 300)
+    messages = []
+    assert launch("clip", storage.uri(), RunConfig(), log=messages.append) == uri
+    assert "trained by an older release" in messages[0]
+    assert storage.list("models/clip/step_00000300") == [
+        "models/clip/step_00000300/config.json",
+        "models/clip/step_00000300/model.safetensors",
+    ]
+
+
 def test_damaged_saved_weights_are_refused(trained, tmp_path):
     clip, _ = trained
     uri = save_clip(clip, Storage(tmp_path), "clip")

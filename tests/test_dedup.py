@@ -1,4 +1,4 @@
-"""Exact and near duplicate removal (dalle/data/dedup.py)."""
+"""Exact and near duplicate removal (dalle/curate/dedup.py)."""
 
 from __future__ import annotations
 

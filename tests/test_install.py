@@ -134,7 +134,7 @@ loose>=1.0
 
 
 def test_img2dataset_is_pinned_exactly_everywhere():
-    # dalle/data/netguard.py patches img2dataset's downloader: no release may come in unreviewed.
+    # dalle/curate/netguard.py patches img2dataset's downloader: no release may come in unreviewed.
     pins = [
         Requirement(line) for line in CONSTRAINTS.read_text().splitlines() if line.startswith("img2dataset")
     ]

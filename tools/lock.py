@@ -42,7 +42,7 @@ LOCK_INPUTS = {
 # A comment written above a package's pin in constraints.txt.
 NOTES = {
     "img2dataset": (
-        "Pinned exactly on purpose: dalle/data/netguard.py patches img2dataset's downloader, so a new\n"
+        "Pinned exactly on purpose: dalle/curate/netguard.py patches img2dataset's downloader, so a new\n"
         "release must never come in silently. pyproject.toml pins it; raise it there, after reviewing\n"
         "the release and running tests/test_netguard.py."
     ),

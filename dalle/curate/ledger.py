@@ -1,7 +1,7 @@
 """The per-sample ledger of curation, and the curated shards.
 
 Each stage is a plain function over a run root that reads what the previous stage
-wrote and writes its own decisions under `curated/_stages/`; `publish_stage` joins
+wrote and writes its own decisions under `curated/_stages/`; `write_curated` joins
 them into the per-sample ledger `reports/samples.parquet`, the curated shards and
 `reports/curate.json`. Every stage recomputes from its inputs, so a re-run gives
 the same result and never duplicates rows; the costly parts (downloads, embeddings)

@@ -111,7 +111,9 @@ class PairBatches(IterableDataset):
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         augment = image_transform(self.image_size, is_train=True, aug_cfg=_TRAIN_AUGMENTATION)
-        tokenize = open_clip.get_tokenizer("", context_length=self.context_length)
+        tokens = open_clip.get_tokenizer("", context_length=self.context_length)(
+            [str(c) for c in self.captions]
+        )
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
         batches = distinct_caption_batches(self.captions, self.batch_size, generator)
         number = 0
@@ -122,7 +124,7 @@ class PairBatches(IterableDataset):
             images = [Image.open(io.BytesIO(self.images[int(i)])).convert("RGB") for i in index]
             yield {
                 "images": torch.stack([augment(image) for image in images]),
-                "text": tokenize([str(self.captions[int(i)]) for i in index]),
+                "text": tokens[index],
             }
 
 
