@@ -118,6 +118,15 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     )
     assert sorted(p for p in root.rglob("*") if p.is_file()) == files_before
 
+    # In Python: one object bundles the checkpoint with its dVAE, tokenizer and the run's CLIP.
+    from dalle.sample.rerank import SamplingSettings
+    from dalle.sample.sampler import Sampler
+
+    sampler = Sampler.from_checkpoint(storage.uri("models/transformer/step_00000006"))
+    assert sampler.clip is not None and sampler.checkpoint == storage.uri("models/transformer/step_00000006")
+    drawn_here = sampler.sample("a red circle", SamplingSettings(num_samples=3, top=1, batch_size=3))
+    assert len(drawn_here.images) == 3 and sorted(drawn_here.ranking) == [0, 1, 2]
+
     # A person's own prompt: the best --top of -n samples, with their scores and how they were drawn.
     mine = tmp_path / "mine"
     drawn = run_cli(
