@@ -1,10 +1,10 @@
 """Speed of the models: transformer training, dVAE training and sampling, with and without the cache.
 
     python benchmarks/bench_models.py --config tiny
-    python benchmarks/bench_models.py --config paper-grid --peer-python /tmp/peer/bin/python
+    python benchmarks/bench_models.py --config paper-grid --peer-python /tmp/peer/bin/python --peer-script RUNNER
 
-With --peer-python (a virtual environment holding dalle-pytorch 1.6.6, see the docstring
-of the peer script), the peer baseline runs in the same invocation at the same
+With --peer-python (a virtual environment holding dalle-pytorch 1.6.6) and --peer-script (a
+runner for it, not shipped in this repository yet), the peer baseline runs in the same invocation at the same
 configuration and the ratios are printed. The last line is one JSON object.
 """
 
@@ -44,7 +44,6 @@ GOALS = {
     "tiny": {"train_tokens_per_s": 2.5, "sample_speedup": 5.0},
     "paper-grid": {"sample_speedup": 10.0},
 }
-DEFAULT_PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peer_dalle_pytorch.py"
 
 
 def _timed(fn, steps: int, warmup: int = 2) -> float:
@@ -161,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dvae-width", type=int, default=DVAEConfig().hidden_width,
                         help="dVAE hidden width (the peer uses 64 channels at every resolution)")  # fmt: skip
     parser.add_argument("--peer-python", help="interpreter of a virtual environment with dalle-pytorch 1.6.6")
-    parser.add_argument("--peer-script", type=Path, default=DEFAULT_PEER_SCRIPT)
+    parser.add_argument("--peer-script", type=Path, help="the runner of the peer benchmark (not shipped yet)")
     args = parser.parse_args(argv)
+    if args.peer_python and args.peer_script is None:
+        parser.error("--peer-python needs --peer-script: this repository does not ship the peer's runner yet")
 
     result = {
         "config": args.config,
