@@ -18,6 +18,7 @@ from dalle.models.clip import ClipModel, load_clip
 from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
 from dalle.train.launch import launch
+from flows.common import announce_checkpoint
 from flows.common import log as _log
 from flows.common import retry_unless_user_error as _retry_unless_user_error
 
@@ -53,8 +54,6 @@ def train_clip(root: str, cfg: RunConfig, filtered: dict) -> str | None:
     unless a pretrained CLIP or checkpoint is configured (None)."""
     if cfg.clip.pretrained or cfg.clip.checkpoint:
         return None
-    from flows.common import announce_checkpoint
-
     return launch(CLIP, root, cfg, on_checkpoint=announce_checkpoint, log=_log)
 
 

@@ -28,7 +28,7 @@ _TRAININGS = {CLIP: ClipTraining, DVAE: DVAETraining, TRANSFORMER: TransformerTr
 
 def training_settings(model: str, cfg: RunConfig, max_steps: int | None = None) -> TrainConfig:
     """The train_<model> section of `cfg`, with max_steps replaced when given."""
-    section = {CLIP: cfg.train_clip, DVAE: cfg.train_dvae, TRANSFORMER: cfg.train_transformer}[model]
+    section: TrainConfig = getattr(cfg, f"train_{model}")
     return section.model_copy(update={"max_steps": max_steps}) if max_steps is not None else section
 
 
