@@ -85,14 +85,11 @@ def test_no_layer_imports_a_higher_one():
 
 def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     # The check itself must be able to fail: a curation module that imports the training loop.
-    fake = REPO / "dalle" / "curate" / "_layer_probe.py"
-    monkeypatch.setattr(sys.modules[__name__], "source_files", lambda: [fake])
-    fake_text = "from dalle.train.loop import train\n"
-    try:
-        fake.write_text(fake_text)
-        assert any("imports dalle.train.loop" in p for p in upward_imports())
-    finally:
-        fake.unlink()
+    probe = tmp_path / "dalle" / "curate" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("def later():\n    from dalle.train.loop import train\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert "dalle/curate/probe.py:2 (curate) imports dalle.train.loop (train)" in upward_imports()
 
 
 @pytest.mark.parametrize("plugin", ["demo"])
