@@ -11,6 +11,7 @@ import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -68,6 +69,17 @@ class CrawlConfig(_Section):
         True, description="Skip URLs that the site's robots.txt disallows for us."
     )
     robots_timeout_s: float = Field(5.0, gt=0, description="Timeout for fetching one robots.txt.")
+    max_crawl_s: float = Field(
+        12 * 3600.0,
+        gt=0,
+        description="Wall-clock limit of one crawl (img2dataset's process is stopped after it; finished "
+        "shards are kept and the next run resumes).",
+    )
+    stall_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Stop a crawl whose img2dataset process prints nothing for this long (a hung download).",
+    )
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that make img2dataset drop an image (opt-out).",
@@ -320,7 +332,18 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="'auto': bf16 autocast on cuda, fp32 on cpu."
     )
-    nproc: int = Field(1, ge=1, description="Processes on this node; more than 1 launches torchrun (DDP).")
+    nproc: int | Literal["auto"] = Field(
+        1,
+        description="Processes on this node; more than 1 launches torchrun (DDP). 'auto': one per GPU "
+        "(1 without a GPU).",
+    )
+
+    @field_validator("nproc")
+    @classmethod
+    def _positive_nproc(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"nproc must be 'auto' or at least 1, got {value}")
+        return value
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on cuda."
     )
@@ -445,6 +468,86 @@ class TransformerConfig(_Section):
         return kinds
 
 
+class OrchestrationConfig(_Section):
+    """How the flows run as a service: time limits per flow, and one trainer per run root."""
+
+    curate_timeout_s: float = Field(
+        24 * 3600.0, gt=0, description="Time limit of one curation flow run (crawl included)."
+    )
+    tokenize_timeout_s: float = Field(12 * 3600.0, gt=0, description="Time limit of one tokenize flow run.")
+    train_timeout_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Time limit of one training flow run (a stopped run resumes from its last checkpoint).",
+    )
+    gallery_timeout_s: float = Field(6 * 3600.0, gt=0, description="Time limit of one gallery flow run.")
+    retrain_steps: int = Field(
+        1000,
+        ge=1,
+        description="Transformer steps that each batch of new token shards adds (the retraining "
+        "deployment's more_steps, sent in the dalle.shards.updated event).",
+    )
+    trainer_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long a trainer waits for another trainer of the same run root to finish; "
+        "0 refuses it at once.",
+    )
+    progress_every_s: float = Field(
+        10.0, gt=0, description="Seconds between updates of the progress shown in the Prefect UI."
+    )
+
+
+class DashboardsConfig(_Section):
+    """Extra copies of the training metrics for the dashboards a team already uses (reports/metrics.jsonl
+    stays the record). No secrets here: W&B's API key comes from WANDB_API_KEY, MLflow's credentials
+    from its MLFLOW_TRACKING_* variables, both in the environment."""
+
+    tensorboard: bool = Field(
+        False,
+        description="Write TensorBoard event files to reports/tensorboard/<model>/ in the run root "
+        "(pip install 'dalle-pipeline[dashboards]').",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="Log the metrics to this MLflow tracking server or store (`pip install mlflow`); "
+        "null: off.",
+    )
+    mlflow_experiment: str = Field("dalle", min_length=1, description="MLflow experiment of the runs.")
+    wandb_project: str | None = Field(
+        None,
+        min_length=1,
+        description="Log the metrics to this Weights & Biases project (API key: WANDB_API_KEY); null: off.",
+    )
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="'offline': W&B writes its runs locally (WANDB_DIR), for `wandb sync` later."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if any(word in str(key).lower() for word in ("key", "token", "password", "secret")):
+                    raise ValueError(
+                        f"'{key}': secrets never go in the configuration (it is stored with the run); "
+                        "set WANDB_API_KEY, or MLFLOW_TRACKING_TOKEN / MLFLOW_TRACKING_PASSWORD, "
+                        "in the environment"
+                    )
+        return data
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, value: str | None) -> str | None:
+        if value is not None and "@" in urlsplit(value).netloc:
+            raise ValueError(
+                "the tracking URI holds credentials; remove them and set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        return value
+
+
 class RunConfig(_Section):
     """Everything a run needs; `demo/config.yaml` is an instance of it."""
 
@@ -490,6 +593,13 @@ class RunConfig(_Section):
         ),
         description="Training the small CLIP (defaults: open_clip's AdamW settings, cosine to zero).",
     )
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="Time limits and trainer exclusivity of the flows."
+    )
+    dashboards: DashboardsConfig = Field(
+        default_factory=DashboardsConfig,
+        description="Extra copies of the training metrics for TensorBoard, MLflow or W&B.",
+    )
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Settings of plug-ins, by plug-in name (e.g. demo: the captioned-shapes world); "
@@ -534,6 +644,15 @@ def _describe_errors(err: ValidationError, origin: str) -> str:
         else:
             lines.append(f"'{key}' in {origin}: {item['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def as_config(config: RunConfig | dict[str, Any] | str | None) -> RunConfig:
+    """A configuration given as a RunConfig, a mapping, or a YAML path or s3:// URI (None: defaults)."""
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, str):
+        return load_config(config)
+    return config_from_dict(config)
 
 
 def config_from_dict(data: dict[str, Any] | None, origin: str = "configuration") -> RunConfig:
@@ -589,17 +708,34 @@ def _from_older_release(data: dict[str, Any], origin: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None) -> RunConfig:
-    """Load a YAML run configuration (local path); None gives the defaults."""
+    """Load a YAML run configuration from a local path or an s3:// URI; None gives the defaults."""
     if path is None:
         return RunConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as demo/config.yaml")
+    text = _read_config_text(str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     return config_from_dict(data, origin=str(path))
+
+
+def _read_config_text(path: str) -> str:
+    from dalle.storage import filesystem_for, is_s3
+
+    missing = f"config file {path} does not exist; pass a YAML file such as demo/config.yaml"
+    if is_s3(path):
+        fs, key = filesystem_for(path)
+        if not fs.isfile(key):
+            raise ConfigError(missing)
+        raw = fs.cat_file(key)
+    else:
+        if not Path(path).is_file():
+            raise ConfigError(missing)
+        raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
 
 
 def dump_config(config: RunConfig) -> str:

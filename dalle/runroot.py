@@ -18,11 +18,12 @@ where each model's checkpoints are. Stages name these constants, never string li
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import yaml
 
-from dalle.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+from dalle.config import ConfigError, RunConfig, as_config, config_from_dict, dump_config
 from dalle.storage import Storage
 
 MANIFEST = "_manifest.json"  # written last in a shard folder: the folder is complete when it exists
@@ -31,10 +32,24 @@ RUN_CONFIG = "config.yaml"
 SOURCE_DIR = "source"
 
 RAW_DIR = "raw"
-RAW_INPUT_DIR = f"{RAW_DIR}/_input"
-INPUT_LIST = f"{RAW_INPUT_DIR}/urls.parquet"
-REFUSED_LIST = f"{RAW_INPUT_DIR}/refused.parquet"
-INPUT_MANIFEST = f"{RAW_INPUT_DIR}/{MANIFEST}"
+# A URL list that changes after the first crawl adds a batch: raw/batch_0001/ holds its own _input/
+# (the rows not crawled before) and its shards. The first list's batch is raw/ itself.
+BATCH_PREFIX = "batch_"
+INPUT_NAME, REFUSED_NAME = "urls.parquet", "refused.parquet"  # in each batch's _input/
+
+
+def batch_dir(number: int) -> str:
+    return RAW_DIR if number == 0 else f"{RAW_DIR}/{BATCH_PREFIX}{number:04d}"
+
+
+def batch_input(batch: str, name: str) -> str:
+    """A file of a batch's _input/ folder: urls.parquet, refused.parquet or _manifest.json."""
+    return f"{batch}/_input/{name}"
+
+
+INPUT_LIST = batch_input(RAW_DIR, INPUT_NAME)
+REFUSED_LIST = batch_input(RAW_DIR, REFUSED_NAME)
+INPUT_MANIFEST = batch_input(RAW_DIR, MANIFEST)
 
 CURATED_DIR = "curated"
 CURATED_MANIFEST = f"{CURATED_DIR}/{MANIFEST}"
@@ -155,10 +170,7 @@ def run_config(storage: Storage, config: str | dict | RunConfig | None = None) -
     """The configuration for a command on `storage`: the given one (a YAML path, a mapping or a
     RunConfig), then saved as the run's config.yaml; without one, the run's own config.yaml."""
     if config is not None:
-        if isinstance(config, RunConfig):
-            cfg = config
-        else:
-            cfg = load_config(config) if isinstance(config, str) else config_from_dict(config)
+        cfg = as_config(config)
         storage.check_writable()  # a missing bucket is named here, before any work
         migrate(storage)
         storage.write_bytes(RUN_CONFIG, dump_config(cfg).encode())
@@ -205,3 +217,18 @@ def _files_under(storage: Storage, rel_dir: str) -> list[str]:
     for folder in storage.subfolders(rel_dir):
         files += _files_under(storage, f"{rel_dir}/{folder}")
     return files
+
+
+def read_metrics(storage: Storage, model: str | None = None) -> list[dict]:
+    """The records of reports/metrics.jsonl (of one model when given), in file order; a torn line is skipped."""
+    if not storage.exists(METRICS):
+        return []
+    records = []
+    for line in storage.read_bytes(METRICS).decode().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (model is None or record.get("model") == model):
+            records.append(record)
+    return records

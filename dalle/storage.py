@@ -90,6 +90,13 @@ class Storage:
         """Full URI of `rel` (s3://... or an absolute local path), for img2dataset, logs and reports."""
         return f"s3://{self.path(rel)}" if self.is_s3 else self.path(rel)
 
+    def browser_url(self, rel: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A link a browser opens: file:// for a local root, a presigned HTTPS URL (valid `expires_s`
+        seconds, at most 7 days) for S3, signed with the credentials of the environment."""
+        if self.is_s3:
+            return self.fs.url(self.path(rel), expires=min(expires_s, 7 * 24 * 3600))
+        return Path(self.path(rel)).as_uri()
+
     def check_writable(self) -> None:
         """Fail early, with a clear message, when the root cannot be written (e.g. a missing bucket)."""
         probe = f"_probe/{uuid.uuid4().hex}"

@@ -6,12 +6,12 @@ entry point; the library knows nothing of it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import time
 from pathlib import Path
 from typing import Any
 
 from dalle.config import RunConfig, load_config
-from dalle.curate.crawl import CrawlError
 from dalle.runroot import SOURCE_DIR
 from dalle.storage import Storage
 from demo.site import DemoServer, DemoSite, build_site, url_table
@@ -30,6 +30,8 @@ def demo_server(site: DemoSite, storage: Storage) -> DemoServer:
     """The demo site served on DEMO_PORT (any free port when that is taken). A re-run serves on
     the port of the first run, so the URL list and the finished crawl shards stay valid and the
     crawl resumes instead of starting over."""
+    from dalle.curate.crawl import CrawlError  # the crawler's imports are slow; `dalle --help` skips them
+
     if storage.exists(DEMO_SERVER):
         port = storage.read_json(DEMO_SERVER)["port"]
         try:
@@ -73,22 +75,26 @@ def run_demo(root: str, cfg: RunConfig) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.cli import print_pipeline_result, with_networks
+    from flows.cli import show_pipeline_result, with_networks
 
     cfg = with_networks(load_config(args.config or DEMO_CONFIG), args.allow_network)
-    print_pipeline_result(run_demo(args.out, cfg))
+    show_pipeline_result(run_demo(args.out, cfg))
     return 0
 
 
 def cmd_serve_demo(args: argparse.Namespace) -> int:
+    from flows.output import show_result
+
     site = build_site(world_config(load_config(args.config or DEMO_CONFIG)))
     with DemoServer(site, host=args.host, port=args.port) as server:
         uri = Storage(args.out).write_table("urls.parquet", url_table(site, server.base_url))
-        print(f"serving {len(site.rows)} demo images at {server.base_url}; URL list: {uri}")
-        print(
-            f"crawl it with: dalle curate --urls {uri} --out RUN --allow-network 127.0.0.0/8   (Ctrl-C stops)"
-        )
         try:
+            show_result(
+                {"base_url": server.base_url, "images": len(site.rows), "urls": uri},
+                f"serving {len(site.rows)} demo images at {server.base_url}; URL list: {uri}\n"
+                f"crawl it with: dalle curate --urls {uri} --out RUN --allow-network {DEMO_NETWORK}"
+                "   (Ctrl-C stops)",
+            )
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
@@ -96,22 +102,53 @@ def cmd_serve_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def loopback_host(text: str) -> str:
+    """argparse type: an IPv4 loopback address (127.x.x.x) or localhost; the demo serves nowhere else."""
+    if text == "localhost":
+        return text
+    try:
+        if ipaddress.IPv4Address(text).is_loopback:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be a loopback address such as 127.0.0.1, not {text!r}")
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """The demo's commands, for the `dalle` command line (entry point group `dalle.commands`)."""
-    demo = commands.add_parser(
+    from flows.cli import add_command, port_number
+
+    demo = add_command(
+        commands,
         "demo",
+        run=cmd_demo,
         help="serve the built-in captioned-shapes world over loopback and run the whole pipeline on it",
+        description="Serve the built-in world of captioned shapes over loopback HTTP and run the whole\n"
+        "pipeline on it: crawl, curate, train the dVAE and the transformer, draw the galleries and\n"
+        "score them. A re-run into the same --out resumes.",
+        examples=["dalle demo --out runs/demo", "dalle --json demo --out runs/demo > demo-result.json"],
     )
     demo.add_argument("--out", required=True, help="run root: a local folder or s3://bucket/prefix")
     demo.add_argument("--config", help="run configuration YAML (default: demo/config.yaml)")
     demo.add_argument("--allow-network", action="append", metavar="CIDR", help=argparse.SUPPRESS)
-    demo.set_defaults(func=cmd_demo)
 
-    serve = commands.add_parser("serve-demo", help="serve the captioned-shapes world over loopback HTTP")
+    serve = add_command(
+        commands,
+        "serve-demo",
+        run=cmd_serve_demo,
+        help="serve the captioned-shapes world over loopback HTTP",
+        description="Serve the captioned-shapes world over loopback HTTP until Ctrl-C, and write its URL\n"
+        "list, to crawl with `dalle curate` as any other source.",
+        examples=[
+            "dalle serve-demo --out demo-urls --port 8000",
+            "dalle curate --urls demo-urls/urls.parquet --out runs/shapes --allow-network 127.0.0.0/8",
+        ],
+    )
     serve.add_argument("--out", required=True, help="folder for the URL list (urls.parquet)")
     serve.add_argument(
         "--config", help="run configuration YAML; its plugins.demo is used (default: demo/config.yaml)"
     )
-    serve.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=0, help="port (default: any free one)")
-    serve.set_defaults(func=cmd_serve_demo)
+    serve.add_argument(
+        "--host", type=loopback_host, default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=port_number, default=0, help="port (default: any free one)")

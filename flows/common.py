@@ -1,24 +1,37 @@
-"""What every flow shares: the retry rule, logging, and announcing a checkpoint to the dashboard."""
+"""What every flow shares: the retry rule, logging, progress in the UI, the one-trainer-per-root
+guard, and announcing checkpoints and new shards as events that other deployments react to."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import get_client, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
 
-from dalle.errors import USER_ERRORS
+from dalle.errors import USER_ERRORS, UserError
 from dalle.runroot import split_checkpoint_uri
+from dalle.storage import Storage
 
 CHECKPOINT_EVENT = "dalle.checkpoint.saved"
+SHARDS_EVENT = "dalle.shards.updated"
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
     """Retry I/O hiccups, never a bad input or setting: those fail the same way every time."""
     try:
         state.result()
-    except USER_ERRORS:
+    except (*USER_ERRORS, TimeoutError):  # a timed-out stage would time out again
         return False
     except Exception:  # noqa: BLE001 - anything else may be a passing I/O failure
         return True
@@ -53,4 +66,98 @@ def announce_checkpoint(info: dict[str, Any]) -> None:
             "dalle.root": split_checkpoint_uri(uri)[0],
         },
         payload={"model": model, "step": step, "uri": uri, "metrics": metrics},
+    )
+
+
+class StageTimeout(TimeoutError):
+    """A stage ran past its time limit from the config."""
+
+
+@contextlib.contextmanager
+def timeout(seconds: float, setting: str) -> Iterator[None]:
+    """Stop the enclosed work after `seconds` (Prefect's timeout), naming the setting that limits it."""
+    from prefect.utilities.timeout import timeout as prefect_timeout
+
+    class _Expired(StageTimeout):
+        def __init__(self, *args):
+            super().__init__(
+                f"stopped after {seconds:g} s ({setting}); finished work is kept and a re-run resumes it"
+            )
+
+    with prefect_timeout(seconds, timeout_exc_type=_Expired):
+        yield
+
+
+class TrainerBusy(UserError, RuntimeError):
+    """Another trainer holds the run root."""
+
+
+def trainer_limit_name(root: str) -> str:
+    """The global concurrency limit that admits one trainer per run root (names cannot hold '/')."""
+    return "dalle-trainer-" + hashlib.sha256(Storage(root).uri().encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def trainer_slot(root: str, wait_s: float) -> Iterator[None]:
+    """Hold the run root's trainer slot (a Prefect global concurrency limit of 1, made on first use)
+    while training; another trainer of the same root waits up to `wait_s` seconds, then is refused.
+    The slot is leased: a trainer that dies without releasing it loses it when the lease runs out."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = trainer_limit_name(root)
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    slot = concurrency(
+        name, occupy=1, timeout_seconds=wait_s or None, max_retries=0 if wait_s == 0 else None, strict=True
+    )
+    try:
+        slot.__enter__()
+    except (TimeoutError, ConcurrencySlotAcquisitionError) as err:
+        locked = isinstance(err, TimeoutError) or "423" in str(err)
+        if not locked:
+            raise
+        raise TrainerBusy(
+            f"another trainer is running on {Storage(root).uri()} (concurrency limit {name}); this one is "
+            f"refused after waiting {wait_s:g} s (orchestration.trainer_wait_s). Let it finish, or stop it "
+            "in the Prefect UI; a trainer that died frees the slot when its lease runs out"
+        ) from None
+    try:
+        yield
+    except BaseException as err:
+        if not slot.__exit__(type(err), err, err.__traceback__):
+            raise
+    else:
+        slot.__exit__(None, None, None)
+
+
+class Progress:
+    """A stage's progress, in the Prefect UI (a progress artifact, updated at most every `every_s`
+    seconds) and in the flow run's log."""
+
+    def __init__(self, key: str, description: str, every_s: float = 10.0):
+        self.description, self.every_s, self.last = description, every_s, 0.0
+        self.artifact = create_progress_artifact(progress=0.0, key=key, description=description)
+
+    def update(self, done: float, total: float, line: str | None = None) -> None:
+        now = time.monotonic()
+        percent = 100.0 * min(1.0, done / total) if total else 100.0
+        if line:
+            log(line)
+        if now - self.last >= self.every_s or percent >= 100.0:
+            update_progress_artifact(self.artifact, progress=percent)
+            self.last = now
+
+
+def announce_shards(root: str, summary: dict[str, Any]) -> None:
+    """The `dalle.shards.updated` event (resource id: the run root): new token shards to train on."""
+    uri = Storage(root).uri()
+    emit_event(
+        event=SHARDS_EVENT,
+        resource={"prefect.resource.id": uri, "dalle.root": uri},
+        payload={k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
     )

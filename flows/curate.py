@@ -11,14 +11,14 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dalle.config import RunConfig, config_from_dict
+from dalle.config import RunConfig, as_config
 from dalle.curate import crawl as crawl_lib
 from dalle.curate import dedup, embed, filters, ledger
 from dalle.models.clip import ClipModel, load_clip
 from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
 from dalle.train.launch import launch
-from flows.common import announce_checkpoint
+from flows.common import announce_checkpoint, timeout
 from flows.common import log as _log
 from flows.common import retry_unless_user_error as _retry_unless_user_error
 
@@ -36,7 +36,7 @@ def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
 def crawl(root: str, cfg: RunConfig, prepared: dict) -> list[str]:
-    shards = crawl_lib.run_crawl(Storage(root), cfg.crawl, crawl_lib.PreparedInput(**prepared))
+    shards = crawl_lib.run_crawl(Storage(root), cfg.crawl, crawl_lib.PreparedInput(**prepared), log=_log)
     _log(f"{len(shards)} raw shards finished under {Storage(root).uri(RAW_DIR)}")
     return shards
 
@@ -123,9 +123,16 @@ def _curation_artifacts(root: str, report: dict) -> None:
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(urls: str, root: str, config: dict[str, Any] | None = None) -> dict:
-    """Crawl `urls` into the run root `root` and curate it; returns reports/curate.json."""
-    cfg = config_from_dict(config)
+def curate_flow(urls: str, root: str, config: dict[str, Any] | str | None = None) -> dict:
+    """Crawl `urls` into the run root `root` and curate it; returns reports/curate.json. A list that
+    grew since the last run is curated incrementally: only its new rows are crawled. `config`: a
+    mapping, or a YAML path or s3:// URI (default: the built-in defaults)."""
+    cfg = as_config(config)
+    with timeout(cfg.orchestration.curate_timeout_s, "orchestration.curate_timeout_s"):
+        return _curate(urls, root, cfg)
+
+
+def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
     prepared = prepare_input(urls, root, cfg)
     shards = crawl(root, cfg, prepared)
     filtered = apply_filters(root, cfg, shards)

@@ -9,37 +9,37 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from dalle.runroot import GALLERY_SUMMARY, checkpoint_step, gallery_dir, run_config
 from dalle.sample.gallery import draw_gallery
+from dalle.sample.page import write_standalone_page
 from dalle.sample.rerank import describe_sampling
 from dalle.storage import Storage
 from flows.common import log, retry_unless_user_error
 
 
-def checkpoint_rel(storage: Storage, checkpoint: str) -> str:
-    """A checkpoint given as a URI under the run root, or already relative to it."""
+def path_in_root(storage: Storage, location: str) -> str:
+    """A checkpoint or page given as a URI under the run root, or already relative to it."""
     root = storage.uri().rstrip("/") + "/"
-    if checkpoint.startswith(root):
-        return checkpoint[len(root) :].rstrip("/")
-    if "://" in checkpoint or checkpoint.startswith("/"):
-        raise ValueError(
-            f"checkpoint {checkpoint} is not under the run root {storage.uri()}; pass --out its root"
-        )
-    return checkpoint.rstrip("/")
+    if location.startswith(root):
+        return location[len(root) :].rstrip("/")
+    if "://" in location or location.startswith("/"):
+        raise ValueError(f"{location} is not under the run root {storage.uri()}; pass --out its root")
+    return location.rstrip("/")
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
-def draw(root: str, checkpoint: str, config: dict[str, Any] | None) -> dict:
+def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dict:
     storage = Storage(root)
     cfg = run_config(storage, config)
-    rel = checkpoint_rel(storage, checkpoint)
+    rel = path_in_root(storage, checkpoint)
     uri = draw_gallery(storage, cfg, rel, log=log)
     step = checkpoint_step(rel)
     return {"uri": uri, "summary": storage.read_json(f"{gallery_dir(step)}/{GALLERY_SUMMARY}")}
 
 
 @flow(name="gallery")
-def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | None = None) -> str:
+def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | str | None = None) -> str:
     """Draw the gallery of one transformer checkpoint (URI or path under the root); returns the page URI."""
-    result = draw(root, checkpoint, config)
+    cfg = run_config(Storage(root), config)
+    result = draw.with_options(timeout_seconds=cfg.orchestration.gallery_timeout_s)(root, checkpoint, config)
     summary = result["summary"]
     create_table_artifact(
         key="gallery-prompts",
@@ -49,7 +49,7 @@ def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | None = Non
         ],
         description=f"CLIP scores per prompt at step {summary['step']}",
     )
-    lines = [f"### Gallery, step {summary['step']}", "", f"[open the gallery]({result['uri']})", ""]
+    lines = [f"### Gallery, step {summary['step']}", "", f"Page: `{result['uri']}`", ""]
     for group, figures in (summary.get("evaluation") or {}).items():
         if isinstance(figures, dict):
             shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
@@ -57,5 +57,12 @@ def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | None = Non
     if summary.get("sampling"):
         lines += ["", f"Sampled with {describe_sampling(summary['sampling'])}."]
     create_markdown_artifact(key="gallery-summary", markdown="\n".join(lines), description="gallery summary")
-    create_link_artifact(key="gallery", link=result["uri"], description=f"gallery of step {summary['step']}")
+    storage = Storage(root)
+    page = write_standalone_page(storage, path_in_root(storage, result["uri"]))
+    create_link_artifact(
+        key="gallery",
+        link=storage.browser_url(page),
+        link_text=f"gallery of step {summary['step']}",
+        description=f"gallery of step {summary['step']} ({result['uri']}); an S3 link expires after 7 days",
+    )
     return result["uri"]

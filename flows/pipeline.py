@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from dalle.config import ConfigError, config_from_dict
+from dalle.config import ConfigError, as_config
 from dalle.runroot import EVAL_REPORT, GALLERY_INDEX
 from dalle.storage import Storage
 from flows.curate import curate_flow
@@ -16,9 +16,10 @@ from flows.train import train_dvae_flow, train_transformer_flow
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(root: str, config: dict[str, Any] | None = None) -> dict:
-    """Curate source.urls into `root`, train both models and draw their galleries."""
-    cfg = config_from_dict(config)
+def pipeline_flow(root: str, config: dict[str, Any] | str | None = None) -> dict:
+    """Curate source.urls into `root`, train both models and draw their galleries. `config`: a mapping,
+    or a YAML path or s3:// URI."""
+    cfg = as_config(config)
     if not cfg.source.urls:
         raise ConfigError(
             "source.urls is not set, so there is nothing to crawl: name a URL list in the config "
@@ -26,7 +27,7 @@ def pipeline_flow(root: str, config: dict[str, Any] | None = None) -> dict:
         )
     report = curate_flow(cfg.source.urls, root, cfg.model_dump(mode="json"))
     train_dvae_flow(root)
-    tokenize_flow(root)
+    tokenize_flow(root, announce=False)
     train_transformer_flow(root)
     storage = Storage(root)
     evaluation = storage.read_json(EVAL_REPORT) if storage.exists(EVAL_REPORT) else None

@@ -12,11 +12,11 @@ from dalle.models.weights import load_dvae
 from dalle.runroot import run_config
 from dalle.storage import Storage
 from dalle.tokens.shards import tokenize_stage
-from flows.common import log, retry_unless_user_error
+from flows.common import announce_shards, log, retry_unless_user_error
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
-def tokenize(root: str, config: dict[str, Any] | None) -> dict:
+def tokenize(root: str, config: dict[str, Any] | str | None) -> dict:
     storage = Storage(root)
     cfg = run_config(storage, config)
     dvae, identity = load_dvae(storage, device=resolve_device(cfg.tokenize.device, setting="tokenize.device"))
@@ -24,12 +24,17 @@ def tokenize(root: str, config: dict[str, Any] | None) -> dict:
 
 
 @flow(name="tokenize")
-def tokenize_flow(root: str, config: dict[str, Any] | None = None) -> str:
-    """Tokenize every curated pair not in a shard yet; returns the shards folder's URI."""
-    summary = tokenize(root, config)
+def tokenize_flow(root: str, config: dict[str, Any] | str | None = None, announce: bool = True) -> str:
+    """Tokenize every curated pair not in a shard yet; returns the shards folder's URI. New shards are
+    announced with the `dalle.shards.updated` event, which starts the retraining deployment (`announce`
+    False: the caller trains next itself, as the pipeline does)."""
+    cfg = run_config(Storage(root), config)
+    summary = tokenize.with_options(timeout_seconds=cfg.orchestration.tokenize_timeout_s)(root, config)
     create_table_artifact(
         key="token-shards",
         table=[{"key": k, "value": str(v)} for k, v in summary.items()],
         description="token shards",
     )
+    if announce and summary["new_rows"]:
+        announce_shards(root, {**summary, "retrain_steps": cfg.orchestration.retrain_steps})
     return summary["uri"]

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dalle.runroot import (
     CLIP,
@@ -19,25 +20,86 @@ from dalle.runroot import (
     checkpoint_dir,
     checkpoint_steps,
     latest_checkpoint,
+    read_metrics,
     run_config,
 )
 from dalle.storage import Storage
-from dalle.train.launch import launch, training_settings
-from flows.common import announce_checkpoint, log, retry_unless_user_error
+from dalle.train.launch import launch, step_target, training_settings
+from flows.common import Progress, announce_checkpoint, log, retry_unless_user_error, trainer_slot
+
+
+class TrainingProgress:
+    """A training run's progress: a log line per logged step (every log_every steps) and a progress
+    artifact in the Prefect UI; at the end, the run's loss curve as a table and a sparkline."""
+
+    def __init__(self, model: str, start: int, target: int, every_s: float):
+        self.model, self.start, self.target = model, start, target
+        self.records: list[dict[str, Any]] = []
+        self.progress = Progress(f"{model}-training", f"{model}: steps {start} to {target}", every_s)
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        step = record["step"]
+        line = (
+            f"{self.model}: step {step}/{self.target} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"{record['samples_per_s']:.1f} samples/s"
+        )
+        self.progress.update(step - self.start, self.target - self.start, line)
+
+    def publish(self) -> None:
+        if not self.records:
+            return
+        create_table_artifact(
+            key=f"{self.model}-loss-curve",
+            table=[
+                {
+                    "step": r["step"],
+                    "loss": round(r["loss"], 6),
+                    "lr": r["lr"],
+                    "samples_per_s": r["samples_per_s"],
+                }
+                for r in self.records
+            ],
+            description=f"{self.model}: loss every log_every steps of this run",
+        )
+        create_markdown_artifact(
+            key=f"{self.model}-loss",
+            markdown=(
+                f"### {self.model} loss, steps {self.records[0]['step']}-{self.records[-1]['step']}\n\n"
+                f"`{sparkline([r['loss'] for r in self.records])}`\n\n"
+                f"first {self.records[0]['loss']:.4f}, last {self.records[-1]['loss']:.4f}"
+            ),
+            description=f"{self.model} loss curve",
+        )
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """A loss curve in block characters, for the artifact's markdown."""
+    if len(values) > width:
+        values = [values[i * len(values) // width] for i in range(width)]
+    low, high = min(values), max(values)
+    blocks = "▁▂▃▄▅▆▇█"
+    return "".join(blocks[int((v - low) / (high - low) * 7) if high > low else 0] for v in values)
 
 
 class _CheckpointWatcher:
-    """Publishes checkpoints that torchrun children write, by polling latest.json."""
+    """Publishes checkpoints and progress that torchrun children write, by polling latest.json and
+    reports/metrics.jsonl."""
 
-    def __init__(self, storage: Storage, name: str, interval_s: float = 2.0):
-        self.storage, self.name, self.interval_s = storage, name, interval_s
+    def __init__(self, storage: Storage, name: str, progress: TrainingProgress, interval_s: float = 2.0):
+        self.storage, self.name, self.progress, self.interval_s = storage, name, progress, interval_s
         latest = latest_checkpoint(storage, name)
         self.seen = latest.step if latest else -1
+        self.logged = progress.start
         self.stop = threading.Event()
         context = contextvars.copy_context()  # the flow run's context, so artifacts attach to it
         self.thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True)
 
     def _poll(self) -> None:
+        for record in read_metrics(self.storage, self.name):
+            if record.get("step", 0) > self.logged:
+                self.logged = record["step"]
+                self.progress.record(record)
         latest = latest_checkpoint(self.storage, self.name)
         if latest is not None and latest.step > self.seen:
             self.seen = latest.step
@@ -59,34 +121,67 @@ class _CheckpointWatcher:
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)
 def train_model(
-    model: str, root: str, config: dict[str, Any] | None, max_steps: int | None, resume: bool
+    model: str,
+    root: str,
+    config: dict[str, Any] | str | None,
+    max_steps: int | None,
+    resume: bool,
+    more_steps: int | None = None,
 ) -> str:
-    """Train up to max_steps; a retry resumes from the last checkpoint, so it never repeats work."""
+    """Train up to max_steps (or more_steps past the newest checkpoint), holding the run root's trainer
+    slot; a retry resumes from the last checkpoint, so it never repeats work."""
     storage = Storage(root)
     cfg = run_config(storage, config)
-    if training_settings(model, cfg).nproc > 1:
-        with _CheckpointWatcher(storage, model):
-            return launch(model, root, cfg, max_steps, resume, log=log)
-    return launch(model, root, cfg, max_steps, resume, on_checkpoint=announce_checkpoint, log=log)
+    target = step_target(storage, model, max_steps, more_steps)
+    settings = training_settings(model, cfg, target)
+    latest = latest_checkpoint(storage, model)
+    progress = TrainingProgress(
+        model, latest.step if latest else 0, settings.max_steps, cfg.orchestration.progress_every_s
+    )
+    with trainer_slot(root, cfg.orchestration.trainer_wait_s):
+        try:
+            if settings.nproc > 1:
+                with _CheckpointWatcher(storage, model, progress):
+                    return launch(model, root, cfg, target, resume, log=log)
+            return launch(
+                model, root, cfg, target, resume, on_checkpoint=announce_checkpoint, log=log,
+                on_metrics=progress.record,
+            )  # fmt: skip
+        finally:
+            progress.publish()
+
+
+def _train(model: str, root: str, config: dict[str, Any] | str | None, max_steps, resume, more_steps) -> str:
+    """The training task under the config's time limit."""
+    cfg = run_config(Storage(root), config)
+    limited = train_model.with_options(timeout_seconds=cfg.orchestration.train_timeout_s)
+    return limited(model, root, config, max_steps, resume, more_steps)
 
 
 @flow(name="train-dvae")
 def train_dvae_flow(
-    root: str, config: dict[str, Any] | None = None, max_steps: int | None = None, resume: bool = True
+    root: str,
+    config: dict[str, Any] | str | None = None,
+    max_steps: int | None = None,
+    resume: bool = True,
+    more_steps: int | None = None,
 ) -> str:
-    """Train the dVAE on the curated images; returns the newest checkpoint's URI."""
-    return train_model(DVAE, root, config, max_steps, resume)
+    """Train the dVAE on the curated images; returns the newest checkpoint's URI. `config`: a mapping,
+    or a YAML path or s3:// URI (default: the run root's config.yaml)."""
+    return _train(DVAE, root, config, max_steps, resume, more_steps)
 
 
 @flow(name="train-transformer")
 def train_transformer_flow(
     root: str,
-    config: dict[str, Any] | None = None,
+    config: dict[str, Any] | str | None = None,
     max_steps: int | None = None,
     resume: bool = True,
     galleries: bool = True,
+    more_steps: int | None = None,
 ) -> str:
-    """Train the transformer on the token shards, then publish a gallery for every checkpoint this run
+    """Train the transformer on every token shard in the manifest, to max_steps or `more_steps` past
+    its newest checkpoint (a scheduled retrain), then publish a gallery for every checkpoint this run
     wrote, and for every earlier one whose gallery is missing (a run stopped before it) or was drawn
     with other gallery settings (`galleries=False` leaves that to the checkpoint event); returns the
     newest checkpoint's URI."""
@@ -96,7 +191,7 @@ def train_transformer_flow(
     storage = Storage(root)
     name = TRANSFORMER
     before = set(checkpoint_steps(storage, name))
-    uri = train_model(TRANSFORMER, root, config, max_steps, resume)
+    uri = _train(TRANSFORMER, root, config, max_steps, resume, more_steps)
     latest = latest_checkpoint(storage, name)
     if galleries and latest is not None:
         cfg = run_config(storage)
@@ -108,8 +203,12 @@ def train_transformer_flow(
 
 @flow(name="train-clip")
 def train_clip_flow(
-    root: str, config: dict[str, Any] | None = None, max_steps: int | None = None, resume: bool = True
+    root: str,
+    config: dict[str, Any] | str | None = None,
+    max_steps: int | None = None,
+    resume: bool = True,
+    more_steps: int | None = None,
 ) -> str:
     """Train the small CLIP on the pairs that passed the rule filters (when no pretrained one is
     configured); returns the newest checkpoint's URI. Curation runs the same training."""
-    return train_model(CLIP, root, config, max_steps, resume)
+    return _train(CLIP, root, config, max_steps, resume, more_steps)

@@ -1,12 +1,22 @@
+import argparse
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prefect.logging.configuration import ensure_logging_setup
 
-from flows.cli import main
+from flows.cli import build_parser, main
+
+# main() sets Prefect's logging up; done here, before a test captures stderr, Prefect's console does
+# not write to a captured stream that later tests find closed.
+ensure_logging_setup()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -97,3 +107,114 @@ def test_train_takes_the_model_to_train(tmp_path, prefect_server):
     assert "has no config.yaml" in done.stderr
     wrong = run_cli("train", "vae", "--out", str(tmp_path / "nothing-here"))
     assert wrong.returncode == 2 and "invalid choice: 'vae'" in wrong.stderr
+
+
+def test_an_error_inside_a_flow_is_one_line(tmp_path, prefect_server):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_cli("train", "--out", str(empty))
+    shown = done.stdout + done.stderr
+    assert done.returncode == 2, shown[-3000:]
+    assert "Traceback" not in shown, shown[-3000:]
+    errors = [line for line in shown.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "has no config.yaml" in errors[0], shown[-3000:]
+    # Only the terminal is spared the traceback: Prefect's API (the UI) has it.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        logged = [log.message for log in client.read_logs() if str(empty) in log.message]
+    assert any("Traceback" in message for message in logged), logged
+
+    debug = run_cli("--debug", "train", "--out", str(empty))
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+    as_json = run_cli("--json", "train", "--out", str(empty))
+    assert as_json.returncode == 2
+    document = json.loads(as_json.stdout)
+    assert document["kind"] == "user" and "has no config.yaml" in document["error"]
+    assert "error: " in as_json.stderr and "Traceback" not in as_json.stderr
+
+
+def test_json_result_alone_on_stdout(tmp_path, capsys, monkeypatch):
+    import flows.tokens
+
+    def tokenize_flow(root, config):
+        print("tokenizing")  # prose: stderr under --json
+        return f"{root}/tokens"
+
+    monkeypatch.setattr(flows.tokens, "tokenize_flow", tokenize_flow)
+    assert main(["--json", "tokenize", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"uri": f"{tmp_path}/tokens"} and out.count("\n") == 1
+    assert "tokenizing" in err
+    assert main(["tokenize", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"tokenizing\n{tmp_path}/tokens\n"
+
+
+def test_unexpected_error_is_one_line_with_a_hint(tmp_path, capsys, monkeypatch):
+    import flows.tokens
+
+    def tokenize_flow(root, config):
+        raise KeyError("shard")
+
+    monkeypatch.setattr(flows.tokens, "tokenize_flow", tokenize_flow)
+    assert main(["tokenize", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: KeyError: 'shard'\nrerun with --debug for the traceback\n"
+    assert main(["--json", "tokenize", "--out", str(tmp_path)]) == 1
+    assert json.loads(capsys.readouterr().out) == {"error": "KeyError: 'shard'", "kind": "internal"}
+    assert main(["--debug", "tokenize", "--out", str(tmp_path)]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_json_usage_error(capsys):
+    assert main(["--json", "train", "vae", "--out", "x"]) == 2
+    out, err = capsys.readouterr()
+    document = json.loads(out)
+    assert document["kind"] == "user" and "invalid choice: 'vae'" in document["error"]
+    assert "usage: dalle train" in err
+
+
+def test_json_serve_demo_prints_its_address_then_serves(tmp_path):
+    command = [sys.executable, "-m", "flows.cli", "--json", "serve-demo", "--out", str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            assert select.select([child.stdout], [], [], 120)[0], "no result within 2 minutes"
+            served = json.loads(child.stdout.readline())
+        finally:
+            child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err[-2000:]
+    assert out == ""
+    assert served["base_url"].startswith("http://127.0.0.1:")
+    assert pq.read_table(served["urls"]).num_rows == served["images"] > 0
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out == f"dalle {version('dalle-pipeline')}\n"
+
+
+def test_every_command_has_a_description_and_examples():
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    assert {"curate", "train", "demo", "serve-demo"} <= set(commands.choices)
+    for name, command in commands.choices.items():
+        shown = command.format_help()
+        assert command.description and command.description.splitlines()[0] in shown, name
+        assert "\nexamples:\n  dalle " in shown, name
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--out", "x", "--max-steps", "0"], "--max-steps: must be a positive integer, not '0'"),
+        (["serve-demo", "--out", "x", "--port", "70000"], "--port: must be a port from 0"),
+        (["serve-demo", "--out", "x", "--host", "0.0.0.0"], "--host: must be a loopback address"),
+    ],
+)
+def test_bad_numbers_and_hosts_are_usage_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -15,9 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -26,7 +32,16 @@ from dalle.config import CrawlConfig
 from dalle.curate.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
 from dalle.curate.urls import read_url_list
 from dalle.errors import UserError
-from dalle.runroot import INPUT_LIST, INPUT_MANIFEST, RAW_DIR, REFUSED_LIST
+from dalle.runroot import (
+    BATCH_PREFIX,
+    INPUT_MANIFEST,
+    INPUT_NAME,
+    MANIFEST,
+    RAW_DIR,
+    REFUSED_NAME,
+    batch_dir,
+    batch_input,
+)
 from dalle.schemas import URL_LIST_SCHEMA
 from dalle.storage import Storage, filesystem_for
 
@@ -42,10 +57,11 @@ class CrawlError(UserError, RuntimeError):
 
 @dataclass
 class PreparedInput:
-    input_rows: int
+    input_rows: int  # rows of the batch (for a changed list: the rows not seen before)
     to_crawl: int
     refused: dict[str, int] = field(default_factory=dict)
     reused: bool = False
+    batch: str = RAW_DIR
 
 
 def _input_fingerprint(urls_uri: str, cfg: CrawlConfig) -> str:
@@ -86,82 +102,117 @@ def _refused_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def crawl_batches(storage: Storage) -> list[str]:
+    """The run root's crawl batches (raw/ first, then raw/batch_NNNN/), each with its input manifest."""
+    batches = [RAW_DIR] if storage.exists(INPUT_MANIFEST) else []
+    for name in storage.subfolders(RAW_DIR):
+        folder = f"{RAW_DIR}/{name}"
+        if name.startswith(BATCH_PREFIX) and storage.exists(batch_input(folder, MANIFEST)):
+            batches.append(folder)
+    return batches
+
+
+def batch_manifests(storage: Storage) -> dict[str, dict]:
+    return {batch: storage.read_json(batch_input(batch, MANIFEST)) for batch in crawl_batches(storage)}
+
+
 def prepare_input(urls_uri: str, storage: Storage, cfg: CrawlConfig) -> PreparedInput:
-    """Normalise the URL list and refuse what must not be fetched; reused as is on a re-run."""
+    """Normalise the URL list and refuse what must not be fetched. The list the root was crawled from
+    is reused as it is; a list that changed since becomes a new batch of the rows not seen before
+    (known URLs keep the fate they have), so a grown list is curated incrementally."""
     fingerprint = _input_fingerprint(urls_uri, cfg)
-    if storage.exists(INPUT_MANIFEST):
-        manifest = storage.read_json(INPUT_MANIFEST)
-        if manifest.get("fingerprint") != fingerprint:
-            raise CrawlError(
-                f"{storage.uri(RAW_DIR)} was crawled from {manifest.get('source')} with other crawl settings or "
-                f"another version of the list; use a new --out for {urls_uri}, or delete {storage.uri(RAW_DIR)} "
-                "to crawl again from scratch"
+    manifests = batch_manifests(storage)
+    for batch, manifest in manifests.items():
+        if manifest.get("fingerprint") == fingerprint:
+            return PreparedInput(
+                manifest["input_rows"], manifest["to_crawl"], manifest["refused"], reused=True, batch=batch
             )
-        return PreparedInput(manifest["input_rows"], manifest["to_crawl"], manifest["refused"], reused=True)
 
     table = read_url_list(urls_uri, cfg)
+    known: set[str] = set()
+    for batch in manifests:
+        for name in (INPUT_NAME, REFUSED_NAME):
+            known.update(
+                storage.read_table(batch_input(batch, name), columns=["url"]).column("url").to_pylist()
+            )
+    offset = sum(m["input_rows"] for m in manifests.values())
+    listed = table.num_rows
+    if known:
+        table = table.filter(pa.array([url not in known for url in table.column("url").to_pylist()]))
+    # Row numbers stay unique across the run root's batches: this batch's rows follow the earlier ones.
+    table = table.set_column(
+        table.schema.get_field_index("input_row"),
+        "input_row",
+        pa.array(range(offset, offset + table.num_rows), pa.int64()),
+    )
+    batch = batch_dir(len(manifests))
     urls = table.column("url").to_pylist()
     captions = table.column("caption").to_pylist()
+    rows = table.column("input_row").to_pylist()
     refused: list[dict] = []
     refused_rows: set[int] = set()
 
-    def refuse(row: int, fate: str, reason: str, detail: str) -> None:
+    def refuse(index: int, fate: str, reason: str, detail: str) -> None:
         refused.append(
             {
-                "input_row": row,
-                "url": urls[row],
-                "caption": captions[row],
+                "input_row": rows[index],
+                "url": urls[index],
+                "caption": captions[index],
                 "fate": fate,
                 "reason": reason,
                 "detail": detail,
             }
         )
-        refused_rows.add(row)
+        refused_rows.add(index)
 
     first_seen: dict[str, int] = {}
-    for row, url in enumerate(urls):
+    for index, url in enumerate(urls):
         problem = url_refusal(url)
         if problem is not None:
-            refuse(row, "blocked", *problem)
+            refuse(index, "blocked", *problem)
         elif url in first_seen:
             # The same URL twice would give two samples with one uid: keep the first.
-            refuse(row, "duplicate_exact", "repeated_url", f"same URL as input row {first_seen[url]}")
+            refuse(index, "duplicate_exact", "repeated_url", f"same URL as input row {first_seen[url]}")
         else:
-            first_seen[url] = row
+            first_seen[url] = rows[index]
 
     if cfg.respect_robots_txt:
-        candidates = [row for row in range(len(urls)) if row not in refused_rows]
+        candidates = [index for index in range(len(urls)) if index not in refused_rows]
         checker = RobotsChecker(AddressPolicy(cfg.allow_networks), cfg.user_agent_token, cfg.robots_timeout_s)
-        for index, (reason, detail) in checker.disallowed([urls[row] for row in candidates]).items():
-            refuse(candidates[index], "blocked", reason, detail)
+        for found, (reason, detail) in checker.disallowed([urls[index] for index in candidates]).items():
+            refuse(candidates[found], "blocked", reason, detail)
 
-    keep = pa.array([row not in refused_rows for row in range(len(urls))])
+    keep = pa.array([index not in refused_rows for index in range(len(urls))])
     to_crawl = table.filter(keep).cast(URL_LIST_SCHEMA)
-    storage.write_table(INPUT_LIST, to_crawl)
-    storage.write_table(REFUSED_LIST, _refused_table(sorted(refused, key=lambda r: r["input_row"])))
+    storage.write_table(batch_input(batch, INPUT_NAME), to_crawl)
+    storage.write_table(
+        batch_input(batch, REFUSED_NAME), _refused_table(sorted(refused, key=lambda r: r["input_row"]))
+    )
     counts = dict(Counter(r["reason"] for r in refused))
-    storage.write_json(
-        INPUT_MANIFEST,
+    storage.write_json(  # last: the batch exists once its manifest does
+        batch_input(batch, MANIFEST),
         {
             "source": urls_uri,
             "fingerprint": fingerprint,
             "input_rows": len(urls),
+            "first_input_row": offset,
+            "seen_before": listed - len(urls),  # rows of the list that an earlier batch has
             "to_crawl": to_crawl.num_rows,
             "refused": counts,
         },
     )
-    return PreparedInput(len(urls), to_crawl.num_rows, counts)
+    return PreparedInput(len(urls), to_crawl.num_rows, counts, batch=batch)
 
 
-def img2dataset_arguments(storage: Storage, cfg: CrawlConfig) -> dict:
-    """Keyword arguments for `img2dataset.download`: raw bytes kept as served, sha256 computed."""
+def img2dataset_arguments(storage: Storage, cfg: CrawlConfig, batch: str = RAW_DIR) -> dict:
+    """Keyword arguments for `img2dataset.download` of one batch: raw bytes kept as served, sha256 computed."""
     return {
-        "url_list": storage.uri(INPUT_LIST),
+        "url_list": storage.uri(batch_input(batch, INPUT_NAME)),
         "input_format": "parquet",
         "url_col": "url",
         "caption_col": "caption",
         "save_additional_columns": ["input_row", "caption_utf8"],
-        "output_folder": storage.uri(RAW_DIR),
+        "output_folder": storage.uri(batch),
         "output_format": "parquet",
         "processes_count": cfg.processes,
         "thread_count": cfg.threads,
@@ -184,32 +235,124 @@ def expected_shards(to_crawl: int, cfg: CrawlConfig) -> int:
     return math.ceil(to_crawl / cfg.samples_per_shard)
 
 
-def finished_shards(storage: Storage) -> list[str]:
-    """Relative paths of raw shards whose stats file exists (img2dataset writes it last)."""
-    stats = {rel[: -len("_stats.json")] for rel in storage.list(RAW_DIR, "_stats.json")}
-    return [rel for rel in storage.list(RAW_DIR, ".parquet") if rel[: -len(".parquet")] in stats]
+def finished_shards(storage: Storage, batch: str | None = None) -> list[str]:
+    """Relative paths of raw shards (of one batch, or of all) whose stats file exists (img2dataset
+    writes it last)."""
+    done = []
+    for folder in [batch] if batch else crawl_batches(storage):
+        stats = {rel[: -len("_stats.json")] for rel in storage.list(folder, "_stats.json")}
+        done += [rel for rel in storage.list(folder, ".parquet") if rel[: -len(".parquet")] in stats]
+    return done
 
 
-def run_crawl(storage: Storage, cfg: CrawlConfig, prepared: PreparedInput) -> list[str]:
-    """Download every prepared URL (skipping finished shards); returns the finished shard paths."""
-    want = expected_shards(prepared.to_crawl, cfg)
-    if prepared.to_crawl and len(finished_shards(storage)) < want:
-        spec = {"download": img2dataset_arguments(storage, cfg), "allow_networks": list(cfg.allow_networks)}
+def run_crawl(
+    storage: Storage,
+    cfg: CrawlConfig,
+    prepared: PreparedInput | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Download every batch's prepared URLs (skipping finished shards; an earlier batch that was
+    stopped is finished first); returns the finished shard paths of all batches.
+    img2dataset's output goes to `log`; its process is stopped after cfg.max_crawl_s, or once it
+    has printed nothing for cfg.stall_s (a hung download)."""
+    for batch, manifest in batch_manifests(storage).items():
+        want = expected_shards(manifest["to_crawl"], cfg)
+        if len(finished_shards(storage, batch)) >= want:
+            continue
+        spec = {
+            "download": img2dataset_arguments(storage, cfg, batch),
+            "allow_networks": list(cfg.allow_networks),
+        }
         # A child process: img2dataset's spawn-based workers re-import the caller's __main__,
         # which would re-run whatever script called us; `python -m dalle.curate.crawl` is safe.
-        result = subprocess.run([sys.executable, "-m", "dalle.curate.crawl", json.dumps(spec)], check=False)
-        if result.returncode != 0:
+        command = [sys.executable, "-m", "dalle.curate.crawl", json.dumps(spec)]
+        returncode, stopped = run_watched(command, log, cfg.max_crawl_s, cfg.stall_s)
+        if stopped:
             raise CrawlError(
-                f"img2dataset exited with status {result.returncode}; its output is above. "
+                f"the crawl was stopped: {stopped}. Finished shards are kept: run the same command again "
+                "to resume (raise crawl.max_crawl_s or crawl.stall_s if the crawl is just slow)"
+            )
+        if returncode != 0:
+            raise CrawlError(
+                f"img2dataset exited with status {returncode}; its output is in the log above. "
                 "Finished shards are kept: run the same command again to resume."
             )
-    done = finished_shards(storage)
-    if len(done) < want:
-        raise CrawlError(
-            f"{want - len(done)} of {want} crawl shards did not finish (see img2dataset's output above); "
-            "run the same command again to resume"
-        )
-    return done
+        done = finished_shards(storage, batch)
+        if len(done) < want:
+            raise CrawlError(
+                f"{want - len(done)} of {want} crawl shards of {storage.uri(batch)} did not finish (see "
+                "img2dataset's output above); run the same command again to resume"
+            )
+    return finished_shards(storage)
+
+
+PROGRESS_LOG_EVERY_S = 10.0
+
+
+def run_watched(
+    command: list[str], log: Callable[[str], None], max_s: float, stall_s: float
+) -> tuple[int, str | None]:
+    """Run `command`, passing its output lines to `log` (progress-bar updates at most every
+    PROGRESS_LOG_EVERY_S); stop its whole process group past `max_s` seconds, or after `stall_s`
+    seconds without output. Returns (exit status, why it was stopped or None)."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,  # its own process group: stopping it stops img2dataset's workers too
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout:  # universal newlines: a progress bar's \r updates come as lines
+            lines.put(line.rstrip())
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    start = last_output = time.monotonic()
+    last_progress, pending_progress, stopped = 0.0, None, None
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            line = ""
+        now = time.monotonic()
+        if line is None:
+            break
+        if line:
+            last_output = now
+            if "it/s" in line or "s/it" in line or "%|" in line:  # a progress-bar update
+                pending_progress = line
+                if now - last_progress >= PROGRESS_LOG_EVERY_S:
+                    log(line)
+                    last_progress, pending_progress = now, None
+            else:
+                log(line)
+        if now - start > max_s:
+            stopped = f"it ran past crawl.max_crawl_s ({max_s:g} s)"
+        elif now - last_output > stall_s:
+            stopped = f"img2dataset printed nothing for crawl.stall_s ({stall_s:g} s)"
+        if stopped:
+            _stop_group(process)
+            break
+    if pending_progress:
+        log(pending_progress)
+    return process.wait(), stopped
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def classify_download_error(message: str) -> tuple[str, str]:

@@ -18,9 +18,15 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from dalle.config import FilterConfig, RunConfig
-from dalle.curate.crawl import RAW_IMAGE_COLUMN, classify_download_error, finished_shards, read_raw_shard
+from dalle.curate.crawl import (
+    RAW_IMAGE_COLUMN,
+    classify_download_error,
+    crawl_batches,
+    finished_shards,
+    read_raw_shard,
+)
 from dalle.curate.fates import PASS, fate_record, sample_uid
-from dalle.runroot import FILTER_TABLE, REFUSED_LIST
+from dalle.runroot import FILTER_TABLE, REFUSED_NAME, batch_input
 from dalle.schemas import FILTER_DECISIONS_SCHEMA
 from dalle.storage import Storage
 
@@ -132,7 +138,12 @@ def clip_decision(score: float, cutoff: float | None) -> Decision | None:
 def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
     """Record every crawled sample's fate so far: refused, failed download, filtered by a rule, or passed."""
     rows: list[dict] = []
-    for refused in storage.read_table(REFUSED_LIST).to_pylist():
+    refused_rows = [
+        row
+        for batch in crawl_batches(storage)
+        for row in storage.read_table(batch_input(batch, REFUSED_NAME)).to_pylist()
+    ]
+    for refused in refused_rows:
         rows.append(
             {
                 "input_row": refused["input_row"],

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 
 from dalle.config import RunConfig
+from dalle.curate.crawl import batch_manifests
 from dalle.curate.fates import PASS, images_for, passing_rows
 from dalle.runroot import (
     CURATE_REPORT,
@@ -26,7 +27,6 @@ from dalle.runroot import (
     CURATED_MANIFEST,
     DEDUP_TABLE,
     FILTER_TABLE,
-    INPUT_MANIFEST,
     SAMPLES_REPORT,
     SCORES_TABLE,
 )
@@ -73,7 +73,7 @@ def curate_report(storage: Storage, ledger: Iterable[dict]) -> dict:
         if entry["sha256"] is not None and entry["fate"] not in ("blocked", "download_failed"):
             downloaded += 1
     return {
-        "input_rows": storage.read_json(INPUT_MANIFEST)["input_rows"],
+        "input_rows": sum(m["input_rows"] for m in batch_manifests(storage).values()),
         "downloaded": downloaded,
         "download_failed": dict(sorted(by_fate["download_failed"].items())),
         "blocked": dict(sorted(by_fate["blocked"].items())),

@@ -12,15 +12,23 @@ Images and tables are written first and the page last, so a page never links a m
 
 from __future__ import annotations
 
+import base64
 import html
 import io
-import json
+import re
 from dataclasses import dataclass, field
 
 import PIL.Image
 import pyarrow as pa
 
-from dalle.runroot import GALLERIES_DIR, GALLERY_INDEX, GALLERY_SUMMARY, METRICS, TRANSFORMER, gallery_dir
+from dalle.runroot import (
+    GALLERIES_DIR,
+    GALLERY_INDEX,
+    GALLERY_SUMMARY,
+    TRANSFORMER,
+    gallery_dir,
+    read_metrics,
+)
 from dalle.sample.rerank import PromptSamples, describe_sampling
 from dalle.storage import Storage
 
@@ -212,16 +220,9 @@ def write_gallery_index(storage: Storage) -> str:
             summaries.append(storage.read_json(f"{GALLERIES_DIR}/{name}/{GALLERY_SUMMARY}"))
     summaries.sort(key=lambda s: s["step"])
     parts = ["<h1>Galleries</h1>"]
-    if storage.exists(METRICS):
-        steps, losses = [], []
-        for line in storage.read_bytes(METRICS).decode().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("model") == TRANSFORMER and "loss" in record:
-                steps.append(record["step"])
-                losses.append(record["loss"])
+    records = [r for r in read_metrics(storage, TRANSFORMER) if "loss" in r and "step" in r]
+    if records:
+        steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
         if steps:
             storage.write_bytes(
                 f"{GALLERIES_DIR}/loss.png", _plot({"loss": (steps, losses)}, "transformer loss", "loss")
@@ -244,3 +245,24 @@ def write_gallery_index(storage: Storage) -> str:
     parts.append(f"<ul>{items}</ul>")
     storage.write_bytes(GALLERY_INDEX, _page("galleries", "\n".join(parts)).encode())
     return storage.uri(GALLERY_INDEX)
+
+
+_IMAGE_SOURCE = re.compile(r"src='([^':/]+(?:/[^':/]+)*\.png)'")
+
+
+def write_standalone_page(storage: Storage, page_rel: str) -> str:
+    """A copy of the page at `page_rel` with its images inlined (data: URIs), next to it as
+    standalone.html: one object that opens on its own, e.g. through a presigned S3 link; returns its
+    path relative to the root."""
+    folder = page_rel.rpartition("/")[0]
+    text = storage.read_bytes(page_rel).decode()
+
+    def inline(match: re.Match) -> str:
+        rel = f"{folder}/{match.group(1)}" if folder else match.group(1)
+        if not storage.exists(rel):
+            return match.group(0)
+        return f"src='data:image/png;base64,{base64.b64encode(storage.read_bytes(rel)).decode()}'"
+
+    target = f"{folder}/standalone.html" if folder else "standalone.html"
+    storage.write_bytes(target, _IMAGE_SOURCE.sub(inline, text).encode())
+    return target

@@ -15,21 +15,45 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dalle.config import RunConfig, TrainConfig, load_config
+from dalle.config import ConfigError, RunConfig, TrainConfig, load_config
 from dalle.runroot import CHECKPOINT_META, CLIP, DVAE, MODEL_NAMES, TRANSFORMER, latest_checkpoint, run_config
 from dalle.storage import Storage
 from dalle.train.clip import ClipTraining
 from dalle.train.dvae import DVAETraining
 from dalle.train.loop import ModelTraining, train
+from dalle.train.sinks import check_available
 from dalle.train.transformer import TransformerTraining
 
 _TRAININGS = {CLIP: ClipTraining, DVAE: DVAETraining, TRANSFORMER: TransformerTraining}
 
 
 def training_settings(model: str, cfg: RunConfig, max_steps: int | None = None) -> TrainConfig:
-    """The train_<model> section of `cfg`, with max_steps replaced when given."""
+    """The train_<model> section of `cfg`, with max_steps replaced when given and nproc 'auto'
+    resolved to the number of GPUs here (1 without one)."""
     section: TrainConfig = getattr(cfg, f"train_{model}")
-    return section.model_copy(update={"max_steps": max_steps}) if max_steps is not None else section
+    update: dict[str, Any] = {}
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
+        update["max_steps"] = max_steps
+    if section.nproc == "auto":
+        import torch
+
+        update["nproc"] = max(1, torch.cuda.device_count())
+    return section.model_copy(update=update) if update else section
+
+
+def step_target(storage: Storage, model: str, max_steps: int | None, more_steps: int | None) -> int | None:
+    """The step total to train to: `max_steps`, or `more_steps` past the newest checkpoint (None: the
+    config's max_steps)."""
+    if more_steps is None:
+        return max_steps
+    if max_steps is not None:
+        raise ConfigError("give max_steps (a total) or more_steps (past the newest checkpoint), not both")
+    if more_steps < 1:
+        raise ConfigError(f"more_steps must be at least 1, got {more_steps}")
+    latest = latest_checkpoint(storage, model)
+    return (latest.step if latest else 0) + more_steps
 
 
 def model_training(model: str, storage: Storage, cfg: RunConfig) -> ModelTraining:
@@ -67,6 +91,7 @@ def launch(
     resume: bool = True,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> str:
     """Train `model` (clip, dvae or transformer) in the run root; returns the newest checkpoint's URI.
 
@@ -81,6 +106,7 @@ def launch(
         log(f"{model}: {latest.uri} was trained by an older release and is kept as it is")
         return latest.uri
     if tcfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_available(cfg.dashboards)  # one clear line here, not a child's exit status
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tcfg.nproc)))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: the processes meet on loopback
@@ -91,7 +117,9 @@ def launch(
             raise RuntimeError(f"torchrun training of the {model} exited with status {result.returncode}")
         latest = latest_checkpoint(storage, model)
         return latest.uri if latest else ""
-    return train(model_training(model, storage, cfg), storage, cfg, tcfg, resume, on_checkpoint, log)
+    return train(
+        model_training(model, storage, cfg), storage, cfg, tcfg, resume, on_checkpoint, log, on_metrics
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", choices=MODEL_NAMES)
     parser.add_argument("--out", required=True, help="run root (folder or s3://bucket/prefix)")
     parser.add_argument("--config", help="YAML configuration (default: the run root's config.yaml)")
-    parser.add_argument("--max-steps", type=int, help="total optimizer steps to reach")
+    parser.add_argument("--max-steps", type=int, help="total optimizer steps to reach (at least 1)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     storage = Storage(args.out)

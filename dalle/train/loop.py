@@ -43,6 +43,7 @@ from dalle.storage import Storage
 from dalle.tokens.loader import make_loader
 from dalle.train import checkpoint as ckpt
 from dalle.train.distributed import DistInfo, all_agree, barrier, gather_objects, setup, teardown
+from dalle.train.sinks import check_available, default_run_name, open_sinks
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -167,17 +168,19 @@ def train(
     resume: bool = True,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> str:
     """Train `task` up to cfg.max_steps (a total: steps already in the checkpoint count) and return the
-    URI of the newest checkpoint. Runs alone or as one rank of a torchrun job."""
+    URI of the newest checkpoint. Runs alone or as one rank of a torchrun job. The main rank calls
+    `on_metrics` with each logged record (every log_every steps), `on_checkpoint` with each checkpoint."""
     info = setup(cfg)
     try:
-        return _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log)
+        return _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_metrics)
     finally:
         teardown()
 
 
-def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str:
+def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_metrics) -> str:
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(info.device)
     meta = task.model_meta()
@@ -271,67 +274,82 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log) -> str
     last_record: dict[str, Any] = {}
     uri = existing.uri if existing is not None else ""
     wrapped.train()
-    while step < cfg.max_steps:
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, step_metrics = 0.0, {}
-        for micro in range(cfg.grad_accum):
-            batch = next(batch_iter)
-            batches += 1
-            batch = {
-                k: v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-            }
-            last_micro = micro == cfg.grad_accum - 1
-            sync = (
-                contextlib.nullcontext()
-                if last_micro or not hasattr(wrapped, "no_sync")
-                else wrapped.no_sync()
-            )
-            with sync:
-                with autocast:
-                    loss, parts = task.loss(wrapped, batch, step)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            for key, value in parts.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-        if not all_agree(math.isfinite(loss_sum) and math.isfinite(grad_norm), info):
-            bad_in_row += 1
-            bad_total += 1
+    check_available(run_cfg.dashboards)  # every rank: a missing package stops all, not rank 0 alone
+    sinks = (
+        open_sinks(storage, run_cfg.dashboards, task.name, default_run_name(storage, task.name), log=log)
+        if info.is_main
+        else None
+    )
+    try:
+        while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            if info.is_main:
-                log(f"{task.name}: step {step + 1} skipped: loss {loss_sum}, gradient norm {grad_norm}")
-            if bad_in_row >= cfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{task.name}: {bad_in_row} steps in a row had a NaN/Inf loss or gradient (last loss {loss_sum}); "
-                    f"lower train lr (now {cfg.lr}) or check the data; the last good checkpoint is kept"
+            loss_sum, step_metrics = 0.0, {}
+            for micro in range(cfg.grad_accum):
+                batch = next(batch_iter)
+                batches += 1
+                batch = {
+                    k: v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in batch.items()
+                }
+                last_micro = micro == cfg.grad_accum - 1
+                sync = (
+                    contextlib.nullcontext()
+                    if last_micro or not hasattr(wrapped, "no_sync")
+                    else wrapped.no_sync()
                 )
-            continue
-        bad_in_row = 0
-        optimizer.step()
-        task.after_step(model)
-        scheduler.step()
-        step += 1
-        window_steps += 1
-        for key, value in {"loss": loss_sum, "grad_norm": grad_norm, **step_metrics}.items():
-            sums[key] = sums.get(key, 0.0) + value
-        if info.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            elapsed = time.perf_counter() - window_start
-            samples = window_steps * cfg.batch_size * cfg.grad_accum * info.world_size
-            last_record = {
-                "model": task.name,
-                "step": step,
-                **{key: value / window_steps for key, value in sums.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": samples / elapsed,
-                "tokens_per_s": samples * task.tokens_per_sample / elapsed,
-                "skipped_steps": bad_total,
-                "time": time.time(),
-            }
-            metrics.add(last_record)
-            metrics.flush()
-            window_start, window_steps, sums = time.perf_counter(), 0, {}
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                with sync:
+                    with autocast:
+                        loss, parts = task.loss(wrapped, batch, step)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                for key, value in parts.items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+            if not all_agree(math.isfinite(loss_sum) and math.isfinite(grad_norm), info):
+                bad_in_row += 1
+                bad_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                if info.is_main:
+                    log(f"{task.name}: step {step + 1} skipped: loss {loss_sum}, gradient norm {grad_norm}")
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{task.name}: {bad_in_row} steps in a row had a NaN/Inf loss or gradient "
+                        f"(last loss {loss_sum}); "
+                        f"lower train lr (now {cfg.lr}) or check the data; the last good checkpoint is kept"
+                    )
+                continue
+            bad_in_row = 0
+            optimizer.step()
+            task.after_step(model)
+            scheduler.step()
+            step += 1
+            window_steps += 1
+            for key, value in {"loss": loss_sum, "grad_norm": grad_norm, **step_metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if info.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                elapsed = time.perf_counter() - window_start
+                samples = window_steps * cfg.batch_size * cfg.grad_accum * info.world_size
+                last_record = {
+                    "model": task.name,
+                    "step": step,
+                    **{key: value / window_steps for key, value in sums.items()},
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": samples / elapsed,
+                    "tokens_per_s": samples * task.tokens_per_sample / elapsed,
+                    "skipped_steps": bad_total,
+                    "time": time.time(),
+                }
+                metrics.add(last_record)
+                metrics.flush()
+                sinks.write(last_record)
+                if on_metrics is not None:
+                    on_metrics(last_record)
+                window_start, window_steps, sums = time.perf_counter(), 0, {}
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                uri = save()
+        if last_saved != step:
             uri = save()
-    if last_saved != step:
-        uri = save()
-    return uri
+        return uri
+    finally:
+        if sinks is not None:
+            sinks.close()  # uploads the event files, also when training failed

@@ -1,0 +1,138 @@
+"""Running the pipeline as a service: the work pools its deployments need, and the deployments of
+infra/prefect.yaml served from one process (`dalle serve`) for a single machine without workers.
+
+infra/prefect.yaml is the one description of the deployments: `prefect deploy --all --prefect-file
+infra/prefect.yaml` registers them for workers, and `dalle serve` reads the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dalle.errors import UserError
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+PREFECT_FILE = "infra/prefect.yaml"
+GPU_KUBERNETES_TEMPLATE = "infra/work-pools/gpu-kubernetes.json"
+CPU_POOL, GPU_POOL = "local-process", "gpu"
+
+
+class ServiceError(UserError, RuntimeError):
+    """The service cannot be set up as asked; the message says what to do."""
+
+
+def find_file(rel: str, given: str | None = None) -> Path:
+    """`given`, or `rel` under the current folder, or under the repository (the image's /opt/dalle)."""
+    for candidate in [Path(given)] if given else [Path.cwd() / rel, REPOSITORY / rel]:
+        if candidate.is_file():
+            return candidate
+    raise ServiceError(f"{given or rel} not found; run from the repository root or pass its path")
+
+
+def create_pools(gpu_kubernetes: bool = False, template: str | None = None) -> dict[str, str]:
+    """Create the work pools the deployments name; returns {pool: 'created' | 'exists'}. The gpu pool is
+    a process pool (served by a GPU worker), or a Kubernetes pool with the job template that exposes
+    GPU count, node selector, tolerations and image as job variables."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    pools = [WorkPoolCreate(name=CPU_POOL, type="process")]
+    if gpu_kubernetes:
+        base = json.loads(find_file(GPU_KUBERNETES_TEMPLATE, template).read_text())
+        pools.append(WorkPoolCreate(name=GPU_POOL, type="kubernetes", base_job_template=base))
+    else:
+        pools.append(WorkPoolCreate(name=GPU_POOL, type="process"))
+    result = {}
+    with get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.create_work_pool(pool)
+                result[pool.name] = "created"
+            except ObjectAlreadyExists:
+                existing = client.read_work_pool(pool.name)
+                if existing.type != pool.type:
+                    raise ServiceError(
+                        f"work pool {pool.name!r} exists with type {existing.type!r}, not {pool.type!r}; "
+                        f"delete it (prefect work-pool delete {pool.name}) or keep its type"
+                    ) from None
+                result[pool.name] = "exists"
+    return result
+
+
+def deployment_specs(prefect_file: str | None = None) -> list[dict[str, Any]]:
+    """The deployments of infra/prefect.yaml, as written there."""
+    data = yaml.safe_load(find_file(PREFECT_FILE, prefect_file).read_text())
+    return data["deployments"]
+
+
+def runner_deployments(
+    specs: list[dict[str, Any]],
+    root: str | None = None,
+    config: str | None = None,
+    names: list[str] | None = None,
+) -> list:
+    """Prefect runner deployments of `specs` (those in `names`, all when None), with the run root and
+    config file replaced where given; schedules, triggers and concurrency limits as in the file."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.schedules import Cron, Interval
+
+    unknown = sorted(set(names or []) - {spec["name"] for spec in specs})
+    if unknown:
+        raise ServiceError(f"no deployment named {unknown}; choose from {[s['name'] for s in specs]}")
+    deployments = []
+    for spec in specs:
+        if names and spec["name"] not in names:
+            continue
+        path, _, function = spec["entrypoint"].partition(":")
+        flow = load_flow_from_entrypoint(f"{REPOSITORY / path}:{function}")
+        parameters = dict(spec.get("parameters") or {})
+        takes = set(flow.parameters.properties)
+        for key, value in (("root", root), ("config", config)):
+            if value is not None and key in takes:
+                parameters[key] = value
+        schedules = []
+        for schedule in spec.get("schedules") or []:
+            options = {"timezone": schedule.get("timezone"), "active": schedule.get("active", True)}
+            if "cron" in schedule:
+                schedules.append(Cron(schedule["cron"], **options))
+            else:
+                schedules.append(Interval(schedule["interval"], **options))
+        limit = spec.get("concurrency_limit")
+        if isinstance(limit, dict):
+            limit = ConcurrencyLimitConfig(
+                limit=limit["limit"],
+                collision_strategy=ConcurrencyLimitStrategy(limit.get("collision_strategy", "ENQUEUE")),
+            )
+        deployments.append(
+            flow.to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                parameters=parameters,
+                schedules=schedules or None,
+                triggers=[DeploymentEventTrigger.model_validate(t) for t in spec.get("triggers") or []],
+                concurrency_limit=limit,
+            )
+        )
+    return deployments
+
+
+def serve(
+    root: str | None = None,
+    config: str | None = None,
+    names: list[str] | None = None,
+    prefect_file: str | None = None,
+    limit: int | None = None,
+) -> None:
+    """Serve the deployments from this process until it is stopped (Ctrl-C): their schedules and event
+    triggers start runs here, as a worker would."""
+    from prefect import serve as prefect_serve
+
+    deployments = runner_deployments(deployment_specs(prefect_file), root, config, names)
+    prefect_serve(*deployments, limit=limit)
