@@ -344,6 +344,7 @@ class TrainConfig(_Section):
         if value != "auto" and value < 1:
             raise ValueError(f"nproc must be 'auto' or at least 1, got {value}")
         return value
+
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on cuda."
     )
@@ -735,7 +736,9 @@ def _read_config_text(path: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -134,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.config:
         load_config(args.config)  # a bad file fails here, not in every run
-    serve(args.root, args.config, args.deployment, args.prefect_file, args.limit)
+    serve(args.root, args.config, args.deployment, args.prefect_file, args.limit, args.replace)
     return 0
 
 
@@ -400,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--prefect-file", help="deployments file (default: infra/prefect.yaml)")
     serve.add_argument("--limit", type=positive_int, help="flow runs at a time (default: no limit)")
+    serve.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete deployments of the same names that `prefect deploy` registered for work pools",
+    )
 
     checkpoint = "runs/mine/models/transformer/step_00020000"
     gallery = add_command(

@@ -31,7 +31,7 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     """Retry I/O hiccups, never a bad input or setting: those fail the same way every time."""
     try:
         state.result()
-    except (*USER_ERRORS, TimeoutError):  # a timed-out stage would time out again
+    except USER_ERRORS:
         return False
     except Exception:  # noqa: BLE001 - anything else may be a passing I/O failure
         return True
@@ -69,8 +69,8 @@ def announce_checkpoint(info: dict[str, Any]) -> None:
     )
 
 
-class StageTimeout(TimeoutError):
-    """A stage ran past its time limit from the config."""
+class StageTimeout(UserError, TimeoutError):
+    """A stage ran past its time limit from the config (not retried: it would run out again)."""
 
 
 @contextlib.contextmanager
@@ -104,14 +104,17 @@ def trainer_slot(root: str, wait_s: float) -> Iterator[None]:
     The slot is leased: a trainer that dies without releasing it loses it when the lease runs out."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectNotFound
 
     name = trainer_limit_name(root)
     with get_client(sync_client=True) as client:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except Exception:  # noqa: BLE001 - another trainer made it first (SQLite answers 500, not 409)
+                client.read_global_concurrency_limit_by_name(name)
     slot = concurrency(
         name, occupy=1, timeout_seconds=wait_s or None, max_retries=0 if wait_s == 0 else None, strict=True
     )
@@ -140,7 +143,7 @@ class Progress:
     seconds) and in the flow run's log."""
 
     def __init__(self, key: str, description: str, every_s: float = 10.0):
-        self.description, self.every_s, self.last = description, every_s, 0.0
+        self.description, self.every_s, self.last, self.shown = description, every_s, 0.0, 0.0
         self.artifact = create_progress_artifact(progress=0.0, key=key, description=description)
 
     def update(self, done: float, total: float, line: str | None = None) -> None:
@@ -148,9 +151,10 @@ class Progress:
         percent = 100.0 * min(1.0, done / total) if total else 100.0
         if line:
             log(line)
-        if now - self.last >= self.every_s or percent >= 100.0:
+        # At most every `every_s` seconds, except for a jump of 10 points or more (a finished stage).
+        if now - self.last >= self.every_s or percent >= min(100.0, self.shown + 10.0):
             update_progress_artifact(self.artifact, progress=percent)
-            self.last = now
+            self.last, self.shown = now, percent
 
 
 def announce_shards(root: str, summary: dict[str, Any]) -> None:

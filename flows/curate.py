@@ -18,7 +18,7 @@ from dalle.models.clip import ClipModel, load_clip
 from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
 from dalle.train.launch import launch
-from flows.common import announce_checkpoint, timeout
+from flows.common import Progress, announce_checkpoint, timeout, trainer_slot
 from flows.common import log as _log
 from flows.common import retry_unless_user_error as _retry_unless_user_error
 
@@ -54,7 +54,8 @@ def train_clip(root: str, cfg: RunConfig, filtered: dict) -> str | None:
     unless a pretrained CLIP or checkpoint is configured (None)."""
     if cfg.clip.pretrained or cfg.clip.checkpoint:
         return None
-    return launch(CLIP, root, cfg, on_checkpoint=announce_checkpoint, log=_log)
+    with trainer_slot(root, cfg.orchestration.trainer_wait_s):
+        return launch(CLIP, root, cfg, on_checkpoint=announce_checkpoint, log=_log)
 
 
 def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
@@ -133,12 +134,21 @@ def curate_flow(urls: str, root: str, config: dict[str, Any] | str | None = None
 
 
 def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
+    stages = 7
+    progress = Progress("curation", f"curation of {urls} into {root}", cfg.orchestration.progress_every_s)
     prepared = prepare_input(urls, root, cfg)
+    progress.update(1, stages)
     shards = crawl(root, cfg, prepared)
+    progress.update(2, stages)
     filtered = apply_filters(root, cfg, shards)
+    progress.update(3, stages)
     clip_uri = train_clip(root, cfg, filtered)
+    progress.update(4, stages)
     scored = score(root, cfg, clip_uri)
+    progress.update(5, stages)
     dedup_report = deduplicate(root, cfg, clip_uri, scored)
+    progress.update(6, stages)
     report = write_curated(root, cfg, clip_uri, dedup_report)
+    progress.update(7, stages)
     _curation_artifacts(root, report)
     return report

@@ -12,7 +12,7 @@ from dalle.sample.gallery import draw_gallery
 from dalle.sample.page import write_standalone_page
 from dalle.sample.rerank import describe_sampling
 from dalle.storage import Storage
-from flows.common import log, retry_unless_user_error
+from flows.common import log, retry_unless_user_error, timeout
 
 
 def path_in_root(storage: Storage, location: str) -> str:
@@ -30,7 +30,8 @@ def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dic
     storage = Storage(root)
     cfg = run_config(storage, config)
     rel = path_in_root(storage, checkpoint)
-    uri = draw_gallery(storage, cfg, rel, log=log)
+    with timeout(cfg.orchestration.gallery_timeout_s, "orchestration.gallery_timeout_s"):
+        uri = draw_gallery(storage, cfg, rel, log=log)
     step = checkpoint_step(rel)
     return {"uri": uri, "summary": storage.read_json(f"{gallery_dir(step)}/{GALLERY_SUMMARY}")}
 
@@ -38,8 +39,7 @@ def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dic
 @flow(name="gallery")
 def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | str | None = None) -> str:
     """Draw the gallery of one transformer checkpoint (URI or path under the root); returns the page URI."""
-    cfg = run_config(Storage(root), config)
-    result = draw.with_options(timeout_seconds=cfg.orchestration.gallery_timeout_s)(root, checkpoint, config)
+    result = draw(root, checkpoint, config)
     summary = result["summary"]
     create_table_artifact(
         key="gallery-prompts",

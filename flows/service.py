@@ -129,10 +129,30 @@ def serve(
     names: list[str] | None = None,
     prefect_file: str | None = None,
     limit: int | None = None,
+    replace: bool = False,
 ) -> None:
     """Serve the deployments from this process until it is stopped (Ctrl-C): their schedules and event
-    triggers start runs here, as a worker would."""
+    triggers start runs here, as a worker would. Deployments of the same names that `prefect deploy`
+    registered for work pools are refused, or deleted first with `replace`."""
+    from prefect import get_client
     from prefect import serve as prefect_serve
+    from prefect.exceptions import ObjectNotFound
 
     deployments = runner_deployments(deployment_specs(prefect_file), root, config, names)
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            full_name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name is None:
+                continue  # served before: serving again takes it over
+            if not replace:
+                raise ServiceError(
+                    f"deployment {full_name} is registered for work pool {existing.work_pool_name!r} on "
+                    "this server (prefect deploy); run its workers instead, or serve with --replace to "
+                    "delete the pool deployments of the same names first"
+                )
+            client.delete_deployment(existing.id)
     prefect_serve(*deployments, limit=limit)

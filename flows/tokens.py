@@ -12,15 +12,18 @@ from dalle.models.weights import load_dvae
 from dalle.runroot import run_config
 from dalle.storage import Storage
 from dalle.tokens.shards import tokenize_stage
-from flows.common import announce_shards, log, retry_unless_user_error
+from flows.common import announce_shards, log, retry_unless_user_error, timeout
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def tokenize(root: str, config: dict[str, Any] | str | None) -> dict:
     storage = Storage(root)
     cfg = run_config(storage, config)
-    dvae, identity = load_dvae(storage, device=resolve_device(cfg.tokenize.device, setting="tokenize.device"))
-    return tokenize_stage(storage, cfg, dvae, identity, log=log)
+    with timeout(cfg.orchestration.tokenize_timeout_s, "orchestration.tokenize_timeout_s"):
+        dvae, identity = load_dvae(
+            storage, device=resolve_device(cfg.tokenize.device, setting="tokenize.device")
+        )
+        return tokenize_stage(storage, cfg, dvae, identity, log=log)
 
 
 @flow(name="tokenize")
@@ -29,7 +32,7 @@ def tokenize_flow(root: str, config: dict[str, Any] | str | None = None, announc
     announced with the `dalle.shards.updated` event, which starts the retraining deployment (`announce`
     False: the caller trains next itself, as the pipeline does)."""
     cfg = run_config(Storage(root), config)
-    summary = tokenize.with_options(timeout_seconds=cfg.orchestration.tokenize_timeout_s)(root, config)
+    summary = tokenize(root, config)
     create_table_artifact(
         key="token-shards",
         table=[{"key": k, "value": str(v)} for k, v in summary.items()],

@@ -25,7 +25,7 @@ from dalle.runroot import (
 )
 from dalle.storage import Storage
 from dalle.train.launch import launch, step_target, training_settings
-from flows.common import Progress, announce_checkpoint, log, retry_unless_user_error, trainer_slot
+from flows.common import Progress, announce_checkpoint, log, retry_unless_user_error, timeout, trainer_slot
 
 
 class TrainingProgress:
@@ -138,7 +138,10 @@ def train_model(
     progress = TrainingProgress(
         model, latest.step if latest else 0, settings.max_steps, cfg.orchestration.progress_every_s
     )
-    with trainer_slot(root, cfg.orchestration.trainer_wait_s):
+    with (
+        trainer_slot(root, cfg.orchestration.trainer_wait_s),
+        timeout(cfg.orchestration.train_timeout_s, "orchestration.train_timeout_s"),
+    ):
         try:
             if settings.nproc > 1:
                 with _CheckpointWatcher(storage, model, progress):
@@ -151,13 +154,6 @@ def train_model(
             progress.publish()
 
 
-def _train(model: str, root: str, config: dict[str, Any] | str | None, max_steps, resume, more_steps) -> str:
-    """The training task under the config's time limit."""
-    cfg = run_config(Storage(root), config)
-    limited = train_model.with_options(timeout_seconds=cfg.orchestration.train_timeout_s)
-    return limited(model, root, config, max_steps, resume, more_steps)
-
-
 @flow(name="train-dvae")
 def train_dvae_flow(
     root: str,
@@ -168,7 +164,7 @@ def train_dvae_flow(
 ) -> str:
     """Train the dVAE on the curated images; returns the newest checkpoint's URI. `config`: a mapping,
     or a YAML path or s3:// URI (default: the run root's config.yaml)."""
-    return _train(DVAE, root, config, max_steps, resume, more_steps)
+    return train_model(DVAE, root, config, max_steps, resume, more_steps)
 
 
 @flow(name="train-transformer")
@@ -191,7 +187,7 @@ def train_transformer_flow(
     storage = Storage(root)
     name = TRANSFORMER
     before = set(checkpoint_steps(storage, name))
-    uri = _train(TRANSFORMER, root, config, max_steps, resume, more_steps)
+    uri = train_model(TRANSFORMER, root, config, max_steps, resume, more_steps)
     latest = latest_checkpoint(storage, name)
     if galleries and latest is not None:
         cfg = run_config(storage)
@@ -211,4 +207,4 @@ def train_clip_flow(
 ) -> str:
     """Train the small CLIP on the pairs that passed the rule filters (when no pretrained one is
     configured); returns the newest checkpoint's URI. Curation runs the same training."""
-    return _train(CLIP, root, config, max_steps, resume, more_steps)
+    return train_model(CLIP, root, config, max_steps, resume, more_steps)

@@ -199,3 +199,37 @@ def test_a_partial_training_section_keeps_that_models_own_defaults():
     assert cfg.train_clip.model_dump(exclude={"max_steps"}) == clip_defaults.model_dump(exclude={"max_steps"})
     assert cfg.train_dvae.lr == 0.01 and cfg.train_dvae.grad_clip is dvae_defaults.grad_clip is None
     assert cfg.train_dvae.betas == dvae_defaults.betas != RunConfig().train_transformer.betas
+
+
+def test_a_config_is_read_from_a_path_or_an_s3_uri(tmp_path, s3_bucket):
+    from dalle.config import as_config
+    from dalle.storage import Storage
+
+    text = "orchestration:\n  retrain_steps: 7\n"
+    (tmp_path / "c.yaml").write_text(text)
+    Storage(f"s3://{s3_bucket}/configs").write_bytes("main.yaml", text.encode())
+    for where in (str(tmp_path / "c.yaml"), f"s3://{s3_bucket}/configs/main.yaml"):
+        assert as_config(where).orchestration.retrain_steps == 7
+    with pytest.raises(ConfigError, match="does not exist"):
+        as_config(f"s3://{s3_bucket}/configs/missing.yaml")
+
+
+def test_a_config_that_is_not_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("gallery:\n  prompts_file: caf\xe9.txt\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text .* save it as UTF-8"):
+        load_config(path)
+
+
+def test_nproc_auto_is_one_process_per_gpu_and_bad_values_are_refused():
+    import torch
+
+    from dalle.train.launch import training_settings
+
+    cfg = config_from_dict({"train_transformer": {"nproc": "auto"}})
+    assert training_settings("transformer", cfg).nproc == max(1, torch.cuda.device_count())
+    for bad in (0, "all"):
+        with pytest.raises(ConfigError, match="nproc"):
+            config_from_dict({"train_dvae": {"nproc": bad}})
+    with pytest.raises(ConfigError, match="max_steps must be at least 1"):
+        training_settings("dvae", cfg, max_steps=0)

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dalle.config import config_from_dict
-from dalle.curate.crawl import crawl_batches, prepare_input, run_crawl, run_watched
+from dalle.curate.crawl import crawl_batches, prepare_input, run_crawl
 from dalle.curate.filters import filter_stage
+from dalle.processes import run_watched
 from dalle.runroot import FILTER_TABLE
 from dalle.storage import Storage
 from demo.site import DemoServer, build_site

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
+import os
 import re
+import urllib.request
 
 import numpy as np
 import PIL.Image
@@ -16,7 +19,7 @@ from dalle.config import DVAEConfig, TokenizerConfig, TransformerConfig
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
 from dalle.runroot import GALLERY_INDEX, METRICS, gallery_dir
-from dalle.sample.page import Completion, GalleryPage, Section, write_gallery_page
+from dalle.sample.page import Completion, GalleryPage, Section, write_gallery_page, write_standalone_page
 from dalle.sample.rerank import PromptSamples, SamplingSettings, samples_for
 from dalle.storage import Storage
 from dalle.tokens.bpe import train_bpe
@@ -71,6 +74,21 @@ def test_gallery_pages_images_and_scores(run_root):
     index = storage.read_bytes(GALLERY_INDEX).decode()
     assert "href='step_00000002/index.html'" in index
     assert storage.exists("galleries/loss.png") and storage.exists("galleries/eval.png")
+
+    # The link the Prefect UI shows opens in a browser: one self-contained page (images inlined),
+    # a presigned HTTPS URL for S3 (fetched here from the S3 endpoint) or a file:// URL.
+    standalone = write_standalone_page(storage, f"{folder}/index.html")
+    link = storage.browser_url(standalone)
+    if storage.is_s3:
+        assert link.startswith(os.environ["AWS_ENDPOINT_URL"]) and "Signature" in link
+        page_text = urllib.request.urlopen(link, timeout=10).read().decode()
+    else:
+        assert link.startswith("file://")
+        page_text = urllib.request.urlopen(link).read().decode()
+    inlined = re.findall(r"src='data:image/png;base64,([^']+)'", page_text)
+    assert len(inlined) == len(re.findall(r"<img ", text)) == 9
+    assert PIL.Image.open(io.BytesIO(base64.b64decode(inlined[0]))).size == (16, 16)
+    assert "<script>" not in page_text
 
 
 def test_samples_for_draws_ranks_and_decodes():

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BOTTOM = ("dalle.config", "dalle.errors", "dalle.storage", "dalle.schemas", "dalle.devices", "dalle.runroot")
+BOTTOM = (
+    "dalle.config", "dalle.errors", "dalle.storage", "dalle.schemas", "dalle.devices", "dalle.processes",
+    "dalle.runroot",
+)  # fmt: skip
 # Lowest first; a module belongs to the first layer whose prefixes match it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bottom", BOTTOM + ("dalle",)),

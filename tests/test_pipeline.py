@@ -7,8 +7,11 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -16,7 +19,7 @@ from dalle.config import config_from_dict, load_config
 from dalle.curate.crawl import CrawlError
 from dalle.runroot import EVAL_REPORT, GALLERY_INDEX, SOURCE_DIR
 from dalle.storage import Storage
-from demo.site import DemoServer, build_site
+from demo.site import DemoServer, build_site, url_table
 from demo.world import world_config
 from tests.test_benchmarks import REPO
 from tests.test_cli import run_cli
@@ -176,6 +179,40 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     drawn_at = {p: p.stat().st_mtime_ns for p in (root / "galleries").rglob("summary.json")}
     assert run_cli("demo", "--out", str(root), "--config", config).returncode == 0
     assert {p: p.stat().st_mtime_ns for p in (root / "galleries").rglob("summary.json")} == drawn_at
+
+    # Retraining: the URL list grows by the rows of another site; `dalle ingest` crawls only those,
+    # curates them with the rest, tokenizes the new pairs and announces the new shards; the
+    # transformer then resumes for more steps over every shard.
+    rows_before = storage.read_json("shards/_manifest.json")["rows"]
+    more = build_site(world_config(config_from_dict({"plugins": {"demo": {"num_images": 24, "seed": 7}}})))
+    with DemoServer(more, port=0) as extra:
+        grown = pa.concat_tables([storage.read_table("source/urls.parquet"), url_table(more, extra.base_url)])
+        pq.write_table(grown, tmp_path / "grown.parquet")
+        ingested = run_cli("--json", "ingest", "--out", str(root), "--urls", str(tmp_path / "grown.parquet"))
+        assert ingested.returncode == 0, ingested.stderr[-4000:]
+        new_rows = len(more.rows)
+        assert sum(extra.requests.values()) <= new_rows + 1  # the new rows (and robots.txt) only
+    result = json.loads(ingested.stdout)
+    assert result["curate"]["input_rows"] == grown.num_rows
+    assert storage.read_json("raw/batch_0001/_input/_manifest.json")["input_rows"] == new_rows
+    rows_after = storage.read_json("shards/_manifest.json")["rows"]
+    assert rows_after > rows_before
+    with get_client(sync_client=True) as client:
+        from prefect.events.filters import EventFilter, EventNameFilter
+
+        deadline = time.monotonic() + 30
+        while not [
+            e
+            for e in client.read_events(
+                EventFilter(event=EventNameFilter(name=["dalle.shards.updated"])), limit=50
+            ).events
+            if e.resource.id == storage.uri()
+        ]:
+            assert time.monotonic() < deadline, "no dalle.shards.updated event for the run root"
+            time.sleep(1)
+    retrained = run_cli("train", "--out", str(root), "--more-steps", "2")
+    assert retrained.returncode == 0, retrained.stderr[-4000:]
+    assert storage.read_json("models/transformer/latest.json")["step"] == 8
 
 
 @pytest.mark.slow

@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = yaml.safe_load((REPO / "infra/prefect.yaml").read_text())["deployments"]
 
 pytestmark = pytest.mark.slow
+DEPLOY = (
+    sys.executable,
+    "-m",
+    "prefect",
+    "--no-prompt",
+    "deploy",
+    "--all",
+    "--prefect-file",
+    "infra/prefect.yaml",
+)
 
 
 class Server:
@@ -223,9 +233,15 @@ def test_served_deployments_retrain_on_new_shards_and_draw_the_new_checkpoints_g
     done = server.dalle("train", "dvae", "--out", root, "--max-steps", "3")
     assert done.returncode == 0, done.stderr[-3000:]
 
+    # Registered for work pools (as the first test does), they are not taken over by `dalle serve`
+    # unless it is told to replace them.
+    assert server.dalle("pools").returncode == 0
+    assert server.run(*DEPLOY).returncode == 0
+    refused = server.dalle("serve", "--root", root, "--deployment", "tokenize", timeout=120)
+    assert refused.returncode == 2 and "is registered for work pool 'local-process'" in refused.stderr
     log = tmp_path / "serve.log"
     serving = server.start(
-        "serve", "--root", root, "--deployment", "tokenize", "--deployment", "train-transformer",
+        "serve", "--replace", "--root", root, "--deployment", "tokenize", "--deployment", "train-transformer",
         "--deployment", "gallery", log=log,
     )  # fmt: skip
     try:

@@ -110,3 +110,36 @@ def test_train_clip_trains_a_clip_the_pipeline_can_load(tmp_path, prefect_server
         line for line in storage.read_bytes("reports/metrics.jsonl").decode().splitlines() if '"clip"' in line
     ]
     assert [__import__("json").loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+
+
+def test_more_steps_resume_past_the_newest_checkpoint_and_a_time_limit_stops_training(
+    tmp_path, prefect_server
+):
+    root = str(tmp_path / "run")
+    storage, _ = make_run(root)
+    done = run_cli("train", "dvae", "--out", root, "--max-steps", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli("train", "dvae", "--out", root, "--more-steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert storage.read_json(latest_pointer("dvae"))["step"] == 5
+    # Progress reaches the log, a line per log_every steps.
+    assert "dvae: step 5/5 loss" in done.stderr
+    both = run_cli("train", "dvae", "--out", root, "--more-steps", "2", "--max-steps", "9")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+    # A training that runs past orchestration.train_timeout_s is stopped once (not retried), with a
+    # line naming the setting; its checkpoints stay and the next run resumes from them.
+    slow = {**SETTINGS["train_dvae"], "max_steps": 1_000_000, "checkpoint_every": 5}
+    config = tmp_path / "limited.yaml"
+    import yaml
+
+    config.write_text(
+        yaml.safe_dump({**SETTINGS, "train_dvae": slow, "orchestration": {"train_timeout_s": 8}})
+    )
+    started = time.monotonic()
+    stopped = run_cli("train", "dvae", "--out", root, "--config", str(config))
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "stopped after 8 s (orchestration.train_timeout_s)" in stopped.stderr
+    assert time.monotonic() - started < 120
+    assert stopped.stderr.count("dvae: resuming from step 5") == 1  # no retry
+    assert storage.read_json(latest_pointer("dvae"))["step"] >= 5

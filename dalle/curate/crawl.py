@@ -15,13 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +26,7 @@ from dalle.config import CrawlConfig
 from dalle.curate.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
 from dalle.curate.urls import read_url_list
 from dalle.errors import UserError
+from dalle.processes import run_watched
 from dalle.runroot import (
     BATCH_PREFIX,
     INPUT_MANIFEST,
@@ -284,75 +279,6 @@ def run_crawl(
                 "img2dataset's output above); run the same command again to resume"
             )
     return finished_shards(storage)
-
-
-PROGRESS_LOG_EVERY_S = 10.0
-
-
-def run_watched(
-    command: list[str], log: Callable[[str], None], max_s: float, stall_s: float
-) -> tuple[int, str | None]:
-    """Run `command`, passing its output lines to `log` (progress-bar updates at most every
-    PROGRESS_LOG_EVERY_S); stop its whole process group past `max_s` seconds, or after `stall_s`
-    seconds without output. Returns (exit status, why it was stopped or None)."""
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,  # its own process group: stopping it stops img2dataset's workers too
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in process.stdout:  # universal newlines: a progress bar's \r updates come as lines
-            lines.put(line.rstrip())
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    start = last_output = time.monotonic()
-    last_progress, pending_progress, stopped = 0.0, None, None
-    while True:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            line = ""
-        now = time.monotonic()
-        if line is None:
-            break
-        if line:
-            last_output = now
-            if "it/s" in line or "s/it" in line or "%|" in line:  # a progress-bar update
-                pending_progress = line
-                if now - last_progress >= PROGRESS_LOG_EVERY_S:
-                    log(line)
-                    last_progress, pending_progress = now, None
-            else:
-                log(line)
-        if now - start > max_s:
-            stopped = f"it ran past crawl.max_crawl_s ({max_s:g} s)"
-        elif now - last_output > stall_s:
-            stopped = f"img2dataset printed nothing for crawl.stall_s ({stall_s:g} s)"
-        if stopped:
-            _stop_group(process)
-            break
-    if pending_progress:
-        log(pending_progress)
-    return process.wait(), stopped
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def classify_download_error(message: str) -> tuple[str, str]:

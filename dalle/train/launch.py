@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from dalle.config import ConfigError, RunConfig, TrainConfig, load_config
+from dalle.processes import run_watched
 from dalle.runroot import CHECKPOINT_META, CLIP, DVAE, MODEL_NAMES, TRANSFORMER, latest_checkpoint, run_config
 from dalle.storage import Storage
 from dalle.train.clip import ClipTraining
@@ -110,11 +110,13 @@ def launch(
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tcfg.nproc)))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: the processes meet on loopback
-        result = subprocess.run(
-            torchrun_command(model, root, tcfg.nproc, max_steps, resume), env=env, check=False
+        # The children's output (rank 0's progress lines) goes to `log`; interrupted (Ctrl-C, a flow's
+        # time limit), torchrun and every rank are stopped.
+        returncode, _ = run_watched(
+            torchrun_command(model, root, tcfg.nproc, max_steps, resume), log, env=env
         )
-        if result.returncode != 0:
-            raise RuntimeError(f"torchrun training of the {model} exited with status {result.returncode}")
+        if returncode != 0:
+            raise RuntimeError(f"torchrun training of the {model} exited with status {returncode}")
         latest = latest_checkpoint(storage, model)
         return latest.uri if latest else ""
     return train(
