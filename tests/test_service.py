@@ -24,16 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = yaml.safe_load((REPO / "infra/prefect.yaml").read_text())["deployments"]
 
 pytestmark = pytest.mark.slow
-DEPLOY = (
-    sys.executable,
-    "-m",
-    "prefect",
-    "--no-prompt",
-    "deploy",
-    "--all",
-    "--prefect-file",
-    "infra/prefect.yaml",
-)
+# Registers every deployment of the file, as docs/deploy.md says.
+DEPLOY = (sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml")  # fmt: skip
 
 
 class Server:
@@ -151,16 +143,7 @@ def test_pools_then_every_deployment_registers_with_its_schedule_triggers_and_li
     again = server.dalle("pools")  # idempotent
     assert again.returncode == 0, again.stderr[-3000:]
 
-    done = server.run(
-        sys.executable,
-        "-m",
-        "prefect",
-        "--no-prompt",
-        "deploy",
-        "--all",
-        "--prefect-file",
-        "infra/prefect.yaml",
-    )
+    done = server.run(*DEPLOY)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
 
     with server.client() as client:
