@@ -121,37 +121,37 @@ class _CheckpointWatcher:
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)
 def train_model(
-    model: str,
-    root: str,
-    config: dict[str, Any] | str | None,
-    max_steps: int | None,
-    resume: bool,
-    more_steps: int | None = None,
+    model: str, root: str, config: dict[str, Any] | str | None, max_steps: int | None, resume: bool
 ) -> str:
-    """Train up to max_steps (or more_steps past the newest checkpoint), holding the run root's trainer
-    slot; a retry resumes from the last checkpoint, so it never repeats work."""
+    """Train up to max_steps, holding the run root's trainer slot; a retry resumes from the last
+    checkpoint, so it never repeats work."""
     storage = Storage(root)
     cfg = run_config(storage, config)
-    target = step_target(storage, model, max_steps, more_steps)
-    settings = training_settings(model, cfg, target)
-    latest = latest_checkpoint(storage, model)
-    progress = TrainingProgress(
-        model, latest.step if latest else 0, settings.max_steps, cfg.orchestration.progress_every_s
-    )
+    settings = training_settings(model, cfg, max_steps)
     with (
         trainer_slot(root, cfg.orchestration.trainer_wait_s),
         timeout(cfg.orchestration.train_timeout_s, "orchestration.train_timeout_s"),
     ):
+        latest = latest_checkpoint(storage, model)
+        progress = TrainingProgress(
+            model, latest.step if latest else 0, settings.max_steps, cfg.orchestration.progress_every_s
+        )
         try:
             if settings.nproc > 1:
                 with _CheckpointWatcher(storage, model, progress):
-                    return launch(model, root, cfg, target, resume, log=log)
+                    return launch(model, root, cfg, max_steps, resume, log=log)
             return launch(
-                model, root, cfg, target, resume, on_checkpoint=announce_checkpoint, log=log,
+                model, root, cfg, max_steps, resume, on_checkpoint=announce_checkpoint, log=log,
                 on_metrics=progress.record,
             )  # fmt: skip
         finally:
             progress.publish()
+
+
+def _train(model: str, root: str, config, max_steps: int | None, resume: bool, more_steps: int | None) -> str:
+    """The training task, to a step total fixed before it starts: `more_steps` counts from the newest
+    checkpoint now, so a retry after a crash does not add them again."""
+    return train_model(model, root, config, step_target(Storage(root), model, max_steps, more_steps), resume)
 
 
 @flow(name="train-dvae")
@@ -164,7 +164,7 @@ def train_dvae_flow(
 ) -> str:
     """Train the dVAE on the curated images; returns the newest checkpoint's URI. `config`: a mapping,
     or a YAML path or s3:// URI (default: the run root's config.yaml)."""
-    return train_model(DVAE, root, config, max_steps, resume, more_steps)
+    return _train(DVAE, root, config, max_steps, resume, more_steps)
 
 
 @flow(name="train-transformer")
@@ -187,7 +187,7 @@ def train_transformer_flow(
     storage = Storage(root)
     name = TRANSFORMER
     before = set(checkpoint_steps(storage, name))
-    uri = train_model(TRANSFORMER, root, config, max_steps, resume, more_steps)
+    uri = _train(TRANSFORMER, root, config, max_steps, resume, more_steps)
     latest = latest_checkpoint(storage, name)
     if galleries and latest is not None:
         cfg = run_config(storage)
@@ -207,4 +207,4 @@ def train_clip_flow(
 ) -> str:
     """Train the small CLIP on the pairs that passed the rule filters (when no pretrained one is
     configured); returns the newest checkpoint's URI. Curation runs the same training."""
-    return train_model(CLIP, root, config, max_steps, resume, more_steps)
+    return _train(CLIP, root, config, max_steps, resume, more_steps)
