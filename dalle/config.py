@@ -494,6 +494,12 @@ class OrchestrationConfig(_Section):
         description="How long a trainer waits for another trainer of the same run root to finish; "
         "0 refuses it at once.",
     )
+    trainer_lease_s: float = Field(
+        300.0,
+        ge=60,  # Prefect's shortest lease
+        description="Lease of the trainer slot, renewed while training runs: a trainer that dies without "
+        "releasing it frees it this long after (on a Prefect server).",
+    )
     progress_every_s: float = Field(
         10.0, gt=0, description="Seconds between updates of the progress shown in the Prefect UI."
     )

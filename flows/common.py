@@ -98,14 +98,21 @@ def trainer_limit_name(root: str) -> str:
 
 
 @contextlib.contextmanager
-def trainer_slot(root: str, wait_s: float) -> Iterator[None]:
+def trainer_slot(root: str, wait_s: float, lease_s: float = 300.0) -> Iterator[None]:
     """Hold the run root's trainer slot (a Prefect global concurrency limit of 1, made on first use)
     while training; another trainer of the same root waits up to `wait_s` seconds, then is refused.
-    The slot is leased: a trainer that dies without releasing it loses it when the lease runs out."""
+    The slot is leased for `lease_s` seconds and renewed while training runs, so a trainer that dies
+    without releasing it loses it after that long. Only against a Prefect server (PREFECT_API_URL):
+    Prefect's ephemeral in-process server never takes an expired lease back, so a killed trainer
+    would lock its root for good; there nothing is guarded."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():
+        yield
+        return
     name = trainer_limit_name(root)
     with get_client(sync_client=True) as client:
         try:
@@ -116,7 +123,12 @@ def trainer_slot(root: str, wait_s: float) -> Iterator[None]:
             except Exception:  # noqa: BLE001 - another trainer made it first (SQLite answers 500, not 409)
                 client.read_global_concurrency_limit_by_name(name)
     slot = concurrency(
-        name, occupy=1, timeout_seconds=wait_s or None, max_retries=0 if wait_s == 0 else None, strict=True
+        name,
+        occupy=1,
+        timeout_seconds=wait_s or None,
+        max_retries=0 if wait_s == 0 else None,
+        lease_duration=lease_s,
+        strict=True,
     )
     try:
         slot.__enter__()
@@ -127,7 +139,8 @@ def trainer_slot(root: str, wait_s: float) -> Iterator[None]:
         raise TrainerBusy(
             f"another trainer is running on {Storage(root).uri()} (concurrency limit {name}); this one is "
             f"refused after waiting {wait_s:g} s (orchestration.trainer_wait_s). Let it finish, or stop it "
-            "in the Prefect UI; a trainer that died frees the slot when its lease runs out"
+            f"in the Prefect UI; a trainer that died frees the slot within orchestration.trainer_lease_s "
+            f"({lease_s:g} s)"
         ) from None
     try:
         yield

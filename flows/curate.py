@@ -54,7 +54,7 @@ def train_clip(root: str, cfg: RunConfig, filtered: dict) -> str | None:
     unless a pretrained CLIP or checkpoint is configured (None)."""
     if cfg.clip.pretrained or cfg.clip.checkpoint:
         return None
-    with trainer_slot(root, cfg.orchestration.trainer_wait_s):
+    with trainer_slot(root, cfg.orchestration.trainer_wait_s, cfg.orchestration.trainer_lease_s):
         return launch(CLIP, root, cfg, on_checkpoint=announce_checkpoint, log=_log)
 
 

@@ -129,7 +129,7 @@ def train_model(
     cfg = run_config(storage, config)
     settings = training_settings(model, cfg, max_steps)
     with (
-        trainer_slot(root, cfg.orchestration.trainer_wait_s),
+        trainer_slot(root, cfg.orchestration.trainer_wait_s, cfg.orchestration.trainer_lease_s),
         timeout(cfg.orchestration.train_timeout_s, "orchestration.train_timeout_s"),
     ):
         latest = latest_checkpoint(storage, model)

@@ -39,6 +39,8 @@ class Server:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
             "PREFECT_SERVER_UI_ENABLED": "false",
+            # As infra/docker-compose.yml runs the server: concurrency leases on disk.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             "OMP_NUM_THREADS": "1",
         }
         self.process = subprocess.Popen(
@@ -257,12 +259,12 @@ def test_served_deployments_retrain_on_new_shards_and_draw_the_new_checkpoints_g
 
 def test_a_second_trainer_on_the_same_root_is_refused(server, tmp_path):
     root = str(tmp_path / "run")
-    settings = {**SETTINGS["train_dvae"], "max_steps": 100000, "checkpoint_every": 100000}
-    make_run(root, train_dvae=settings)
+    settings = {**SETTINGS["train_dvae"], "max_steps": 100000, "checkpoint_every": 100000, "log_every": 50}
+    make_run(root, train_dvae=settings, orchestration={"trainer_lease_s": 60})
     log = tmp_path / "first.log"
     first = server.start("train", "dvae", "--out", root, log=log)
     try:
-        _wait_for(lambda: "dvae: step" in log.read_text(), 180, "the first trainer's progress")
+        _wait_for(lambda: "dvae: step" in log.read_text(), 180, f"the first trainer's progress: {log}")
         second = server.dalle("train", "dvae", "--out", root, "--max-steps", "2")
         assert second.returncode == 2, second.stderr[-3000:]
         assert "another trainer is running on" in second.stderr
@@ -272,11 +274,21 @@ def test_a_second_trainer_on_the_same_root_is_refused(server, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]  # the limit is per run root
         assert first.poll() is None
     finally:
-        stop(first)
-    # Stopped, it gave its slot back: the next trainer runs.
+        # Killed outright (no chance to release): the slot's lease runs out and the server takes it back.
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    killed_at = time.monotonic()
     storage = Storage(root)
-    done = server.dalle("train", "dvae", "--out", root, "--max-steps", str(2 + _step(storage)))
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    def next_trainer_runs():
+        done = server.dalle("train", "dvae", "--out", root, "--max-steps", str(2 + _step(storage)))
+        if done.returncode == 2 and "another trainer is running" in done.stderr:
+            return False
+        assert done.returncode == 0, done.stderr[-3000:]
+        return True
+
+    _wait_for(next_trainer_runs, 180, "the killed trainer's slot to be taken back")
+    assert time.monotonic() - killed_at > 30  # not at once: the lease had to run out
 
 
 def _step(storage: Storage) -> int:
