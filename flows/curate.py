@@ -135,7 +135,9 @@ def curate_flow(urls: str, root: str, config: dict[str, Any] | str | None = None
 
 def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
     stages = 7
-    progress = Progress("curation", f"curation of {urls} into {root}", cfg.orchestration.progress_every_s)
+    progress = Progress(
+        "curation-progress", f"curation of {urls} into {root}", cfg.orchestration.progress_every_s
+    )
     prepared = prepare_input(urls, root, cfg)
     progress.update(1, stages)
     shards = crawl(root, cfg, prepared)

@@ -12,7 +12,7 @@ from dalle.sample.gallery import draw_gallery
 from dalle.sample.page import write_standalone_page
 from dalle.sample.rerank import describe_sampling
 from dalle.storage import Storage
-from flows.common import log, retry_unless_user_error, timeout
+from flows.common import Progress, log, retry_unless_user_error, timeout
 
 
 def path_in_root(storage: Storage, location: str) -> str:
@@ -31,7 +31,10 @@ def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dic
     cfg = run_config(storage, config)
     rel = path_in_root(storage, checkpoint)
     with timeout(cfg.orchestration.gallery_timeout_s, "orchestration.gallery_timeout_s"):
-        uri = draw_gallery(storage, cfg, rel, log=log)
+        progress = Progress(
+            "gallery-progress", f"gallery of {storage.uri(rel)}", cfg.orchestration.progress_every_s
+        )
+        uri = draw_gallery(storage, cfg, rel, log=log, on_progress=progress.update)
     step = checkpoint_step(rel)
     return {"uri": uri, "summary": storage.read_json(f"{gallery_dir(step)}/{GALLERY_SUMMARY}")}
 

@@ -12,7 +12,7 @@ from dalle.models.weights import load_dvae
 from dalle.runroot import run_config
 from dalle.storage import Storage
 from dalle.tokens.shards import tokenize_stage
-from flows.common import announce_shards, log, retry_unless_user_error, timeout
+from flows.common import Progress, announce_shards, log, retry_unless_user_error, timeout
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
@@ -23,7 +23,10 @@ def tokenize(root: str, config: dict[str, Any] | str | None) -> dict:
         dvae, identity = load_dvae(
             storage, device=resolve_device(cfg.tokenize.device, setting="tokenize.device")
         )
-        return tokenize_stage(storage, cfg, dvae, identity, log=log)
+        progress = Progress(
+            "tokenize-progress", f"tokenize of {storage.uri()}", cfg.orchestration.progress_every_s
+        )
+        return tokenize_stage(storage, cfg, dvae, identity, log=log, on_progress=progress.update)
 
 
 @flow(name="tokenize")

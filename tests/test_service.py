@@ -252,7 +252,16 @@ def test_served_deployments_retrain_on_new_shards_and_draw_the_new_checkpoints_g
             _wait_for(lambda: finished("gallery"), 300, "the triggered gallery run")
             assert storage.exists("galleries/step_00000002/index.html")
             keys = {a.key for a in client.read_artifacts()}
-            assert {"transformer-training", "transformer-loss-curve", "gallery"} <= keys
+            assert {"transformer-training", "transformer-loss-curve", "gallery", "tokenize-progress"} <= keys
+            progress = [a for a in client.read_artifacts() if a.type == "progress"]
+            assert {a.key for a in progress} >= {
+                "tokenize-progress",
+                "transformer-training",
+                "gallery-progress",
+            }
+            assert all(
+                a.data == 100.0 for a in progress if a.key in ("tokenize-progress", "gallery-progress")
+            )
     finally:
         stop(serving)
 

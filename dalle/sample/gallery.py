@@ -65,10 +65,15 @@ def user_prompts(cfg: RunConfig) -> list[str]:
 
 
 def draw_gallery(
-    storage: Storage, cfg: RunConfig, checkpoint_rel: str, log: Callable[[str], None] = print
+    storage: Storage,
+    cfg: RunConfig,
+    checkpoint_rel: str,
+    log: Callable[[str], None] = print,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Sample, rerank and write the gallery of the transformer at `checkpoint_rel`; returns the page URI.
-    The evaluator plug-in of gallery.evaluator, when set, adds its sections and figures."""
+    The evaluator plug-in of gallery.evaluator, when set, adds its sections and figures.
+    `on_progress(done, total)` follows the prompt sections drawn."""
     sampler = Sampler.from_run(storage, cfg, checkpoint_rel)
     transformer, dvae, tokenizer = sampler.transformer, sampler.dvae, sampler.tokenizer
     evaluator = load_evaluator(cfg)
@@ -90,9 +95,13 @@ def draw_gallery(
         prompt_groups.append(("Your prompts", "", extra))
 
     sections = []
-    for title, key, prompts in prompt_groups:
+    for index, (title, key, prompts) in enumerate(prompt_groups):
+        if on_progress is not None:
+            on_progress(index, len(prompt_groups) + 1)  # + 1: the completions
         log(f"gallery step {step}: sampling {len(prompts)} prompts x {settings.num_samples} ({title})")
         sections.append(draw_section(title, key, prompts, sampler, settings))
+    if on_progress is not None:
+        on_progress(len(prompt_groups), len(prompt_groups) + 1)
 
     completions = []
     rows = cfg.gallery.completion_rows or max(1, transformer.grid // 2)
@@ -115,6 +124,8 @@ def draw_gallery(
         original = decode_codes(dvae, codes[None])[0]
         completions.append(Completion(caption, original, decode_codes(dvae, completed), rows))
 
+    if on_progress is not None:
+        on_progress(len(prompt_groups) + 1, len(prompt_groups) + 1)
     evaluation = evaluator.evaluate(sections, sampler.clip) if evaluator is not None else None
     sampling = settings.described()
     if evaluation:

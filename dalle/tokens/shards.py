@@ -103,11 +103,13 @@ def tokenize_stage(
     dvae: ImageCoder,
     dvae_identity: dict,
     log: Callable[[str], None] = print,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write token shards for every curated pair not tokenized yet; returns a summary with the shards' URI.
 
     `dvae` encodes the images (on its own device); `dvae_identity` names its checkpoint (uri, step,
     weights_sha256, ...) in the manifest, so that shards of another dVAE are never mixed in.
+    `on_progress(done, total)` follows the curated shards read.
     """
     curated = _curated_shards(storage)
     dvae_cfg = dvae.cfg
@@ -170,7 +172,9 @@ def tokenize_stage(
         new_rows += out.num_rows
         log(f"tokenize: {storage.uri(rel)} ({out.num_rows} rows)")
 
-    for shard in curated:
+    for index, shard in enumerate(curated):
+        if on_progress is not None:
+            on_progress(index, len(curated))
         table = storage.read_table(shard["path"], columns=["uid", "caption", "image", "clip_score"])
         if done:
             keep = np.array([uid not in done for uid in table.column("uid").to_pylist()], dtype=bool)
@@ -185,6 +189,8 @@ def tokenize_stage(
                 pending, pending_rows = [], 0
     if pending_rows:
         write_shard(pa.concat_tables(pending).combine_chunks())
+    if on_progress is not None:
+        on_progress(len(curated), len(curated))
     if not manifest["shards"]:
         storage.write_json(SHARDS_MANIFEST, manifest)
     return {
