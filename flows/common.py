@@ -130,25 +130,19 @@ def trainer_slot(root: str, wait_s: float, lease_s: float = 300.0) -> Iterator[N
         lease_duration=lease_s,
         strict=True,
     )
-    try:
-        slot.__enter__()
-    except (TimeoutError, ConcurrencySlotAcquisitionError) as err:
-        locked = isinstance(err, TimeoutError) or "423" in str(err)
-        if not locked:
-            raise
-        raise TrainerBusy(
-            f"another trainer is running on {Storage(root).uri()} (concurrency limit {name}); this one is "
-            f"refused after waiting {wait_s:g} s (orchestration.trainer_wait_s). Let it finish, or stop it "
-            f"in the Prefect UI; a trainer that died frees the slot within orchestration.trainer_lease_s "
-            f"({lease_s:g} s)"
-        ) from None
-    try:
-        yield
-    except BaseException as err:
-        if not slot.__exit__(type(err), err, err.__traceback__):
-            raise
-    else:
-        slot.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(slot)
+        except (TimeoutError, ConcurrencySlotAcquisitionError) as err:
+            if not (isinstance(err, TimeoutError) or "423" in str(err)):
+                raise
+            raise TrainerBusy(
+                f"another trainer is running on {Storage(root).uri()} (concurrency limit {name}); this one "
+                f"is refused after waiting {wait_s:g} s (orchestration.trainer_wait_s). Let it finish, or "
+                f"stop it in the Prefect UI; a trainer that died frees the slot within "
+                f"orchestration.trainer_lease_s ({lease_s:g} s)"
+            ) from None
+        yield  # an error of the training itself passes through the slot's exit, not the except above
 
 
 class Progress:
