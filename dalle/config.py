@@ -1,7 +1,9 @@
 """Run configuration: pydantic models loaded from YAML.
 
 Every field has a default and a one-line description; an unknown key is an error
-that names the key, so a typo never silently falls back to a default.
+that names the key, so a typo never silently falls back to a default. Numbers have their
+ranges, and no float may be NaN or infinite. A value changed in code goes through
+`with_changes`, which validates it like a loaded one (`model_copy(update=...)` does not).
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ import hashlib
 import ipaddress
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dalle.errors import UserError
 
@@ -23,14 +33,32 @@ class ConfigError(UserError, ValueError):
     """A configuration file or value that cannot be used; the message says what to change."""
 
 
+# The longest accepted duration: a longer one is a typo (and timers overflow past about 30 years).
+MAX_SECONDS = 366 * 24 * 3600.0
+MAX_SEED = 2**32 - 1  # a seed every RNG the pipeline seeds takes as it is
+
+Steps = Annotated[int, Field(ge=1)]
+"""A count of optimizer steps (a step total, or steps to add): at least 1. Flow parameters use it too."""
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a local path or an s3:// URI, not blank")
+    return value
+
+
+Location = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+"""A local path or s3:// URI, as a setting or a flow parameter."""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(_Section):
     """Where the pipeline's image-caption pairs come from."""
 
-    urls: str | None = Field(
+    urls: Location | None = Field(
         None,
         description="URL list (local path or s3://; Parquet, CSV, TSV, JSONL or TXT, read per the crawl "
         "section) for `dalle pipeline` to crawl. A plug-in such as the demo may set it for its own source.",
@@ -43,8 +71,10 @@ class CrawlConfig(_Section):
     input_format: Literal["auto", "parquet", "csv", "tsv", "txt", "jsonl"] = Field(
         "auto", description="Format of the URL list; 'auto' picks it from the file extension."
     )
-    url_col: str = Field("url", description="Column of the URL list that holds the image URL.")
-    caption_col: str = Field("caption", description="Column of the URL list that holds the caption.")
+    url_col: str = Field("url", min_length=1, description="Column of the URL list that holds the image URL.")
+    caption_col: str = Field(
+        "caption", min_length=1, description="Column of the URL list that holds the caption."
+    )
     column_names: list[str] | None = Field(
         None,
         description="Column names of a CSV/TSV list that has no header row, in file order "
@@ -56,29 +86,62 @@ class CrawlConfig(_Section):
     )
     processes: int = Field(2, ge=1, description="img2dataset worker processes.")
     threads: int = Field(32, ge=1, description="Download threads per worker process.")
-    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout in seconds.")
+    timeout_s: float = Field(10.0, gt=0, le=MAX_SECONDS, description="Per-request timeout in seconds.")
     retries: int = Field(0, ge=0, description="Download retries per URL after a failure.")
     samples_per_shard: int = Field(
         10_000, ge=1, description="URLs per img2dataset shard (the unit of resume)."
     )
     user_agent_token: str = Field(
         "dalle-pipeline",
-        description="Token sent in the User-Agent and matched in robots.txt and X-Robots-Tag.",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Token sent in the User-Agent and matched in robots.txt and X-Robots-Tag (letters, "
+        "digits, '-' and '_').",
     )
     respect_robots_txt: bool = Field(
         True, description="Skip URLs that the site's robots.txt disallows for us."
     )
-    robots_timeout_s: float = Field(5.0, gt=0, description="Timeout for fetching one robots.txt.")
+    robots_timeout_s: float = Field(
+        5.0, gt=0, le=MAX_SECONDS, description="Timeout for fetching one robots.txt."
+    )
     max_crawl_s: float = Field(
         12 * 3600.0,
         gt=0,
+        le=MAX_SECONDS,
         description="Wall-clock limit of one crawl (img2dataset's process is stopped after it; finished "
         "shards are kept and the next run resumes).",
     )
     stall_s: float = Field(
         1800.0,
         gt=0,
+        le=MAX_SECONDS,
         description="Stop a crawl whose img2dataset process prints nothing for this long (a hung download).",
+    )
+    max_image_bytes: int = Field(
+        16 * 2**20,
+        ge=1024,
+        description="Largest response body fetched for one image, in bytes (16 MiB); a larger one is "
+        "dropped as response_too_large before it fills memory.",
+    )
+    max_download_s: float = Field(
+        60.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Wall-clock limit for one whole response (a server that drips bytes never trips "
+        "the per-read timeout_s).",
+    )
+    host_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_SECONDS,
+        description="Politeness: least seconds between two requests to one host, across the crawl's "
+        "worker processes (0: no limit).",
+    )
+    max_retry_after_s: float = Field(
+        60.0,
+        ge=0,
+        le=MAX_SECONDS,
+        description="After HTTP 429 or 503 with Retry-After, a host's next requests wait as asked, up "
+        "to this many seconds.",
     )
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
@@ -96,6 +159,23 @@ class CrawlConfig(_Section):
                     f"allow_networks entry {cidr!r} is not a CIDR like 127.0.0.0/8: {err}"
                 ) from None
         return value
+
+    @field_validator("column_names")
+    @classmethod
+    def _distinct_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value or not all(name.strip() for name in value):
+                raise ValueError("column_names needs one non-empty name per column of the file")
+            repeated = sorted({name for name in value if value.count(name) > 1})
+            if repeated:
+                raise ValueError(f"column_names repeats {repeated}; give each column its own name")
+        return value
+
+    @model_validator(mode="after")
+    def _two_columns(self) -> CrawlConfig:
+        if self.url_col == self.caption_col:
+            raise ValueError(f"url_col and caption_col both name {self.url_col!r}; they are two columns")
+        return self
 
 
 class FilterConfig(_Section):
@@ -116,7 +196,10 @@ class FilterConfig(_Section):
     min_caption_words: int = Field(1, ge=0, description="Fewest accepted words in a caption.")
     max_caption_words: int = Field(80, ge=1, description="Most accepted words in a caption.")
     clip_score_threshold: float | None = Field(
-        None, description="Drop pairs whose image-caption CLIP cosine similarity is below this value."
+        None,
+        ge=-1,
+        le=1,
+        description="Drop pairs whose image-caption CLIP cosine similarity is below this value.",
     )
     clip_keep_top_fraction: float | None = Field(
         None,
@@ -129,6 +212,12 @@ class FilterConfig(_Section):
     def _one_clip_rule(self) -> FilterConfig:
         if self.clip_score_threshold is not None and self.clip_keep_top_fraction is not None:
             raise ValueError("set clip_score_threshold or clip_keep_top_fraction, not both")
+        for low, high in (
+            ("min_caption_chars", "max_caption_chars"),
+            ("min_caption_words", "max_caption_words"),
+        ):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} {getattr(self, low)} is above {high} {getattr(self, high)}")
         return self
 
 
@@ -156,7 +245,9 @@ class ClipConfig(_Section):
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag (e.g. laion2b_s34b_b79k); needs network access."
     )
-    checkpoint: str | None = Field(None, description="Local or S3 path of a CLIP checkpoint to load instead.")
+    checkpoint: Location | None = Field(
+        None, description="Local or S3 path of a CLIP checkpoint to load instead."
+    )
     small: SmallClipConfig = Field(
         default_factory=SmallClipConfig,
         description="Architecture of the small CLIP trained when neither is set (trained per train_clip).",
@@ -290,11 +381,11 @@ class TrainConfig(_Section):
 
     batch_size: int = Field(16, ge=1, description="Samples per micro-batch on each process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
-    max_steps: int = Field(
-        1000, ge=1, description="Optimizer steps to reach (the total, counting steps already done)."
+    max_steps: Steps = Field(
+        1000, description="Optimizer steps to reach (the total, counting steps already done)."
     )
     lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
-    betas: tuple[float, float] = Field(
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.96), description="AdamW betas (paper, transformer: 0.9, 0.96)."
     )
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -325,7 +416,9 @@ class TrainConfig(_Section):
         ge=1,
         description="Consecutive steps with a NaN/Inf loss or gradient (each skipped) before training stops.",
     )
-    seed: int = Field(0, description="Seed of initialisation, data order and sampling noise.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed of initialisation, data order and sampling noise."
+    )
     device: str = Field(
         "auto", description="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."
     )
@@ -367,11 +460,11 @@ class GalleryConfig(_Section):
         None, gt=0, le=1, description="Nucleus sampling: keep codes up to this probability mass."
     )
     cond_scale: float = Field(
-        1.0, description="Classifier-free guidance scale (1: off; needs cond_drop_prob > 0)."
+        1.0, ge=0, description="Classifier-free guidance scale (1: off; needs cond_drop_prob > 0)."
     )
     batch_size: int = Field(64, ge=1, description="Images sampled at once.")
     validation_prompts: int = Field(4, ge=0, description="Captions from the token shards shown as prompts.")
-    prompts_file: str | None = Field(
+    prompts_file: Location | None = Field(
         None, description="A text file of extra prompts, one per line (local or s3://)."
     )
     completions: int = Field(
@@ -382,7 +475,10 @@ class GalleryConfig(_Section):
         None, ge=1, description="Code rows kept for completion; default half the grid."
     )
     seed: int = Field(
-        0, description="Seed of the sampling noise: the same checkpoint gives the same gallery."
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the sampling noise: the same checkpoint gives the same gallery.",
     )
     device: str = Field(
         "auto", description="torch device for sampling: 'auto' picks cuda when available, else cpu."
@@ -473,35 +569,44 @@ class OrchestrationConfig(_Section):
     """How the flows run as a service: time limits per flow, and one trainer per run root."""
 
     curate_timeout_s: float = Field(
-        24 * 3600.0, gt=0, description="Time limit of one curation flow run (crawl included)."
+        24 * 3600.0, gt=0, le=MAX_SECONDS, description="Time limit of one curation flow run (crawl included)."
     )
-    tokenize_timeout_s: float = Field(12 * 3600.0, gt=0, description="Time limit of one tokenize flow run.")
+    tokenize_timeout_s: float = Field(
+        12 * 3600.0, gt=0, le=MAX_SECONDS, description="Time limit of one tokenize flow run."
+    )
     train_timeout_s: float = Field(
         7 * 24 * 3600.0,
         gt=0,
+        le=MAX_SECONDS,
         description="Time limit of one training flow run (a stopped run resumes from its last checkpoint).",
     )
-    gallery_timeout_s: float = Field(6 * 3600.0, gt=0, description="Time limit of one gallery flow run.")
-    retrain_steps: int = Field(
+    gallery_timeout_s: float = Field(
+        6 * 3600.0, gt=0, le=MAX_SECONDS, description="Time limit of one gallery flow run."
+    )
+    retrain_steps: Steps = Field(
         1000,
-        ge=1,
         description="Transformer steps that each batch of new token shards adds (the retraining "
         "deployment's more_steps, sent in the dalle.shards.updated event).",
     )
     trainer_wait_s: float = Field(
         0.0,
         ge=0,
+        le=MAX_SECONDS,
         description="How long a trainer waits for another trainer of the same run root to finish; "
         "0 refuses it at once.",
     )
     trainer_lease_s: float = Field(
         300.0,
         ge=60,  # Prefect's shortest lease
+        le=MAX_SECONDS,
         description="Lease of the trainer slot, renewed while training runs: a trainer that dies without "
         "releasing it frees it this long after (on a Prefect server).",
     )
     progress_every_s: float = Field(
-        10.0, gt=0, description="Seconds between updates of the progress shown in the Prefect UI."
+        10.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Seconds between updates of the progress shown in the Prefect UI.",
     )
 
 
@@ -675,6 +780,25 @@ def config_from_dict(data: dict[str, Any] | None, origin: str = "configuration")
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe_errors(err, origin)) from None
+
+
+_Settings = TypeVar("_Settings", bound=BaseModel)
+
+
+def with_changes(settings: _Settings, origin: str, **changes: Any) -> _Settings:
+    """`settings` (a section or a whole RunConfig) with `changes` applied and validated like a loaded
+    configuration; a bad value raises a ConfigError naming the key and `origin` (e.g. "--max-steps")."""
+    try:
+        return type(settings).model_validate({**settings.model_dump(), **changes})
+    except ValidationError as err:
+        problems = [
+            f"'{'.'.join(str(part) for part in item['loc'])}': "
+            f"{'not a setting' if item['type'] == 'extra_forbidden' else item['msg']} (got {item['input']!r})"
+            if item["loc"]
+            else item["msg"]  # a rule across keys: its message names them
+            for item in err.errors()
+        ]
+        raise ConfigError(f"invalid value from {origin}: " + "; ".join(problems)) from None
 
 
 # What `source` and `clip.train` held before the demo became a plug-in and the CLIP joined the

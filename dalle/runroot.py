@@ -6,9 +6,10 @@ where each model's checkpoints are. Stages name these constants, never string li
     raw/_input/                      the crawl's input: accepted URLs, refused URLs, manifest
     raw/NNNNN.parquet                img2dataset's shards (every URL's download status)
     curated/_stages/                 each curation stage's per-sample decisions
-    curated/NNNNN.parquet            the curated pairs, with _manifest.json written last
+    curated/NNNNN-<sha12>.parquet    the curated pairs, with _manifest.json written last (see shard_file)
     embeddings/                      CLIP vectors, cached by sample uid and CLIP identity
-    shards/                          token shards for the transformer, with _manifest.json
+    shards/NNNNN-<run>-<sha12>.parquet  token shards for the transformer, with _manifest.json
+    shards/_writers/                 one claim per running tokenize: the shard files it is writing
     models/tokenizer/                the run's text tokenizer
     models/<model>/step_XXXXXXXX/    checkpoints of clip, dvae and transformer
     models/<model>/latest.json       the newest complete checkpoint (written last)
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import yaml
 
 from dalle.config import ConfigError, RunConfig, as_config, config_from_dict, dump_config
-from dalle.storage import Storage
+from dalle.errors import UserError
+from dalle.storage import Storage, StorageError, path_inside_root
 
 MANIFEST = "_manifest.json"  # written last in a shard folder: the folder is complete when it exists
 RUN_CONFIG = "config.yaml"
@@ -62,6 +64,19 @@ EMBEDDINGS_DIR = "embeddings"
 
 SHARDS_DIR = "shards"
 SHARDS_MANIFEST = f"{SHARDS_DIR}/{MANIFEST}"
+# A running tokenize names here the shard files it writes before listing them, so that another
+# run's clean-up leaves them alone.
+SHARD_WRITERS_DIR = f"{SHARDS_DIR}/_writers"
+
+
+def shard_file(shard_dir: str, index: int, sha256: str, writer: str | None = None) -> str:
+    """Path of a shard of curated/ or shards/: its position and the first 12 hex digits of its
+    content's sha256, so a new publication never overwrites a file a manifest lists and identical
+    content keeps its name (re-publishing the same shards is idempotent). `writer`, a tokenize
+    run's id, keeps two runs that make the same shard at once from sharing one file."""
+    tag = f"-{writer}" if writer else ""
+    return f"{shard_dir}/{index:05d}{tag}-{sha256[:12]}.parquet"
+
 
 MODELS_DIR = "models"
 TOKENIZER_DIR = f"{MODELS_DIR}/tokenizer"
@@ -107,6 +122,28 @@ def checkpoint_step(checkpoint: str) -> int:
     if not name.startswith("step_"):
         raise ValueError(f"{checkpoint} is not a checkpoint folder (models/<model>/step_XXXXXXXX)")
     return int(name[len("step_") :])
+
+
+class NotACheckpoint(UserError, ValueError):
+    """A path given as a model's checkpoint folder that is not one."""
+
+
+def checkpoint_rel(location: str, model: str, root: str = "the run root", given: str | None = None) -> str:
+    """`location`, relative to the run root, as the checkpoint folder of `model` it names (normalised);
+    raises NotACheckpoint, naming `given` (what the user passed) or `location`, for any other path,
+    such as one outside the root or of another model."""
+    try:
+        rel = path_inside_root(location, root)
+    except StorageError:
+        rel = ""
+    _, _, name = rel.rpartition("/")
+    digits = name.removeprefix("step_")
+    if not (digits.isascii() and digits.isdigit() and rel == checkpoint_dir(model, int(digits))):
+        raise NotACheckpoint(
+            f"{given or location!r} is not a {model} checkpoint of {root}: expected a folder "
+            f"{MODELS_DIR}/{model}/step_XXXXXXXX inside the root (its URI, or its path relative to the root)"
+        )
+    return rel
 
 
 def latest_pointer(model: str) -> str:
@@ -169,6 +206,7 @@ def set_latest(storage: Storage, model: str, step: int, **extra) -> str:
 def run_config(storage: Storage, config: str | dict | RunConfig | None = None) -> RunConfig:
     """The configuration for a command on `storage`: the given one (a YAML path, a mapping or a
     RunConfig), then saved as the run's config.yaml; without one, the run's own config.yaml."""
+    storage.remove_stale_temporaries()  # left by a killed writer; fresh ones (another writer's) stay
     if config is not None:
         cfg = as_config(config)
         storage.check_writable()  # a missing bucket is named here, before any work

@@ -3,19 +3,25 @@
 Paths inside a run are relative to the run root and always use '/'. Which stage writes
 where is `dalle.runroot`'s business.
 
+A path that would leave the run root ('..' above it) is refused.
+
 Writes are atomic: a local file is written under a temporary name in the same
-folder and renamed; an S3 object is uploaded from a finished local temporary
-file, so it appears only once complete. Endpoint and credentials for S3 come from
-the standard AWS environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...),
-never from parameters, and are never printed.
+folder, synced, renamed, and the folder synced, so a file written after another
+(a manifest last) is never found without it, even after a power loss; an S3 object
+is uploaded from a finished local temporary file, so it appears only once complete.
+Endpoint and credentials for S3 come from the standard AWS environment variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from parameters, and are never printed.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import posixpath
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,69 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+# A local write's temporary file, in the target's folder until renamed: never listed, and removed by
+# `Storage.remove_stale_temporaries` once a killed writer has left it behind.
+TEMP_PREFIX = ".tmp-"
+STALE_TEMPORARY_S = 3600.0  # far longer than any one write takes
+
+# What a failed local write means for the user, by errno: what to do about it.
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full; free space there (or use a larger volume) and run again",
+    errno.EDQUOT: "the disk quota is used up; free space there (or raise the quota) and run again",
+    errno.EACCES: "permission denied; fix the folder's permissions (or owner) and run again",
+    errno.EPERM: "operation not permitted; fix the folder's permissions (or owner) and run again",
+    errno.EROFS: "the file system is read-only; mount it read-write or choose another root",
+}
+
+
+def path_inside_root(rel: str, root: str = "the run root") -> str:
+    """`rel` normalised ('a/./b/' -> 'a/b', the root itself -> ''); raises StorageError for a path that
+    climbs out of the run root with '..', or holds a NUL or a backslash. A leading '/' means the root
+    itself, as when a caller joins the root's own folder, '', with a file name."""
+    norm = posixpath.normpath(rel.lstrip("/") or ".")
+    if (
+        "\x00" in rel
+        or "\\" in rel  # a separator to Windows and to some S3 gateways, not to posixpath
+        or norm == ".."
+        or norm.startswith("../")
+    ):
+        raise StorageError(
+            f"refused path {rel!r} under {root}: paths must stay inside the run root (with '/' as "
+            "separator, no '..' above the root, no NUL)"
+        )
+    return "" if norm == "." else norm
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a folder's entries (a rename, a new file or subfolder) durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        # Some file systems (certain FUSE and network mounts) cannot sync a folder and say so.
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _make_folders(folder: str) -> None:
+    """os.makedirs, then sync the parent of each folder it created, so the new path survives a power loss."""
+    missing = []
+    path = folder
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not missing:
+        return
+    os.makedirs(folder, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_folder(os.path.dirname(created))
 
 
 S3_MAX_ATTEMPTS = 8
@@ -82,8 +151,8 @@ class Storage:
 
     # --- paths -----------------------------------------------------------------
     def path(self, rel: str = "") -> str:
-        """Path of `rel` inside the filesystem (no scheme)."""
-        rel = rel.strip("/")
+        """Path of `rel` inside the filesystem (no scheme); a path that leaves the root is refused."""
+        rel = path_inside_root(rel, self.root)
         return f"{self._base}/{rel}" if rel else self._base
 
     def uri(self, rel: str = "") -> str:
@@ -119,6 +188,7 @@ class Storage:
 
     def list(self, rel_dir: str, suffix: str = "") -> list[str]:
         """Files directly under `rel_dir` whose name ends with `suffix`, relative to the root, sorted."""
+        rel_dir = path_inside_root(rel_dir, self.root)
         base = self.path(rel_dir)
         try:
             entries = self.fs.ls(base, detail=True)
@@ -129,8 +199,8 @@ class Storage:
             if entry.get("type") == "directory":
                 continue
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(suffix) and not name.startswith(".tmp-"):
-                names.append(f"{rel_dir.strip('/')}/{name}")
+            if name.endswith(suffix) and not name.startswith(TEMP_PREFIX):
+                names.append(f"{rel_dir}/{name}" if rel_dir else name)
         return sorted(names)
 
     def subfolders(self, rel_dir: str) -> list[str]:
@@ -178,20 +248,31 @@ class Storage:
             finally:
                 os.unlink(tmp.name)
         else:
-            folder = os.path.dirname(target)
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=folder)
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp_name, target)
-            except BaseException:
-                if os.path.exists(tmp_name):
-                    os.unlink(tmp_name)
-                raise
+                self._write_local(target, data)
+            except OSError as err:
+                hint = _WRITE_HINTS.get(err.errno)
+                if hint is None:
+                    raise  # an I/O error of another kind may pass; the flows retry it
+                raise StorageError(f"cannot write {target}: {hint} ({err.strerror})") from err
         return self.uri(rel)
+
+    @staticmethod
+    def _write_local(target: str, data: bytes) -> None:
+        folder = os.path.dirname(target)
+        _make_folders(folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+            raise
+        _fsync_folder(folder)  # the rename itself, so what is written next never lands before it
 
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -205,3 +286,24 @@ class Storage:
             self.fs.rm(self.path(rel), recursive=True)
         except FileNotFoundError:
             pass
+
+    def remove_stale_temporaries(self, rel_dir: str = "", older_than_s: float = STALE_TEMPORARY_S) -> int:
+        """Remove the temporary files that killed local writers left under `rel_dir` (recursively), once
+        unchanged for `older_than_s` seconds, so a write in progress elsewhere is never hit; returns
+        how many. An S3 root has none: its temporaries are local files that each write removes."""
+        if self.is_s3:
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for folder, _, names in os.walk(self.path(rel_dir)):
+            for name in names:
+                if not name.startswith(TEMP_PREFIX):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:  # renamed by its writer or removed by another cleaner
+                    continue
+        return removed

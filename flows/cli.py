@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -186,6 +187,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a number that is neither NaN nor infinite (its range is the config's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def location(text: str) -> str:
+    """argparse type: a local path or s3:// URI; a blank one would mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a local path or an s3:// URI, not {text!r}")
+    return text
+
+
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 1..65535, or 0 for any free one."""
     try:
@@ -246,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub: argparse.ArgumentParser, out_help: str) -> None:
-        sub.add_argument("--out", required=True, help=out_help)
+        sub.add_argument("--out", required=True, type=location, help=out_help)
         sub.add_argument(
             "--config",
+            type=location,
             help="run configuration YAML (default: built-in defaults; see configs/ and demo/config.yaml)",
         )
 
@@ -274,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         ],
     )
     curate.add_argument(
-        "--urls", required=True, help="URL list: .parquet, .csv, .tsv, .txt or .jsonl, local or s3://"
+        "--urls",
+        required=True,
+        type=location,
+        help="URL list: .parquet, .csv, .tsv, .txt or .jsonl, local or s3://",
     )
     common(curate, "run root: a local folder or s3://bucket/prefix")
     networks(curate)
@@ -302,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dVAE image codes (train the dVAE first). Prints the shards folder.",
         examples=["dalle tokenize --out runs/mine"],
     )
-    tokenize.add_argument("--out", required=True, help=run_root)
-    tokenize.add_argument("--config", help=run_config)
+    tokenize.add_argument("--out", required=True, type=location, help=run_root)
+    tokenize.add_argument("--config", type=location, help=run_config)
 
     train = add_command(
         commands,
@@ -326,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="clip: the small CLIP on the filtered pairs; dvae: the dVAE on the curated images; "
         "transformer (default): the transformer on the token shards",
     )
-    train.add_argument("--out", required=True, help=run_root)
-    train.add_argument("--config", help=run_config)
+    train.add_argument("--out", required=True, type=location, help=run_root)
+    train.add_argument("--config", type=location, help=run_config)
     train.add_argument(
         "--max-steps", type=positive_int, help="total steps to reach, counting steps already done"
     )
@@ -356,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
             "dalle ingest --out s3://bucket/runs/main --urls s3://bucket/lists/2026-12.parquet",
         ],
     )
-    ingest.add_argument("--out", required=True, help=run_root)
-    ingest.add_argument("--config", help=run_config)
-    ingest.add_argument("--urls", help="URL list to ingest (default: the config's source.urls)")
+    ingest.add_argument("--out", required=True, type=location, help=run_root)
+    ingest.add_argument("--config", type=location, help=run_config)
+    ingest.add_argument(
+        "--urls", type=location, help="URL list to ingest (default: the config's source.urls)"
+    )
 
     pools = add_command(
         commands,
@@ -377,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         "selector, tolerations and image as job variables) instead of a process pool",
     )
     pools.add_argument(
-        "--template", help="base job template for --gpu-kubernetes (default: the repository's)"
+        "--template", type=location, help="base job template for --gpu-kubernetes (default: the repository's)"
     )
 
     serve = add_command(
@@ -393,12 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
             "dalle serve --root runs/mine --deployment ingest --deployment gallery",
         ],
     )
-    serve.add_argument("--root", help="run root every deployment works on (default: the file's)")
-    serve.add_argument("--config", help="config file (path or s3://) for the deployments that take one")
+    serve.add_argument(
+        "--root", type=location, help="run root every deployment works on (default: the file's)"
+    )
+    serve.add_argument(
+        "--config", type=location, help="config file (path or s3://) for the deployments that take one"
+    )
     serve.add_argument(
         "--deployment", action="append", help="serve only this deployment (repeatable; default: all)"
     )
-    serve.add_argument("--prefect-file", help="deployments file (default: infra/prefect.yaml)")
+    serve.add_argument("--prefect-file", type=location, help="deployments file (default: infra/prefect.yaml)")
     serve.add_argument("--limit", type=positive_int, help="flow runs at a time (default: no limit)")
     serve.add_argument(
         "--replace",
@@ -417,10 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
         examples=[f"dalle gallery --out runs/mine --checkpoint {checkpoint}"],
     )
     gallery.add_argument(
-        "--checkpoint", required=True, help="checkpoint URI (models/transformer/step_XXXXXXXX)"
+        "--checkpoint", required=True, type=location, help="checkpoint URI (models/transformer/step_XXXXXXXX)"
     )
-    gallery.add_argument("--out", required=True, help=run_root)
-    gallery.add_argument("--config", help=run_config)
+    gallery.add_argument("--out", required=True, type=location, help=run_root)
+    gallery.add_argument("--config", type=location, help=run_config)
 
     sample = add_command(
         commands,
@@ -434,19 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
             f'dalle sample --checkpoint {checkpoint} --prompt "a blue square" -n 128 --top 4 --out blue',
         ],
     )
-    sample.add_argument("--checkpoint", required=True, help="transformer checkpoint URI inside its run root")
+    sample.add_argument(
+        "--checkpoint", required=True, type=location, help="transformer checkpoint URI inside its run root"
+    )
     sample.add_argument("--prompt", required=True)
     sample.add_argument("-n", type=positive_int, default=64, help="samples to draw (default 64)")
     sample.add_argument("--top", type=positive_int, default=8, help="best samples to keep (default 8)")
     sample.add_argument("--seed", type=int, default=0)
     for flag, kind in (
-        ("--temperature", float),
-        ("--top-k", int),
-        ("--top-p", float),
-        ("--cond-scale", float),
+        ("--temperature", finite_float),
+        ("--top-k", positive_int),
+        ("--top-p", finite_float),
+        ("--cond-scale", finite_float),
     ):
         sample.add_argument(flag, type=kind, default=None, help="default: the run's gallery setting")
-    sample.add_argument("--out", required=True, help="folder for the images and scores.json")
+    sample.add_argument("--out", required=True, type=location, help="folder for the images and scores.json")
     _plugin_commands(commands)
     return parser
 

@@ -1,11 +1,15 @@
-"""What every flow shares: the retry rule, logging, progress in the UI, the one-trainer-per-root
-guard, and announcing checkpoints and new shards as events that other deployments react to."""
+"""What every flow shares: the retry rule, logging, progress in the UI, untrusted text made inert for
+the UI's Markdown, the one-trainer-per-root guard, and announcing checkpoints and new shards as events
+that other deployments react to."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import time
+import unicodedata
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +46,75 @@ def log(message: str) -> None:
     get_run_logger().info(message)
 
 
+# Both Prefect UIs render artifacts' Markdown (and their descriptions, and the v1 UI every string cell
+# of a table artifact) with images, links, GitHub autolinks and sanitised HTML. A crawled caption or
+# URL, an error detail or a user's path must show as the text it is, so it goes into a code span.
+_FLATTENED = frozenset("\r\n\t\v\f\x85\u2028\u2029")
+# Control and format characters (bidi overrides and isolates, zero-width ones), surrogates, private
+# and unassigned code points: shown as escapes, so nothing reorders or hides what is around them.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _visible(char: str) -> str:
+    if char in _FLATTENED:
+        return " "
+    if unicodedata.category(char) not in _ESCAPED_CATEGORIES:
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _escape_pipes(text: str) -> str:
+    """Every `|` escaped for a Markdown table row, behind an odd number of backslashes: a row splits
+    at a pipe behind an even number (GFM, marked), or behind none (markdown-it)."""
+    return re.sub(
+        r"(\\*)\|", lambda m: m.group(1) + ("\\" if len(m.group(1)) % 2 == 0 else "\\\\") + "|", text
+    )
+
+
+def literal_markdown(value: object, max_chars: int = 200, table_cell: bool = False) -> str:
+    """`value` (untrusted text) as Markdown that shows it literally and does nothing: one inline code
+    span, line breaks flattened, control and bidi characters as escapes (\\u202e), at most `max_chars`
+    characters then "…". `table_cell`: for a cell of a Markdown table, with its pipes escaped."""
+    pieces: list[str] = []
+    length = 0
+    for char in str(value):
+        piece = _visible(char)
+        if length + len(piece) > max_chars:
+            pieces.append("…")
+            break
+        pieces.append(piece)
+        length += len(piece)
+    text = "".join(pieces)
+    if not text:
+        return ""
+    if table_cell:
+        text = _escape_pipes(text)
+    # A code span ends at the first backtick run as long as its opening one (CommonMark 6.1). The
+    # renderer strips one space inside each fence, which lets the text start or end with a backtick,
+    # unless the text is all spaces: then it is shown as it is, and needs none.
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    pad = "" if text.strip(" ") == "" else " "
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+_LINK_SCHEMES = ("http", "https", "file")
+
+
+def link_target(url: str) -> str:
+    """`url` for a link artifact (a Markdown link): http(s) or file only, never javascript: or data:,
+    with the characters that would end a Markdown link destination percent-encoded."""
+    scheme = urllib.parse.urlsplit(url.strip()).scheme.lower()
+    if scheme not in _LINK_SCHEMES:
+        raise ValueError(f"refusing to link to {url[:80]!r}: only {', '.join(_LINK_SCHEMES)} URLs are linked")
+    return "".join(
+        urllib.parse.quote(char)
+        if char in "()<>\\ " or unicodedata.category(char) in _ESCAPED_CATEGORIES
+        else char
+        for char in url.strip()
+    )
+
+
 def announce_checkpoint(info: dict[str, Any]) -> None:
     """A table and a summary artifact for a new checkpoint, and the `dalle.checkpoint.saved` event
     (resource id: the checkpoint's URI) that galleries and automations react to."""
@@ -54,7 +127,10 @@ def announce_checkpoint(info: dict[str, Any]) -> None:
     )
     create_markdown_artifact(
         key=f"{model}-checkpoint",
-        markdown=f"### {model} checkpoint, step {step}\n\n`{uri}`\n\nloss: {metrics.get('loss', 'n/a')}",
+        markdown=(
+            f"### {model} checkpoint, step {step}\n\n{literal_markdown(uri)}\n\n"
+            f"loss: {metrics.get('loss', 'n/a')}"
+        ),
         description=f"{model} step {step}",
     )
     emit_event(

@@ -1,7 +1,9 @@
 """The curation flow: crawl → filter → (train the small CLIP) → score → deduplicate → curated shards.
 
 Thin orchestration over `dalle.curate`: tasks pass the run root and small summaries,
-never images or arrays; retries sit on the tasks that touch the network or storage.
+never images or arrays; retries sit on the tasks that touch the network or storage. A run that
+keeps no pair, or lets too few through the rule filters to train the small CLIP, still writes the
+ledger and the funnel, then fails with one line that says why (`fates.TooFewPairs`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dalle.config import RunConfig, as_config
 from dalle.curate import crawl as crawl_lib
-from dalle.curate import dedup, embed, filters, ledger
+from dalle.curate import dedup, embed, fates, filters, ledger
 from dalle.models.clip import ClipModel, load_clip
 from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
 from dalle.train.launch import launch
-from flows.common import Progress, announce_checkpoint, timeout, trainer_slot
+from flows.common import Progress, announce_checkpoint, literal_markdown, timeout, trainer_slot
 from flows.common import log as _log
 from flows.common import retry_unless_user_error as _retry_unless_user_error
 
@@ -46,6 +48,21 @@ def apply_filters(root: str, cfg: RunConfig, shards: list[str]) -> dict:
     counts = filters.filter_stage(Storage(root), cfg)
     _log(f"rule filters: {counts}")
     return counts
+
+
+def pairs_needed(cfg: RunConfig) -> int:
+    """The fewest pairs that must pass the rule filters: enough to train the small CLIP, unless a
+    pretrained CLIP or checkpoint is configured."""
+    return 1 if cfg.clip.pretrained or cfg.clip.checkpoint else fates.SMALL_CLIP_MIN_PAIRS
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+def record_unscored(root: str, cfg: RunConfig) -> None:
+    fates.record_unscored(
+        Storage(root),
+        f"too few pairs passed the rule filters to train the small CLIP (it needs {pairs_needed(cfg)}), "
+        "so no CLIP scored this one",
+    )
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
@@ -85,6 +102,8 @@ def write_curated(root: str, cfg: RunConfig, clip_uri: str | None, dedup_report:
 
 
 def _curation_artifacts(root: str, report: dict) -> None:
+    """The funnel as a table and a summary with examples of removed rows. The rows' URLs, captions and
+    details come from the web and from the user's list, so each is shown by `literal_markdown`."""
     storage = Storage(root)
     funnel = [
         {"stage": "input rows", "count": report["input_rows"]},
@@ -97,29 +116,25 @@ def _curation_artifacts(root: str, report: dict) -> None:
         {"stage": "kept", "count": report["kept"]},
     ]
     create_table_artifact(
-        key="curation-funnel", table=funnel, description=f"Curation funnel of {storage.root}"
+        key="curation-funnel",
+        table=funnel,
+        description=f"Curation funnel of {literal_markdown(storage.root)}",
     )
     lines = [
-        f"# Curation of `{storage.root}`",
+        f"# Curation of {literal_markdown(storage.root)}",
         "",
         (
             f"**{report['kept']}** of {report['input_rows']} input rows kept; "
             f"{report['duplicates_exact']} exact and {report['duplicates_near']} near duplicates removed."
         ),
         "",
-        "| fate | reason | url | caption | detail |",
-        "| --- | --- | --- | --- | --- |",
     ]
+    widths = {"fate": 40, "reason": 40, "url": 120, "caption": 80, "detail": 160}  # characters shown
+    lines += ["| " + " | ".join(widths) + " |", "|" + " --- |" * len(widths)]
     for entry in ledger.examples_of_removals(storage):
-        cells = [
-            entry["fate"],
-            entry["reason"],
-            entry["url"],
-            (entry["caption"] or "")[:60],
-            entry["detail"] or "",
-        ]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    lines += ["", f"Per-sample ledger: `{storage.uri(SAMPLES_REPORT)}`"]
+        cells = [literal_markdown(entry[k] or "", width, table_cell=True) for k, width in widths.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Per-sample ledger: {literal_markdown(storage.uri(SAMPLES_REPORT))}"]
     create_markdown_artifact(key="curation-summary", markdown="\n".join(lines))
 
 
@@ -136,7 +151,9 @@ def curate_flow(urls: str, root: str, config: dict[str, Any] | str | None = None
 def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
     stages = 7
     progress = Progress(
-        "curation-progress", f"curation of {urls} into {root}", cfg.orchestration.progress_every_s
+        "curation-progress",
+        f"curation of {literal_markdown(urls)} into {literal_markdown(root)}",
+        cfg.orchestration.progress_every_s,
     )
     prepared = prepare_input(urls, root, cfg)
     progress.update(1, stages)
@@ -144,6 +161,13 @@ def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
     progress.update(2, stages)
     filtered = apply_filters(root, cfg, shards)
     progress.update(3, stages)
+    passed = filtered.get(fates.PASS, 0)
+    if passed < pairs_needed(cfg):
+        # Nothing for a CLIP to learn from or score: the fates so far become the ledger and the funnel.
+        record_unscored(root, cfg)
+        report = write_curated(root, cfg, None, {"clip_model": None})  # no CLIP made these fates
+        _curation_artifacts(root, report)
+        raise fates.too_few_pairs(Storage(root), passed, pairs_needed(cfg) if passed else None)
     clip_uri = train_clip(root, cfg, filtered)
     progress.update(4, stages)
     scored = score(root, cfg, clip_uri)
@@ -153,4 +177,6 @@ def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
     report = write_curated(root, cfg, clip_uri, dedup_report)
     progress.update(7, stages)
     _curation_artifacts(root, report)
+    if not report["kept"]:
+        raise fates.too_few_pairs(Storage(root), 0)
     return report

@@ -7,12 +7,19 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from dalle.runroot import GALLERY_SUMMARY, checkpoint_step, gallery_dir, run_config
+from dalle.runroot import (
+    GALLERY_SUMMARY,
+    TRANSFORMER,
+    checkpoint_rel,
+    checkpoint_step,
+    gallery_dir,
+    run_config,
+)
 from dalle.sample.gallery import draw_gallery
 from dalle.sample.page import write_standalone_page
 from dalle.sample.rerank import describe_sampling
-from dalle.storage import Storage
-from flows.common import Progress, log, retry_unless_user_error, timeout
+from dalle.storage import Storage, StorageError
+from flows.common import Progress, link_target, literal_markdown, log, retry_unless_user_error, timeout
 
 
 def path_in_root(storage: Storage, location: str) -> str:
@@ -21,18 +28,26 @@ def path_in_root(storage: Storage, location: str) -> str:
     if location.startswith(root):
         return location[len(root) :].rstrip("/")
     if "://" in location or location.startswith("/"):
-        raise ValueError(f"{location} is not under the run root {storage.uri()}; pass --out its root")
+        raise StorageError(f"{location} is not under the run root {storage.uri()}; pass --out its root")
     return location.rstrip("/")
+
+
+def transformer_checkpoint(storage: Storage, location: str) -> str:
+    """The transformer checkpoint folder `location` names, relative to the run root; refuses (as a user
+    error, not retried) any path that is not one, since an event's parameters are not to be trusted."""
+    return checkpoint_rel(path_in_root(storage, location), TRANSFORMER, storage.uri(), given=location)
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dict:
     storage = Storage(root)
+    rel = transformer_checkpoint(storage, checkpoint)
     cfg = run_config(storage, config)
-    rel = path_in_root(storage, checkpoint)
     with timeout(cfg.orchestration.gallery_timeout_s, "orchestration.gallery_timeout_s"):
         progress = Progress(
-            "gallery-progress", f"gallery of {storage.uri(rel)}", cfg.orchestration.progress_every_s
+            "gallery-progress",
+            f"gallery of {literal_markdown(storage.uri(rel))}",
+            cfg.orchestration.progress_every_s,
         )
         uri = draw_gallery(storage, cfg, rel, log=log, on_progress=progress.update)
     step = checkpoint_step(rel)
@@ -42,19 +57,28 @@ def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dic
 @flow(name="gallery")
 def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | str | None = None) -> str:
     """Draw the gallery of one transformer checkpoint (URI or path under the root); returns the page URI."""
+    checkpoint = transformer_checkpoint(Storage(root), checkpoint)  # before any work: fails fast
     result = draw(root, checkpoint, config)
     summary = result["summary"]
+    # Prompts, sections and paths are the user's text, and the UIs render artifacts (and the v1 UI
+    # string cells of tables) as Markdown: each is shown by literal_markdown.
     create_table_artifact(
         key="gallery-prompts",
         table=[
-            {"section": p["section"], "prompt": p["prompt"], "best_clip": p["best"], "mean_clip": p["mean"]}
+            {
+                "section": literal_markdown(p["section"]),
+                "prompt": literal_markdown(p["prompt"]),
+                "best_clip": p["best"],
+                "mean_clip": p["mean"],
+            }
             for p in summary["prompts"]
         ],
         description=f"CLIP scores per prompt at step {summary['step']}",
     )
-    lines = [f"### Gallery, step {summary['step']}", "", f"Page: `{result['uri']}`", ""]
+    lines = [f"### Gallery, step {summary['step']}", "", f"Page: {literal_markdown(result['uri'])}", ""]
     for group, figures in (summary.get("evaluation") or {}).items():
         if isinstance(figures, dict):
+            # The evaluator plug-in's own names, not the user's or the web's text.
             shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
             lines.append(f"- **{group}**: {shown}")
     if summary.get("sampling"):
@@ -64,8 +88,11 @@ def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | str | None
     page = write_standalone_page(storage, path_in_root(storage, result["uri"]))
     create_link_artifact(
         key="gallery",
-        link=storage.browser_url(page),
-        link_text=f"gallery of step {summary['step']}",
-        description=f"gallery of step {summary['step']} ({result['uri']}); an S3 link expires after 7 days",
+        link=link_target(storage.browser_url(page)),
+        link_text=f"gallery of step {int(summary['step'])}",
+        description=(
+            f"gallery of step {int(summary['step'])} ({literal_markdown(result['uri'])}); "
+            "an S3 link expires after 7 days"
+        ),
     )
     return result["uri"]

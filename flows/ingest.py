@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow
 
-from dalle.config import ConfigError
+from dalle.config import ConfigError, Location
 from dalle.runroot import run_config
 from dalle.storage import Storage
 from flows.curate import curate_flow
@@ -16,7 +16,9 @@ from flows.tokens import tokenize_flow
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(root: str, config: dict[str, Any] | str | None = None, urls: str | None = None) -> dict:
+def ingest_flow(
+    root: Location, config: dict[str, Any] | str | None = None, urls: Location | None = None
+) -> dict:
     """Curate `urls` (default: the config's source.urls) into `root` incrementally and tokenize the new
     pairs; returns the curation report and the shards summary. The run root must already have a dVAE
     (the first `dalle pipeline` run trains it)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from dalle.config import ConfigError, as_config
+from dalle.config import ConfigError, Location, as_config
 from dalle.runroot import EVAL_REPORT, GALLERY_INDEX
 from dalle.storage import Storage
 from flows.curate import curate_flow
@@ -16,7 +16,7 @@ from flows.train import train_dvae_flow, train_transformer_flow
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(root: str, config: dict[str, Any] | str | None = None) -> dict:
+def pipeline_flow(root: Location, config: dict[str, Any] | str | None = None) -> dict:
     """Curate source.urls into `root`, train both models and draw their galleries. `config`: a mapping,
     or a YAML path or s3:// URI."""
     cfg = as_config(config)

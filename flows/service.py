@@ -43,7 +43,18 @@ def create_pools(gpu_kubernetes: bool = False, template: str | None = None) -> d
 
     pools = [WorkPoolCreate(name=CPU_POOL, type="process")]
     if gpu_kubernetes:
-        base = json.loads(find_file(GPU_KUBERNETES_TEMPLATE, template).read_text())
+        path = find_file(GPU_KUBERNETES_TEMPLATE, template)
+        try:
+            base = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ServiceError(
+                f"{path} is not a JSON job template ({err}); pass a work pool's base job template"
+            ) from None
+        if not isinstance(base, dict) or "job_configuration" not in base:
+            raise ServiceError(
+                f"{path} is not a base job template: it needs job_configuration and variables, as "
+                f"{GPU_KUBERNETES_TEMPLATE} has"
+            )
         pools.append(WorkPoolCreate(name=GPU_POOL, type="kubernetes", base_job_template=base))
     else:
         pools.append(WorkPoolCreate(name=GPU_POOL, type="process"))
@@ -65,9 +76,27 @@ def create_pools(gpu_kubernetes: bool = False, template: str | None = None) -> d
 
 
 def deployment_specs(prefect_file: str | None = None) -> list[dict[str, Any]]:
-    """The deployments of infra/prefect.yaml, as written there."""
-    data = yaml.safe_load(find_file(PREFECT_FILE, prefect_file).read_text())
-    return data["deployments"]
+    """The deployments of infra/prefect.yaml, as written there; a file without a list of named
+    deployments with entrypoints is refused."""
+    path = find_file(PREFECT_FILE, prefect_file)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ServiceError(f"{path} is not valid YAML ({problem}{where})") from None
+    specs = data.get("deployments") if isinstance(data, dict) else None
+    if not isinstance(specs, list) or not specs:
+        raise ServiceError(f"{path} has no list of deployments; it should read like {PREFECT_FILE}")
+    for number, spec in enumerate(specs, start=1):
+        if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"]):
+            raise ServiceError(f"deployment {number} of {path} has no name")
+        if not isinstance(spec.get("entrypoint"), str) or ":" not in spec["entrypoint"]:
+            raise ServiceError(
+                f"deployment {spec['name']!r} of {path} needs an entrypoint like flows/train.py:train_dvae_flow"
+            )
+    return specs
 
 
 def runner_deployments(
@@ -138,6 +167,8 @@ def serve(
     from prefect import serve as prefect_serve
     from prefect.exceptions import ObjectNotFound
 
+    if limit is not None and limit < 1:
+        raise ServiceError(f"limit must be at least 1 flow run at a time, got {limit}")
     deployments = runner_deployments(deployment_specs(prefect_file), root, config, names)
     with get_client(sync_client=True) as client:
         for deployment in deployments:

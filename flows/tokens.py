@@ -12,7 +12,14 @@ from dalle.models.weights import load_dvae
 from dalle.runroot import run_config
 from dalle.storage import Storage
 from dalle.tokens.shards import tokenize_stage
-from flows.common import Progress, announce_shards, log, retry_unless_user_error, timeout
+from flows.common import (
+    Progress,
+    announce_shards,
+    literal_markdown,
+    log,
+    retry_unless_user_error,
+    timeout,
+)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
@@ -24,7 +31,9 @@ def tokenize(root: str, config: dict[str, Any] | str | None) -> dict:
             storage, device=resolve_device(cfg.tokenize.device, setting="tokenize.device")
         )
         progress = Progress(
-            "tokenize-progress", f"tokenize of {storage.uri()}", cfg.orchestration.progress_every_s
+            "tokenize-progress",
+            f"tokenize of {literal_markdown(storage.uri())}",
+            cfg.orchestration.progress_every_s,
         )
         return tokenize_stage(storage, cfg, dvae, identity, log=log, on_progress=progress.update)
 
@@ -38,7 +47,11 @@ def tokenize_flow(root: str, config: dict[str, Any] | str | None = None, announc
     summary = tokenize(root, config)
     create_table_artifact(
         key="token-shards",
-        table=[{"key": k, "value": str(v)} for k, v in summary.items()],
+        # Paths and identities are text the v1 UI would render as Markdown: shown literally.
+        table=[
+            {"key": k, "value": literal_markdown(v) if isinstance(v, str) else str(v)}
+            for k, v in summary.items()
+        ],
         description="token shards",
     )
     if announce and summary["new_rows"]:

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from dalle.config import Location, Steps
 from dalle.runroot import (
     CLIP,
     DVAE,
@@ -156,11 +157,11 @@ def _train(model: str, root: str, config, max_steps: int | None, resume: bool, m
 
 @flow(name="train-dvae")
 def train_dvae_flow(
-    root: str,
+    root: Location,
     config: dict[str, Any] | str | None = None,
-    max_steps: int | None = None,
+    max_steps: Steps | None = None,
     resume: bool = True,
-    more_steps: int | None = None,
+    more_steps: Steps | None = None,
 ) -> str:
     """Train the dVAE on the curated images; returns the newest checkpoint's URI. `config`: a mapping,
     or a YAML path or s3:// URI (default: the run root's config.yaml)."""
@@ -169,12 +170,12 @@ def train_dvae_flow(
 
 @flow(name="train-transformer")
 def train_transformer_flow(
-    root: str,
+    root: Location,
     config: dict[str, Any] | str | None = None,
-    max_steps: int | None = None,
+    max_steps: Steps | None = None,
     resume: bool = True,
     galleries: bool = True,
-    more_steps: int | None = None,
+    more_steps: Steps | None = None,
 ) -> str:
     """Train the transformer on every token shard in the manifest, to max_steps or `more_steps` past
     its newest checkpoint (a scheduled retrain), then publish a gallery for every checkpoint this run
@@ -199,11 +200,11 @@ def train_transformer_flow(
 
 @flow(name="train-clip")
 def train_clip_flow(
-    root: str,
+    root: Location,
     config: dict[str, Any] | str | None = None,
-    max_steps: int | None = None,
+    max_steps: Steps | None = None,
     resume: bool = True,
-    more_steps: int | None = None,
+    more_steps: Steps | None = None,
 ) -> str:
     """Train the small CLIP on the pairs that passed the rule filters (when no pretrained one is
     configured); returns the newest checkpoint's URI. Curation runs the same training."""

@@ -34,6 +34,29 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def task_attempts(flow_name: str, root: str) -> dict[str, int]:
+    """Attempts of each task (by task name) of the newest `flow_name` run on `root`, counted from the
+    Running states the Prefect server recorded: a retry is a second one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=50,
+        )
+        (run,) = [r for r in runs if r.parameters.get("root") == root][:1]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        return {
+            task.task_key.rsplit("-", 1)[0].rsplit(".", 1)[-1]: sum(
+                state.type.value == "RUNNING" for state in client.read_task_run_states(task.id)
+            )
+            for task in tasks
+        }
+
+
 def test_help_lists_every_command():
     out = subprocess.run(
         [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True
@@ -74,6 +97,8 @@ def test_missing_column_fails_fast_and_names_columns(tmp_path, prefect_server):
     assert done.returncode == 2, done.stderr[-2000:]
     err = done.stderr
     assert "URL column 'url' not found in urls.parquet; columns are: link, alt" in err
+    # prepare_input is retried after a passing failure, never after a user error: it ran once.
+    assert task_attempts("curate", str(tmp_path / "run")) == {"prepare_input": 1}
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00\x01garbage"])
@@ -118,6 +143,7 @@ def test_an_error_inside_a_flow_is_one_line(tmp_path, prefect_server):
     assert "Traceback" not in shown, shown[-3000:]
     errors = [line for line in shown.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "has no config.yaml" in errors[0], shown[-3000:]
+    assert task_attempts("train-transformer", str(empty)) == {"train_model": 1}  # a user error: no retry
     # Only the terminal is spared the traceback: Prefect's API (the UI) has it.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterLevel
@@ -212,14 +238,56 @@ def test_every_command_has_a_description_and_examples():
         assert "\nexamples:\n  dalle " in shown, name
 
 
+SAMPLE = ["sample", "--checkpoint", "runs/x/models/transformer/step_00000001", "--prompt", "a", "--out", "o"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["train", "--out", "x", "--max-steps", "0"], "--max-steps: must be a positive integer, not '0'"),
         (["serve-demo", "--out", "x", "--port", "70000"], "--port: must be a port from 0"),
         (["serve-demo", "--out", "x", "--host", "0.0.0.0"], "--host: must be a loopback address"),
+        (["serve-demo", "--out", "x", "--port", "-1"], "--port: must be a port from 0"),
+        (["serve-demo", "--out", "x", "--host", "8.8.8.8"], "--host: must be a loopback address"),
+        (["train", "--out", "x", "--max-steps", "-5"], "--max-steps: must be a positive integer, not '-5'"),
+        (["train", "--out", "x", "--max-steps", "1.5"], "--max-steps: must be a positive integer, not '1.5'"),
+        (["train", "--out", "x", "--more-steps", "0"], "--more-steps: must be a positive integer, not '0'"),
+        (["train", "--out", " "], "--out: must be a local path or an s3:// URI, not ' '"),
+        (["curate", "--urls", "", "--out", "x"], "--urls: must be a local path or an s3:// URI, not ''"),
+        (["tokenize", "--out", "x", "--config", ""], "--config: must be a local path or an s3:// URI"),
+        (["serve", "--limit", "0"], "--limit: must be a positive integer, not '0'"),
+        (["serve", "--prefect-file", ""], "--prefect-file: must be a local path or an s3:// URI"),
+        (SAMPLE + ["--temperature", "nan"], "--temperature: must be a finite number, not 'nan'"),
+        (SAMPLE + ["--top-p", "inf"], "--top-p: must be a finite number, not 'inf'"),
+        (SAMPLE + ["--cond-scale=-inf"], "--cond-scale: must be a finite number, not '-inf'"),
+        (SAMPLE + ["--cond-scale", "strong"], "--cond-scale: must be a finite number, not 'strong'"),
+        (SAMPLE + ["--top-k", "0"], "--top-k: must be a positive integer, not '0'"),
+        (SAMPLE + ["-n", "-3"], "-n: must be a positive integer, not '-3'"),
+        (SAMPLE + ["--top", "0"], "--top: must be a positive integer, not '0'"),
+        (SAMPLE + ["--seed", "x"], "--seed: invalid int value: 'x'"),
     ],
 )
 def test_bad_numbers_and_hosts_are_usage_errors(argv, message, capsys):
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert [line for line in err.splitlines() if "error:" in line] == [line for line in err.splitlines()][-1:]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("deployments: [unclosed\n", "is not valid YAML"),
+        ("name: dalle-pipeline\n", "has no list of deployments"),
+        ("deployments:\n  - entrypoint: flows/train.py:train_dvae_flow\n", "deployment 1 of .* has no name"),
+        ("deployments:\n  - name: train\n    entrypoint: flows/train.py\n", "'train' .* needs an entrypoint"),
+    ],
+)
+def test_a_broken_deployments_file_is_one_line(tmp_path, capsys, text, message):
+    import re
+
+    path = tmp_path / "prefect.yaml"
+    path.write_text(text)
+    assert main(["serve", "--prefect-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.startswith("error: ") and len(err.splitlines()) == 1, err

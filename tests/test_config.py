@@ -233,3 +233,111 @@ def test_nproc_auto_is_one_process_per_gpu_and_bad_values_are_refused():
             config_from_dict({"train_dvae": {"nproc": bad}})
     with pytest.raises(ConfigError, match="max_steps must be at least 1"):
         training_settings("dvae", cfg, max_steps=0)
+
+
+# --- nonsense values are refused where they enter, with the key named ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"train_dvae": {"lr": float("nan")}}, r"'train_dvae.lr' .*finite number"),
+        ({"gallery": {"temperature": float("inf")}}, r"'gallery.temperature' .*finite number"),
+        ({"train_transformer": {"betas": [0.9, float("nan")]}}, r"'train_transformer.betas.1' .*finite"),
+        ({"train_transformer": {"betas": [0.9, 1.5]}}, r"'train_transformer.betas.1' .*less than 1"),
+        ({"crawl": {"timeout_s": float("inf")}}, r"'crawl.timeout_s' .*finite number"),
+        (
+            {"orchestration": {"train_timeout_s": 1e12}},
+            r"'orchestration.train_timeout_s' .*less than or equal",
+        ),
+        ({"train_clip": {"max_steps": 0}}, r"'train_clip.max_steps' .*greater than or equal to 1"),
+        ({"orchestration": {"retrain_steps": -5}}, r"'orchestration.retrain_steps' .*greater than or equal"),
+        ({"train_dvae": {"seed": -1}}, r"'train_dvae.seed' .*greater than or equal to 0"),
+        ({"gallery": {"seed": 2**70}}, r"'gallery.seed' .*less than or equal"),
+        ({"gallery": {"cond_scale": -2.0}}, r"'gallery.cond_scale' .*greater than or equal to 0"),
+        (
+            {"filter": {"clip_score_threshold": 1.5}},
+            r"'filter.clip_score_threshold' .*less than or equal to 1",
+        ),
+        ({"filter": {"min_caption_words": 90}}, r"min_caption_words 90 is above max_caption_words 80"),
+        ({"crawl": {"url_col": "text", "caption_col": "text"}}, r"url_col and caption_col both name 'text'"),
+        ({"crawl": {"column_names": ["url", "url"]}}, r"column_names repeats \['url'\]"),
+        ({"crawl": {"user_agent_token": "bot\r\nX-Injected: 1"}}, r"'crawl.user_agent_token' .*pattern"),
+        ({"source": {"urls": "  "}}, r"'source.urls' .*not blank"),
+        ({"clip": {"checkpoint": ""}}, r"'clip.checkpoint' .*at least 1 character"),
+    ],
+)
+def test_nonsense_values_are_refused_with_their_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_a_float_written_as_yaml_nan_or_inf_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dvae:\n  kl_weight: .nan\ntrain_dvae:\n  grad_clip: .inf\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert "'dvae.kl_weight'" in str(raised.value) and "'train_dvae.grad_clip'" in str(raised.value)
+
+
+def test_every_number_has_a_lower_bound_and_every_duration_an_upper_one():
+    """The class of hole, not one instance: a new numeric setting without a range fails here."""
+    import typing
+
+    from annotated_types import Ge, Gt, Le, Lt
+
+    from dalle.config import MAX_SECONDS
+
+    unbounded_by_design = {"TrainConfig.nproc"}  # int or 'auto', checked by its own validator
+
+    def numeric(annotation) -> bool:
+        return annotation in (int, float) or any(numeric(a) for a in typing.get_args(annotation))
+
+    def constraints(annotation, metadata) -> list:
+        """The field's constraints, or, for a tuple, those every element has."""
+        if typing.get_origin(annotation) is tuple:
+            elements = [
+                [m for info in e.__metadata__ for m in info.metadata] for e in typing.get_args(annotation)
+            ]
+            return [m for m in elements[0] if all(m in other for other in elements)]
+        return list(metadata)
+
+    def walk(model_cls):
+        for name, field in model_cls.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                yield from walk(annotation)
+            elif numeric(annotation) and f"{model_cls.__name__}.{name}" not in unbounded_by_design:
+                yield f"{model_cls.__name__}.{name}", constraints(annotation, field.metadata)
+
+    checked = 0
+    for key, found in walk(RunConfig):
+        assert any(isinstance(m, (Ge, Gt)) for m in found), f"{key} has no lower bound"
+        if key.endswith("_s"):
+            highest = [m.le if isinstance(m, Le) else m.lt for m in found if isinstance(m, (Le, Lt))]
+            assert highest and highest[0] <= MAX_SECONDS, f"{key} has no upper bound"
+        checked += 1
+    assert checked > 50
+
+
+def test_with_changes_validates_what_model_copy_would_not():
+    from dalle.config import with_changes
+
+    section = RunConfig().train_clip
+    assert section.model_copy(update={"max_steps": -5}).max_steps == -5  # the hole it closes
+    assert with_changes(section, "the max_steps parameter", max_steps=7).max_steps == 7
+    assert section.max_steps == 600  # the original is left as it was
+    with pytest.raises(
+        ConfigError,
+        match=r"invalid value from the max_steps parameter: 'max_steps': Input should be greater than "
+        r"or equal to 1 \(got -5\)",
+    ):
+        with_changes(section, "the max_steps parameter", max_steps=-5)
+    with pytest.raises(ConfigError, match=r"'lr': Input should be a finite number \(got nan\)"):
+        with_changes(section, "--lr", lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"'max_step': not a setting"):
+        with_changes(section, "a typo", max_step=3)
+    with pytest.raises(ConfigError, match="url_col and caption_col both name 'url'"):
+        with_changes(RunConfig().crawl, "the demo", caption_col="url")
+    whole = with_changes(RunConfig(), "a plug-in", source={"urls": "s3://bucket/urls.parquet"})
+    assert whole.source.urls == "s3://bucket/urls.parquet"

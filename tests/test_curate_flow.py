@@ -9,8 +9,9 @@ import pytest
 from hostile_routes import hostile_server
 
 from dalle.config import config_from_dict
-from dalle.runroot import CURATE_REPORT, CURATED_MANIFEST, SAMPLES_REPORT, latest_checkpoint
+from dalle.runroot import CURATE_REPORT, CURATED_DIR, CURATED_MANIFEST, SAMPLES_REPORT, latest_checkpoint
 from dalle.storage import Storage
+from dalle.tokens.loader import read_listed_shards
 from demo.site import DemoServer, build_site
 from demo.world import world_config
 
@@ -165,7 +166,7 @@ def test_curate_flow_end_to_end(where, demo, tmp_path, prefect_server, request):
     # The curated shards hold exactly the kept pairs, bytes intact.
     manifest = storage.read_json(CURATED_MANIFEST)
     assert manifest["rows"] == report["kept"]
-    curated = storage.read_tables("curated")
+    curated = read_listed_shards(storage, CURATED_DIR)
     assert curated.num_rows == report["kept"]
     for row in curated.slice(0, 20).to_pylist():
         assert hashlib.sha256(row["image"]).hexdigest() == row["sha256"]
@@ -179,7 +180,7 @@ def test_curate_flow_end_to_end(where, demo, tmp_path, prefect_server, request):
     assert (
         sum(server.requests.values()) - sum(before.values()) == downloads
     )  # nothing refetched, robots.txt included
-    assert storage.read_tables("curated").num_rows == report["kept"]
+    assert read_listed_shards(storage, CURATED_DIR).num_rows == report["kept"]
     # The small CLIP trained on the shared loop; the re-run resumed it at its last step, no retraining.
     clip = latest_checkpoint(storage, "clip")
     assert clip is not None and clip.step == cfg.train_clip.max_steps

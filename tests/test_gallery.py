@@ -13,9 +13,11 @@ import urllib.request
 import numpy as np
 import PIL.Image
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from dalle.config import DVAEConfig, TokenizerConfig, TransformerConfig
+from dalle.errors import UserError
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
 from dalle.runroot import GALLERY_INDEX, METRICS, gallery_dir
@@ -23,6 +25,7 @@ from dalle.sample.page import Completion, GalleryPage, Section, write_gallery_pa
 from dalle.sample.rerank import PromptSamples, SamplingSettings, samples_for
 from dalle.storage import Storage
 from dalle.tokens.bpe import train_bpe
+from flows.gallery import gallery_flow, transformer_checkpoint
 
 HOSTILE = "a red circle <script>document.title='pwned'</script> & \"quotes\""
 
@@ -103,3 +106,37 @@ def test_samples_for_draws_ranks_and_decodes():
     assert len(out.images) == 5 and out.images[0].size == (16, 16)
     again = samples_for("a red circle", model, dvae, tokenizer, None, settings)
     assert [np.asarray(i).tobytes() for i in out.images] == [np.asarray(i).tobytes() for i in again.images]
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        "../../x",
+        "models/transformer/../../../x",
+        "{root}/../other-root/models/transformer/step_00000100",
+        "/etc/passwd",
+        "s3://elsewhere/run/models/transformer/step_00000100",
+        "models/dvae/step_00000100",
+        "models/transformer/step_00000100/../../dvae/step_00000100",
+        "models/transformer/step_100",
+        "models/transformer",
+    ],
+)
+def test_the_gallery_refuses_anything_but_a_transformer_checkpoint_of_its_root(tmp_path, checkpoint):
+    # The gallery deployment takes root and checkpoint from a dalle.checkpoint.saved event.
+    root = tmp_path / "run"
+    checkpoint = checkpoint.format(root=root)
+    with pytest.raises(UserError) as refused:  # a user error: the flow does not retry it
+        gallery_flow.fn(str(root), checkpoint)
+    message = str(refused.value)
+    assert checkpoint in message and "\n" not in message
+    assert "is not a transformer checkpoint of" in message or "is not under the run root" in message
+    assert not root.exists()  # refused before any work
+
+
+def test_the_gallery_takes_a_checkpoint_as_its_uri_or_its_path_in_the_root(tmp_path):
+    storage = Storage(tmp_path / "run")
+    rel = "models/transformer/step_00000100"
+    assert transformer_checkpoint(storage, storage.uri(rel)) == rel
+    assert transformer_checkpoint(storage, storage.uri(rel) + "/") == rel
+    assert transformer_checkpoint(storage, f"./{rel}/") == rel

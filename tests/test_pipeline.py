@@ -17,8 +17,9 @@ import yaml
 
 from dalle.config import config_from_dict, load_config
 from dalle.curate.crawl import CrawlError
-from dalle.runroot import EVAL_REPORT, GALLERY_INDEX, SOURCE_DIR
+from dalle.runroot import CURATED_DIR, EVAL_REPORT, GALLERY_INDEX, SOURCE_DIR
 from dalle.storage import Storage
+from dalle.tokens.loader import read_listed_shards
 from demo.site import DemoServer, build_site, url_table
 from demo.world import world_config
 from tests.test_benchmarks import REPO
@@ -243,9 +244,7 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server
     storage = Storage(str(root))
     curate = storage.read_json("reports/curate.json")
     assert curate["input_rows"] == 80 and curate["downloaded"] == 80
-    captions = set(
-        storage.read_table("curated/00000.parquet", columns=["caption"]).column("caption").to_pylist()
-    )
+    captions = set(read_listed_shards(storage, CURATED_DIR, ["caption"]).column("caption").to_pylist())
     assert captions <= {caption for _, caption in site.rows[:80]}
     _check_galleries(storage)
     # Not the shapes source: no demo server, no held-out prompts, no zero-shot figures.

@@ -16,10 +16,18 @@ import torch
 
 from dalle.config import ConfigError, TrainConfig, config_from_dict, dump_config
 from dalle.models.weights import CheckpointMismatch, load_dvae, load_model
-from dalle.runroot import FILTER_TABLE, METRICS, SHARDS_MANIFEST, checkpoint_dir, latest_pointer, run_config
+from dalle.runroot import (
+    CURATED_DIR,
+    FILTER_TABLE,
+    METRICS,
+    SHARDS_MANIFEST,
+    checkpoint_dir,
+    latest_pointer,
+    run_config,
+)
 from dalle.schemas import CURATED_SCHEMA, FILTER_DECISIONS_SCHEMA, SCHEMA_VERSION, token_shard_schema
 from dalle.storage import Storage
-from dalle.tokens.loader import ShardError
+from dalle.tokens.loader import ShardError, read_listed_shards
 from dalle.tokens.shards import ShardsMismatch, tokenize_stage
 from dalle.train.checkpoint import load_train_state
 from dalle.train.dvae import DVAETraining
@@ -82,7 +90,7 @@ def write_curated(storage: Storage, first: int, count: int, shard_index: int) ->
 def write_filter_stage(storage: Storage) -> None:
     """The curated pairs as the crawl and the rule filters would have left them (raw shard and filter
     decisions), which is what the small CLIP trains on."""
-    curated = storage.read_tables("curated").to_pylist()
+    curated = read_listed_shards(storage, CURATED_DIR).to_pylist()
     raw = [
         {
             "key": str(i),

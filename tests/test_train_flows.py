@@ -143,3 +143,40 @@ def test_more_steps_resume_past_the_newest_checkpoint_and_a_time_limit_stops_tra
     assert time.monotonic() - started < 120
     assert stopped.stderr.count("dvae: resuming from step 5") == 1  # no retry
     assert storage.read_json(latest_pointer("dvae"))["step"] >= 5
+
+
+@pytest.mark.parametrize("flow_name", ["train_dvae_flow", "train_transformer_flow", "train_clip_flow"])
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"root": "runs/x", "more_steps": 0}, "more_steps: Input should be greater than or equal to 1"),
+        ({"root": "runs/x", "max_steps": -5}, "max_steps: Input should be greater than or equal to 1"),
+        ({"root": "runs/x", "more_steps": 2.5}, "more_steps: Input should be a valid integer"),
+        ({"root": " "}, "root: Value error, must be a local path or an s3:// URI"),
+    ],
+)
+def test_training_flows_refuse_bad_parameters_before_they_run(flow_name, parameters, message):
+    """Deployments and event triggers pass parameters without the command line's checks: Prefect
+    validates them against the flow's signature (and the deployment's schema) before a run starts."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows import train
+
+    flow = getattr(train, flow_name)
+    with pytest.raises(ParameterTypeError, match=message):
+        flow.validate_parameters(parameters)
+    schema = flow.parameters.model_dump()["properties"]
+    assert {"minimum": 1, "type": "integer"} in schema["more_steps"]["anyOf"]
+    assert flow.validate_parameters({"root": "runs/x", "more_steps": "3"})["more_steps"] == 3
+
+
+def test_ingest_and_pipeline_refuse_a_blank_root_or_url_list():
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.ingest import ingest_flow
+    from flows.pipeline import pipeline_flow
+
+    with pytest.raises(ParameterTypeError, match="urls: Value error, must be a local path"):
+        ingest_flow.validate_parameters({"root": "runs/x", "urls": "  "})
+    with pytest.raises(ParameterTypeError, match="root: String should have at least 1 character"):
+        pipeline_flow.validate_parameters({"root": ""})

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from dalle.config import CrawlConfig
+from dalle.curate.fetch import TOO_LARGE_MARKER, X_ROBOTS_MESSAGE
 from dalle.curate.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
 from dalle.curate.urls import read_url_list
 from dalle.errors import UserError
@@ -43,7 +44,6 @@ from dalle.storage import Storage, filesystem_for
 # Columns of img2dataset's output that later stages read (image bytes are in "jpg"
 # whatever their real format, because re-encoding is off).
 RAW_IMAGE_COLUMN = "jpg"
-X_ROBOTS_MESSAGE = "disallowed by x-robots-tag"  # img2dataset's message, lower-cased
 
 
 class CrawlError(UserError, RuntimeError):
@@ -226,6 +226,18 @@ def img2dataset_arguments(storage: Storage, cfg: CrawlConfig, batch: str = RAW_D
     }
 
 
+def fetch_limits(cfg: CrawlConfig) -> dict:
+    """The per-response limits of `dalle.curate.fetch`, as plain values for the crawl's child process."""
+    return {
+        "max_image_bytes": cfg.max_image_bytes,
+        "max_download_s": cfg.max_download_s,
+        # Each worker process paces its own requests: spacing them by interval x processes keeps the
+        # whole crawl at most one request per interval to a host.
+        "host_interval_s": cfg.host_interval_s * cfg.processes,
+        "max_retry_after_s": cfg.max_retry_after_s,
+    }
+
+
 def expected_shards(to_crawl: int, cfg: CrawlConfig) -> int:
     return math.ceil(to_crawl / cfg.samples_per_shard)
 
@@ -257,6 +269,7 @@ def run_crawl(
         spec = {
             "download": img2dataset_arguments(storage, cfg, batch),
             "allow_networks": list(cfg.allow_networks),
+            "limits": fetch_limits(cfg),
         }
         # A child process: img2dataset's spawn-based workers re-import the caller's __main__,
         # which would re-run whatever script called us; `python -m dalle.curate.crawl` is safe.
@@ -287,7 +300,9 @@ def classify_download_error(message: str) -> tuple[str, str]:
     lowered = text.lower()
     if BLOCKED_MARKER in text:
         return "blocked", "blocked_address"
-    if X_ROBOTS_MESSAGE in lowered:
+    if TOO_LARGE_MARKER in text:
+        return "download_failed", "too_large"
+    if X_ROBOTS_MESSAGE.lower() in lowered:
         return "blocked", "x_robots_tag"
     if "http error" in lowered:
         code = text.split("HTTP Error", 1)[-1].strip().split(":", 1)[0].strip()
@@ -330,10 +345,10 @@ def read_raw_shard(storage: Storage, rel: str, with_images: bool = True) -> pa.T
 def _child_main(spec_json: str) -> None:
     import img2dataset
 
-    from dalle.curate.netguard import use_guard_in_img2dataset
+    from dalle.curate.fetch import FetchLimits, use_guard_in_img2dataset
 
     spec = json.loads(spec_json)
-    with use_guard_in_img2dataset(spec["allow_networks"]):
+    with use_guard_in_img2dataset(spec["allow_networks"], FetchLimits(**spec["limits"])):
         img2dataset.download(**spec["download"])
 
 

@@ -1,19 +1,27 @@
-"""What the curation stages share: a sample's id, a stage's decision about it, and the pairs that
-passed the rule filters (curated/_stages/filter.parquet) with their image bytes from raw/."""
+"""What the curation stages share: a sample's id, a stage's decision about it, the pairs that
+passed the rule filters (curated/_stages/filter.parquet) with their image bytes from raw/, and the
+error that ends a curation too few pairs got through, with the ledger's count of why."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections import defaultdict
+import ipaddress
+import urllib.parse
+from collections import Counter, defaultdict
 
+import pyarrow as pa
 from PIL import Image
 
 from dalle.curate.crawl import RAW_IMAGE_COLUMN, read_raw_shard
-from dalle.runroot import FILTER_TABLE
+from dalle.errors import UserError
+from dalle.runroot import DEDUP_TABLE, FILTER_TABLE, SAMPLES_REPORT, SCORES_TABLE
+from dalle.schemas import DEDUP_DECISIONS_SCHEMA, SCORE_DECISIONS_SCHEMA
 from dalle.storage import Storage
 
 PASS = "pass"  # interim fate of a sample that a stage let through
+SMALL_CLIP_MIN_PAIRS = 2  # the fewest pairs the small CLIP trains on (dalle/train/clip.py)
+NOT_CLIP_SCORED = "not_clip_scored"  # reason of a pair that passed the rule filters but no CLIP scored
 
 
 def sample_uid(url: str, image_sha256: str | None) -> str:
@@ -56,3 +64,86 @@ def passing_pairs(storage: Storage) -> tuple[list[bytes], list[str]]:
 
 def decode_rgb(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def record_unscored(storage: Storage, detail: str) -> None:
+    """The CLIP-score and dedup decisions of a run that scores nothing (too few pairs to train its CLIP):
+    each pair that passed the rule filters is filtered as NOT_CLIP_SCORED, none is a duplicate."""
+    unscored = [
+        {"uid": r["uid"], **fate_record("filtered", NOT_CLIP_SCORED, detail), "clip_score": None}
+        for r in passing_rows(storage)
+    ]
+    storage.write_table(SCORES_TABLE, pa.Table.from_pylist(unscored, schema=SCORE_DECISIONS_SCHEMA))
+    storage.write_table(DEDUP_TABLE, DEDUP_DECISIONS_SCHEMA.empty_table())
+
+
+class TooFewPairs(UserError, RuntimeError):
+    """Curation kept no pair, or too few passed the rule filters for the CLIP; the ledger has each fate."""
+
+
+# What to do about the most common reason (or fate) of removal, for the error's one line.
+_REASON_HINTS = {
+    "blocked_address": "if you mean to crawl that network, allow it with --allow-network {cidr} or "
+    "crawl.allow_networks",
+    "scheme_not_allowed": "only http(s) URLs are crawled: check that crawl.url_col names the URL column",
+    "malformed_url": "check that crawl.url_col names the column of http(s) URLs",
+    "robots_txt": "the sites' robots.txt forbids crawling these URLs; crawl other sites",
+    "robots_txt_unavailable": "the sites' robots.txt could not be read; run again later",
+    "x_robots_tag": "the sites forbid using these images (X-Robots-Tag); crawl other sites",
+    "repeated_url": "the list repeats its URLs",
+    "timeout": "the sites answered too slowly: raise crawl.timeout_s, or check the network",
+    "caption_empty": "check that crawl.caption_col names the caption column",
+    "clip_score_low": "lower filter.clip_score_threshold, or keep a top fraction with "
+    "filter.clip_keep_top_fraction",
+}
+_FATE_HINTS = {
+    "blocked": "the crawler refused these URLs; see the details in the ledger",
+    "download_failed": "check that the sites are reachable from this machine",
+    "filtered": "the filter.* settings say what passes; see the details in the ledger",
+    "duplicate_exact": "the list holds the same images many times",
+    "duplicate_near": "the list holds the same images many times (dedup.near_threshold: how close is a copy)",
+}
+
+
+def _allow_example(urls: list[str]) -> str:
+    """A CIDR that would let the crawler reach the first of `urls` given by IP address, or "CIDR"."""
+    for url in urls:
+        try:
+            address = ipaddress.ip_address(urllib.parse.urlsplit(url.strip()).hostname or "")
+        except ValueError:
+            continue
+        return f"{address}/{address.max_prefixlen}"
+    return "CIDR"
+
+
+def too_few_pairs(storage: Storage, passed: int, needed: int | None = None) -> TooFewPairs:
+    """The error that ends a curation: `passed` pairs passed the rule filters, fewer than the `needed`
+    that train the small CLIP (None: none was kept at the end). It counts from the ledger why the
+    other rows were removed, names the top reasons and what to do about the first."""
+    ledger = storage.read_table(SAMPLES_REPORT, columns=["url", "fate", "reason"]).to_pylist()
+    removed = [e for e in ledger if e["fate"] != "kept" and e["reason"] != NOT_CLIP_SCORED]
+    reasons = Counter(e["reason"] or e["fate"] for e in removed)
+    fate_of = {e["reason"] or e["fate"]: e["fate"] for e in removed}
+    total = len(ledger)
+    if needed is not None:
+        head = (
+            f"only {passed} of the {total} input rows passed the rule filters, too few to train the small "
+            f"CLIP (it needs {needed}; or set clip.pretrained or clip.checkpoint)"
+        )
+    elif total and all(e["fate"] == "blocked" for e in ledger):
+        head = f"all {total} input rows were refused"
+    else:
+        head = f"no pair of the {total} input rows was kept"
+    message = head
+    if reasons:
+        top = reasons.most_common(3)
+        message += ": " + ", ".join(f"{count} {reason}" for reason, count in top)
+        if len(reasons) > len(top):
+            others = sum(reasons.values()) - sum(count for _, count in top)
+            message += f" and {others} of {len(reasons) - len(top)} other reasons"
+        first = top[0][0]
+        hint = _REASON_HINTS.get(first) or _FATE_HINTS.get(fate_of[first])
+        if hint:
+            blocked = [e["url"] for e in removed if e["reason"] == "blocked_address"]
+            message += "; " + hint.format(cidr=_allow_example(blocked))
+    return TooFewPairs(f"{message}. Every row's fate: {storage.uri(SAMPLES_REPORT)}")

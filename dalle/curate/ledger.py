@@ -29,6 +29,7 @@ from dalle.runroot import (
     FILTER_TABLE,
     SAMPLES_REPORT,
     SCORES_TABLE,
+    shard_file,
 )
 from dalle.schemas import CURATED_SCHEMA, SAMPLES_SCHEMA, SCHEMA_VERSION
 from dalle.storage import Storage, parquet_bytes
@@ -85,7 +86,8 @@ def curate_report(storage: Storage, ledger: Iterable[dict]) -> dict:
 
 
 def write_curated(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
-    """Write the ledger, the curated shards (manifest last) and reports/curate.json."""
+    """Write the ledger, the curated shards (new files, then the manifest, then the old files
+    deleted) and reports/curate.json."""
     ledger = _ledger(storage)
     storage.write_table(SAMPLES_REPORT, pa.Table.from_pylist(ledger, schema=SAMPLES_SCHEMA))
     filter_rows = {r["uid"]: r for r in passing_rows(storage)}
@@ -119,11 +121,15 @@ def write_curated(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
             ],
             schema=CURATED_SCHEMA,
         )
-        rel = f"{CURATED_DIR}/{len(shards):05d}.parquet"
         data = parquet_bytes(table)
+        digest = hashlib.sha256(data).hexdigest()
+        # A name of its own per content: the shards the current manifest lists stay as they are until
+        # the new manifest replaces it (a shard whose content did not change keeps its name).
+        rel = shard_file(CURATED_DIR, len(shards), digest)
         storage.write_bytes(rel, data)
-        shards.append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()})
-    # Shards of an earlier, larger result are dropped only after the new manifest is in place.
+        shards.append({"path": rel, "rows": table.num_rows, "sha256": digest})
+    # The switch: readers see the old publication or the new one, never a mix. Files of the old one
+    # are deleted only after it, so a crash leaves at worst unlisted files, removed by the next run.
     storage.write_json(
         CURATED_MANIFEST,
         {

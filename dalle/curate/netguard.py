@@ -6,17 +6,18 @@ network. The guard sits where urllib opens sockets, so every redirect hop is che
 is resolved once, refused if any of its addresses is non-public, and otherwise connected to by the
 address that was checked (never resolved a second time).
 
-img2dataset downloads with `urllib.request.urlopen`, i.e. the process-wide opener, in spawned worker
-processes; `use_guard_in_img2dataset` makes it build a `GuardedDownloader`, which installs the guard
-in whichever process runs it. `RobotsChecker` reads each site's robots.txt through the same guard.
+Two layers: `guarded_opener` is the one way this project fetches a URL (http and https only, no
+proxies, every hop checked); `guard_connections` makes every Python-level socket connect of a
+process pass the same policy, so a library that builds its own opener (`urlopen(..., context=)`,
+`build_opener().open`, a redirect to ftp:, a proxy from the environment) is still held. The crawl's
+worker processes get both (`dalle.curate.fetch`). `RobotsChecker` reads each site's robots.txt
+through the opener.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import http.client
-import importlib
 import ipaddress
 import os
 import socket
@@ -26,18 +27,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import urllib.robotparser
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-
-# img2dataset imports albumentations, which otherwise asks pypi.org for a newer version on import, in
-# this process and in every spawned worker: a crawler that promises to reach only what it is allowed to
-# must not phone home. The variable is inherited by the workers.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-from img2dataset.downloader import Downloader
-
-# The module, not the `main` function that img2dataset/__init__.py exports under the same name.
-_img2dataset_main = importlib.import_module("img2dataset.main")
 
 BLOCKED_MARKER = "blocked_address:"
 """Prefix of every refusal message; urllib wraps it ("<urlopen error blocked_address: ...>"), so match with `in`."""
@@ -92,7 +83,8 @@ class AddressPolicy:
             return "link_local"
         if address.is_multicast:
             return "multicast"
-        if address.is_private:
+        if address.is_private or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local):
+            # fec0::/10 (site-local) is deprecated but still routed inside some networks.
             return "private"
         if address.is_reserved:
             return "reserved"
@@ -251,33 +243,78 @@ def _restore_opener(opener: urllib.request.OpenerDirector | None) -> None:
         _installed = None
 
 
-class GuardedDownloader(Downloader):
-    """img2dataset's Downloader that installs the address guard in whichever process runs it."""
-
-    def __init__(self, *args, allow_networks: Sequence[str] = (), **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # Plain strings, so the instance pickles into img2dataset's spawned workers.
-        self.allow_networks = tuple(allow_networks)
-
-    def __call__(self, row):
-        install_guard(AddressPolicy(self.allow_networks))
-        return super().__call__(row)
+_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy"})
+_INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_unguarded_connect = socket.socket.connect
+_unguarded_connect_ex = socket.socket.connect_ex
+# (policy, exempt (ip, port) pairs) once guard_connections ran in this process.
+_connection_guard: tuple[AddressPolicy, frozenset[tuple[str, int]]] | None = None
 
 
-@contextlib.contextmanager
-def use_guard_in_img2dataset(allow_networks: Sequence[str]) -> Iterator[None]:
-    """Within the block, `img2dataset.download` fetches only through the guard, in workers and in this process."""
-    policy = AddressPolicy(allow_networks)  # bad CIDRs fail here, not inside a worker
-    original_downloader = _img2dataset_main.Downloader
-    previous_opener = _current_opener()
-    # A partial of a module-level class pickles by reference; a class made here would not.
-    _img2dataset_main.Downloader = functools.partial(GuardedDownloader, allow_networks=policy.allow_networks)
+def _checked_peer(sock: socket.socket, address):
+    """`address` with its host resolved once and checked; the resolved address is the one connected to."""
+    guard = _connection_guard
+    if guard is None or sock.family not in _INET_FAMILIES or not isinstance(address, tuple):
+        return address
+    policy, exempt = guard
+    host, port = address[0], address[1]
     try:
-        install_guard(policy)
-        yield
-    finally:
-        _img2dataset_main.Downloader = original_downloader
-        _restore_opener(previous_opener)
+        ipaddress.ip_address(host)
+        candidates = [address]
+    except ValueError:  # a name: resolve it here, so that what is checked is what is connected to
+        candidates = [info[4] for info in socket.getaddrinfo(host, port, sock.family, sock.type)]
+    for candidate in candidates:
+        if (candidate[0], port) in exempt:
+            continue
+        reason = policy.refusal(candidate[0])
+        if reason is not None:
+            raise BlockedAddress(candidate[0], reason, str(host))
+    return candidates[0]
+
+
+def _guarded_connect(self: socket.socket, address) -> None:
+    return _unguarded_connect(self, _checked_peer(self, address))
+
+
+def _guarded_connect_ex(self: socket.socket, address) -> int:
+    return _unguarded_connect_ex(self, _checked_peer(self, address))
+
+
+def _scheme_refused(self, req):
+    raise urllib.error.URLError(f"unknown url type: {req.type} (the crawler fetches http and https only)")
+
+
+def _endpoint_addresses(endpoint: str) -> set[tuple[str, int]]:
+    parts = urllib.parse.urlsplit(endpoint)
+    if not parts.hostname:
+        return set()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return set()  # an endpoint that does not resolve is not reached either way
+    return {(info[4][0], port) for info in infos}
+
+
+def guard_connections(policy: AddressPolicy, exempt_endpoints: Sequence[str] = ()) -> None:
+    """From now on, in this process: every Python-level TCP connect passes `policy` (except to the
+    storage endpoints in `exempt_endpoints`, URLs set by the operator), urllib opens no file:, ftp: or
+    data: URL whoever builds the opener, and proxy variables are dropped. For the crawl's worker
+    processes, which do nothing else; there is no undo."""
+    global _connection_guard
+    exempt: set[tuple[str, int]] = set()
+    for endpoint in exempt_endpoints:
+        exempt |= _endpoint_addresses(endpoint)
+    for name in list(os.environ):
+        if name.lower() in _PROXY_VARIABLES:
+            del os.environ[name]
+    _connection_guard = (policy, frozenset(exempt))
+    socket.socket.connect = _guarded_connect
+    socket.socket.connect_ex = _guarded_connect_ex
+    urllib.request.FileHandler.file_open = _scheme_refused
+    urllib.request.FTPHandler.ftp_open = _scheme_refused
+    urllib.request.DataHandler.data_open = _scheme_refused
+    install_guard(policy)
 
 
 def _short(url: str, limit: int = 200) -> str:
@@ -305,6 +342,9 @@ def url_refusal(url: object) -> tuple[str, str] | None:
         return "scheme_not_allowed", f"{_short(text)!r} has {shown}; only http and https URLs are fetched"
     if not host:
         return "malformed_url", f"{_short(text)!r} has no host"
+    if parts.username is not None or parts.password is not None:
+        # read_url_list has already replaced the user info; it would never be sent anyway.
+        return "credentials_in_url", f"{_short(text)!r} has user info, which the crawler never sends"
     return None
 
 

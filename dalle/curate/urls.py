@@ -1,14 +1,32 @@
 """Reading URL lists: Parquet, CSV, TSV, TXT or JSONL, local or on S3.
 
-Whatever the input format, the result is one table of `input_row`, `url`,
-`caption` and `caption_utf8` (False where the caption's bytes were not valid
-UTF-8 and had to be decoded with replacement characters).
+Whatever the input format, the result is one table of `input_row`, `url`, `caption` and
+`caption_utf8` (False where the caption was not valid text and was decoded with replacement
+characters). What a list may hold, and what becomes of it:
+
+- The list as a whole: it must be readable as its format (crawl.input_format, or its extension), have
+  the URL column and the caption column (TXT has none; in JSONL, every line is a JSON object with the
+  URL key, and at least one line has the caption key), and at least one row. A URL or caption is text or missing: a number,
+  list or object in a JSONL line, or a Parquet column of another type, means the list was written
+  wrong or the wrong column is named. Any of these raises a UrlListError that names the file, the
+  line or column and what to change, before anything is crawled (and Prefect does not retry it).
+- One row: a value that is text but not usable is that row's fate and the rest is crawled. A caption
+  whose bytes are not UTF-8 (or a JSON string with a lone surrogate escape such as "\\ud800") keeps
+  replacement characters and `caption_utf8` False, which the filters record as caption_not_utf8; a
+  missing or null caption is None. A URL that is missing, null or not valid text (replacement
+  characters, likewise) stays in the table as text, and `netguard.url_refusal` refuses what must not
+  be fetched before the crawl (fate blocked, reason malformed_url and the like).
+- Credentials: a URL's userinfo (`user:password@`) is replaced by `***` here, where the list enters,
+  so no password or token reaches the ledger, the shards, the logs or an artifact; such a URL is never
+  fetched (`url_refusal` refuses it). Error messages that quote the file are redacted the same way.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
+import re
 from pathlib import PurePosixPath
 
 import pyarrow as pa
@@ -29,10 +47,40 @@ _EXTENSIONS = {
     ".json": "jsonl",
     ".ndjson": "jsonl",
 }
+_LABELS = {"parquet": "Parquet", "csv": "CSV", "tsv": "TSV", "txt": "TXT", "jsonl": "JSONL"}
+
+# First bytes of files that are not text, for the lists whose format is text.
+_BINARY_MAGIC = {
+    b"PAR1": "a Parquet file",
+    b"\x1f\x8b": "gzip-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    codecs.BOM_UTF16_LE: "UTF-16 text",
+    codecs.BOM_UTF16_BE: "UTF-16 text",
+}
+
+REDACTED = "***"
+# The authority's userinfo as urllib.parse.urlsplit reads it: after "scheme://" (or "//"), up to
+# the last "@" before the path, query or fragment.
+_USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.\-]*:)?//)[^/?#]*@")
+_USERINFO_ANYWHERE = re.compile(r"//[^/?#\s]*@")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class UrlListError(UserError, ValueError):
     """A URL list that cannot be read; the message says what is wrong and how to fix it."""
+
+
+def redact_credentials(url: str) -> str:
+    """`url` with the userinfo of its authority (`user:password@`) replaced by `***@`."""
+    return _USERINFO.sub(rf"\g<1>{REDACTED}@", url, count=1)
+
+
+def _redacted_message(text: str) -> str:
+    """An error message that may quote rows of the list, without the credentials of any URL in it."""
+    return _USERINFO_ANYWHERE.sub(f"//{REDACTED}@", text)
 
 
 def detect_format(uri: str, configured: str) -> str:
@@ -47,26 +95,19 @@ def detect_format(uri: str, configured: str) -> str:
     return _EXTENSIONS[suffix]
 
 
-def _decode(values: list[bytes | str | None]) -> tuple[list[str | None], list[bool]]:
-    texts, ok = [], []
-    for value in values:
-        if value is None:
-            texts.append(None)
-            ok.append(True)
-        elif isinstance(value, str):
-            texts.append(value)
-            ok.append(True)
-        elif not isinstance(value, bytes):
-            texts.append(str(value))
-            ok.append(True)
-        else:
-            try:
-                texts.append(value.decode("utf-8"))
-                ok.append(True)
-            except UnicodeDecodeError:
-                texts.append(value.decode("utf-8", errors="replace"))
-                ok.append(False)
-    return texts, ok
+def _text(value: bytes | str | None) -> tuple[str | None, bool]:
+    """The value as text, and whether it was valid: invalid UTF-8 bytes and lone surrogates (which
+    cannot be stored as UTF-8) become replacement characters."""
+    if value is None:
+        return None, True
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), True
+        except UnicodeDecodeError:
+            return value.decode("utf-8", errors="replace"), False
+    if _SURROGATE.search(value):
+        return _SURROGATE.sub("\ufffd", value), False
+    return value, True
 
 
 def _missing_column(kind: str, name: str, uri: str, columns: list[str], setting: str) -> UrlListError:
@@ -76,21 +117,66 @@ def _missing_column(kind: str, name: str, uri: str, columns: list[str], setting:
     )
 
 
-def _pick(table: pa.Table, uri: str, cfg: CrawlConfig, caption_required: bool) -> tuple[list, list]:
+def _is_text_type(kind: pa.DataType) -> bool:
+    checks = (
+        pa.types.is_string,
+        pa.types.is_large_string,
+        pa.types.is_string_view,
+        pa.types.is_binary,
+        pa.types.is_large_binary,
+        pa.types.is_binary_view,
+    )
+    return any(check(kind) for check in checks)
+
+
+def _text_column(table: pa.Table, name: str, kind: str, uri: str, setting: str) -> list:
+    """A column's values as bytes (None where missing); a column that does not hold text is refused."""
+    column = table.column(name)
+    if pa.types.is_dictionary(column.type):  # e.g. a pandas category column
+        column = column.cast(column.type.value_type)
+    if pa.types.is_null(column.type):
+        return [None] * table.num_rows
+    if not _is_text_type(column.type):
+        raise UrlListError(
+            f"{kind} column {name!r} of {PurePosixPath(uri).name} holds {column.type} values, not text; "
+            f"columns are: {', '.join(table.column_names)}. Set crawl.{setting} to the column of "
+            f"{kind} texts, or write that column as strings."
+        )
+    return column.cast(pa.large_binary()).to_pylist()
+
+
+def _pick(table: pa.Table, uri: str, cfg: CrawlConfig) -> tuple[list, list]:
     columns = table.column_names
     if cfg.url_col not in columns:
         raise _missing_column("URL", cfg.url_col, uri, columns, "url_col")
-    urls = table.column(cfg.url_col).to_pylist()
-    if cfg.caption_col in columns:
-        captions = table.column(cfg.caption_col).to_pylist()
-    elif caption_required:
+    for name in (cfg.url_col, cfg.caption_col):
+        if columns.count(name) > 1:
+            raise UrlListError(
+                f"{PurePosixPath(uri).name} has {columns.count(name)} columns named {name!r}; give each "
+                "column its own name (or set crawl.column_names)"
+            )
+    if cfg.caption_col not in columns:
         raise _missing_column("caption", cfg.caption_col, uri, columns, "caption_col")
-    else:
-        captions = [None] * len(urls)
-    return urls, captions
+    return (
+        _text_column(table, cfg.url_col, "URL", uri, "url_col"),
+        _text_column(table, cfg.caption_col, "caption", uri, "caption_col"),
+    )
+
+
+def _read_parquet(data: bytes, uri: str) -> pa.Table:
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as err:
+        hint = (
+            ""
+            if data[:4] == b"PAR1"
+            else "; it does not start like one (is it CSV, TSV or JSONL? name it so, or set crawl.input_format)"
+        )
+        raise UrlListError(f"{uri} is not a readable Parquet file: {err}{hint}") from None
 
 
 def _read_delimited(data: bytes, uri: str, cfg: CrawlConfig, delimiter: str) -> pa.Table:
+    label = "TSV" if delimiter == "\t" else "CSV"
     try:
         header = pacsv.read_csv(
             io.BytesIO(data),
@@ -98,10 +184,8 @@ def _read_delimited(data: bytes, uri: str, cfg: CrawlConfig, delimiter: str) -> 
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(include_columns=[], include_missing_columns=False),
         ).schema.names
-    except pa.ArrowInvalid as err:
-        raise UrlListError(
-            f"{uri} is not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file: {err}"
-        ) from None
+    except pa.ArrowException as err:
+        raise UrlListError(_redacted_message(f"{uri} is not a valid {label} file: {err}")) from None
     # Read URL and caption as raw bytes, so a caption with invalid UTF-8 is recorded, not fatal.
     types = {name: pa.binary() for name in (cfg.url_col, cfg.caption_col)}
     try:
@@ -113,67 +197,130 @@ def _read_delimited(data: bytes, uri: str, cfg: CrawlConfig, delimiter: str) -> 
             ),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
         )
-    except pa.ArrowInvalid as err:
+    except pa.ArrowException as err:
         hint = (
             f"; crawl.column_names names {len(cfg.column_names)} columns: give one name per column of the "
             "file, or unset it when the first row is a header"
             if cfg.column_names
             else ""
         )
-        raise UrlListError(f"{uri} could not be parsed (columns {header}): {err}{hint}") from None
+        raise UrlListError(
+            _redacted_message(f"{uri} could not be parsed as {label} (columns {header}): {err}{hint}")
+        ) from None
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", str: "a string"}.get(type(value), "null")
 
 
 def _read_jsonl(data: bytes, uri: str, cfg: CrawlConfig) -> tuple[list, list]:
     urls, captions = [], []
-    for number, line in enumerate(data.splitlines(), start=1):
+    any_caption = False
+    for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{uri} line {number}"
         try:
+            # Bytes that are not UTF-8 survive as lone surrogates, which _text replaces and flags.
             record = json.loads(line.decode("utf-8", errors="surrogateescape"))
         except json.JSONDecodeError as err:
-            raise UrlListError(f"{uri} line {number} is not valid JSON: {err.msg}") from None
+            raise UrlListError(
+                f"{where} is not valid JSON ({err.msg} at column {err.colno}); a JSONL list has one "
+                'object per line, like {"url": "https://...", "caption": "..."}'
+            ) from None
+        except RecursionError:
+            raise UrlListError(f"{where} is JSON nested too deeply to be a URL list row") from None
         if not isinstance(record, dict):
-            raise UrlListError(f"{uri} line {number} must be a JSON object, got {type(record).__name__}")
+            raise UrlListError(
+                f"{where} must be a JSON object with {cfg.url_col!r} and {cfg.caption_col!r}, "
+                f"got {_json_kind(record)}"
+            )
         if cfg.url_col not in record:
-            raise _missing_column("URL", cfg.url_col, f"{uri} line {number}", sorted(record), "url_col")
+            raise _missing_column("URL", cfg.url_col, where, sorted(record), "url_col")
+        for key, setting in ((cfg.url_col, "url_col"), (cfg.caption_col, "caption_col")):
+            value = record.get(key)
+            if value is not None and not isinstance(value, str):
+                raise UrlListError(
+                    f"{where}: {key!r} is {_json_kind(value)}, not a string; write it as a JSON string "
+                    f"(or null), or set crawl.{setting} to the key that holds it"
+                )
+        any_caption = any_caption or cfg.caption_col in record
         urls.append(record[cfg.url_col])
-        caption = record.get(cfg.caption_col)
-        if isinstance(caption, str):
-            # Undecodable bytes survived as lone surrogates; turn them back into bytes so
-            # _decode records them exactly as for CSV input.
-            caption = caption.encode("utf-8", errors="surrogateescape")
-        captions.append(caption)
+        captions.append(record.get(cfg.caption_col))
+    if urls and not any_caption:
+        raise UrlListError(
+            f"caption key {cfg.caption_col!r} is in no line of {PurePosixPath(uri).name}; set "
+            "crawl.caption_col to the key of the captions"
+        )
     return urls, captions
 
 
+def _read_txt(data: bytes, uri: str) -> list[bytes]:
+    urls = []
+    for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+        if b"\t" in line.strip():
+            raise UrlListError(
+                f"{uri} line {number} holds a tab, but a TXT list is one URL per line; for URL and "
+                "caption columns name the file .tsv or set crawl.input_format: tsv"
+            )
+        if line.strip():
+            urls.append(line.strip())
+    return urls
+
+
+def _check_looks_like(data: bytes, uri: str, fmt: str) -> None:
+    """Refuse an empty file, and a binary or UTF-16 file where text is expected, before parsing it."""
+    label = _LABELS[fmt]
+    if not data.strip():
+        raise UrlListError(f"{uri} is empty, not a readable {label} file; a URL list needs at least one row")
+    if fmt == "parquet":
+        return
+    for magic, what in _BINARY_MAGIC.items():
+        if data.startswith(magic):
+            fix = (
+                "name it .parquet or set crawl.input_format: parquet"
+                if magic == b"PAR1"
+                else "save it as UTF-8 text"
+                if what == "UTF-16 text"
+                else "decompress it first"
+            )
+            raise UrlListError(f"{uri} is {what}, not a {label} file; {fix}")
+
+
 def read_url_list(uri: str, cfg: CrawlConfig) -> pa.Table:
-    """Read a URL list into `input_row, url, caption, caption_utf8`; a malformed list fails fast."""
+    """Read a URL list into `input_row, url, caption, caption_utf8`; a malformed list fails fast, a
+    bad value is its row's fate (see the module docstring); credentials in URLs are redacted."""
     fmt = detect_format(uri, cfg.input_format)
     fs, path = filesystem_for(uri)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise UrlListError(f"URL list {uri} does not exist") from None
+    except IsADirectoryError:
+        raise UrlListError(f"URL list {uri} is a folder; name the list file itself") from None
+    _check_looks_like(data, uri, fmt)
     if fmt == "parquet":
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise UrlListError(f"{uri} is not a readable Parquet file: {err}") from None
-        urls, captions = _pick(table, uri, cfg, caption_required=True)
+        urls, captions = _pick(_read_parquet(data, uri), uri, cfg)
     elif fmt in ("csv", "tsv"):
         table = _read_delimited(data, uri, cfg, "," if fmt == "csv" else "\t")
-        urls, captions = _pick(table, uri, cfg, caption_required=True)
+        urls, captions = _pick(table, uri, cfg)
     elif fmt == "jsonl":
         urls, captions = _read_jsonl(data, uri, cfg)
     else:  # txt: one URL per line, no captions
-        urls = [line.strip() for line in data.splitlines() if line.strip()]
+        urls = _read_txt(data, uri)
         captions = [None] * len(urls)
-    url_texts, _ = _decode(urls)
-    caption_texts, caption_ok = _decode(captions)
+    if not urls:
+        raise UrlListError(f"{uri} has no rows; a URL list needs at least one")
+    url_texts = [redact_credentials(text or "") for text, _ in map(_text, urls)]
+    caption_texts, caption_ok = (list(values) for values in zip(*map(_text, captions), strict=True))
     return pa.table(
         {
             "input_row": pa.array(range(len(url_texts)), pa.int64()),
-            "url": pa.array([u if u is not None else "" for u in url_texts], pa.string()),
+            "url": pa.array(url_texts, pa.string()),
             "caption": pa.array(caption_texts, pa.string()),
             "caption_utf8": pa.array(caption_ok, pa.bool_()),
         }

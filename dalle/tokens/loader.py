@@ -1,7 +1,12 @@
 """Batches from Parquet shards for training: seeded, split over ranks and workers, resumable.
 
+Manifests. A shard folder (`curated/`, `shards/`) is read only through its `_manifest.json`:
+`read_manifest`, `read_listed_shard` and `read_listed_shards` are how every stage reads one, so
+a file the manifest does not list is never opened, and a listed file must exist and match the
+listed sha256 and row count.
+
 Order. Epoch e visits the manifest's shards in a permutation seeded by (seed, e); the
-rows of shard s are permuted by (seed, e, s). Only shards the manifest lists are read.
+rows of shard s are permuted by (seed, e, s).
 
 Split. With G = world_size * num_workers global workers (num_workers 0 counts as one),
 global worker g = rank * num_workers + worker takes rows [g::G] of each shard's
@@ -46,6 +51,71 @@ _SHARD_ORDER, _ROW_ORDER = 0, 1
 
 class ShardError(StorageError):
     """A shard folder that is missing, disagrees with its manifest, or is too small for the split."""
+
+
+def _producer(shard_dir: str) -> str:
+    return _PRODUCER.get(shard_dir, "the stage that writes it")
+
+
+def read_manifest(storage: Storage, shard_dir: str) -> dict:
+    """`{shard_dir}/_manifest.json`, refused unless it exists, has this release's schema version and
+    its shards add up to its row count."""
+    rel = f"{shard_dir}/{MANIFEST}"
+    producer = _producer(shard_dir)
+    if not storage.exists(rel):
+        raise ShardError(f"no {MANIFEST} under {storage.uri(shard_dir)}; run `{producer}` first")
+    manifest = storage.read_json(rel)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{storage.uri(rel)} has schema version {version}, this release reads {SCHEMA_VERSION}; "
+            f"re-run `{producer}`"
+        )
+    listed = sum(int(entry["rows"]) for entry in manifest.get("shards") or [])
+    if "rows" in manifest and int(manifest["rows"]) != listed:
+        raise ShardError(
+            f"{storage.uri(rel)} says {manifest['rows']} rows but its shards add up to {listed}; "
+            f"re-run `{producer}`"
+        )
+    return manifest
+
+
+def read_listed_shard(
+    storage: Storage, shard_dir: str, entry: dict, columns: list[str] | None = None
+) -> pa.Table:
+    """One shard as its manifest entry (path, rows, sha256) lists it; refused when the file is
+    missing or its bytes or row count differ from the entry."""
+    rel = entry["path"]
+    origin = storage.uri(rel)
+    producer = _producer(shard_dir)
+    try:
+        data = storage.read_bytes(rel)
+    except (FileNotFoundError, StorageError):
+        raise ShardError(
+            f"{origin} is listed in {shard_dir}/{MANIFEST} but does not exist: either `{producer}` published "
+            f"the folder again since this command read the manifest (run this command again) or the file "
+            f"was deleted (re-run `{producer}`)"
+        ) from None
+    expected_sha = entry.get("sha256")
+    if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+        raise ShardError(
+            f"{origin} does not match the sha256 in {shard_dir}/{MANIFEST}: the file was changed or damaged "
+            f"after it was listed; re-run `{producer}`"
+        )
+    table = pq.read_table(pa.BufferReader(data), columns=columns)
+    if table.num_rows != int(entry["rows"]):
+        raise ShardError(
+            f"{rel} has {table.num_rows} rows, its manifest says {entry['rows']}; re-run `{producer}`"
+        )
+    return table
+
+
+def read_listed_shards(storage: Storage, shard_dir: str, columns: list[str] | None = None) -> pa.Table | None:
+    """Every shard `{shard_dir}/_manifest.json` lists, in its order, concatenated; None when it lists none."""
+    tables = [
+        read_listed_shard(storage, shard_dir, e, columns) for e in read_manifest(storage, shard_dir)["shards"]
+    ]
+    return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
 def _expected_schema(shard_dir: str, file_schema: pa.Schema | None) -> pa.Schema:
@@ -117,39 +187,21 @@ class ShardDataset(IterableDataset):
 
         storage = Storage(root)
         self.root = storage.root
-        self.paths, self.rows = self._read_manifest(storage)
+        self.shards, self.rows = self._read_manifest(storage)
         self.num_rows = sum(self.rows)
         self.check_split(0)
 
     # ----- manifest and split arithmetic
 
-    def _read_manifest(self, storage: Storage) -> tuple[list[str], list[int]]:
-        rel = f"{self.shard_dir}/{MANIFEST}"
-        producer = _PRODUCER.get(self.shard_dir, "the stage that writes it")
-        if not storage.exists(rel):
-            raise ShardError(f"no {MANIFEST} under {storage.uri(self.shard_dir)}; run `{producer}` first")
-        manifest = storage.read_json(rel)
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise SchemaError(
-                f"{storage.uri(rel)} has schema version {version}, this release reads {SCHEMA_VERSION}; "
-                f"re-run `{producer}`"
-            )
-        shards = manifest.get("shards") or []
-        paths = [entry["path"] for entry in shards]
+    def _read_manifest(self, storage: Storage) -> tuple[list[dict], list[int]]:
+        shards = read_manifest(storage, self.shard_dir).get("shards") or []
         rows = [int(entry["rows"]) for entry in shards]
-        self.sha256 = [entry.get("sha256") for entry in shards]
-        if "rows" in manifest and int(manifest["rows"]) != sum(rows):
-            raise ShardError(
-                f"{storage.uri(rel)} says {manifest['rows']} rows but its shards add up to {sum(rows)}; "
-                f"re-run `{producer}`"
-            )
         if sum(rows) == 0:
             raise ShardError(
-                f"{storage.uri(self.shard_dir)} holds no rows ({len(paths)} shards in its manifest); "
-                f"nothing to train on: run `{producer}` on a data set with kept pairs"
+                f"{storage.uri(self.shard_dir)} holds no rows ({len(shards)} shards in its manifest); "
+                f"nothing to train on: run `{_producer(self.shard_dir)}` on a data set with kept pairs"
             )
-        return paths, rows
+        return shards, rows
 
     def _shares(self, g: int, num_global: int) -> list[int]:
         """Rows of each shard (manifest order) that global worker g of num_global takes per epoch."""
@@ -177,23 +229,9 @@ class ShardDataset(IterableDataset):
     # ----- reading
 
     def _read_shard(self, storage: Storage, shard: int, checked: set[int]) -> pa.Table:
-        rel = self.paths[shard]
-        origin = storage.uri(rel)
-        try:
-            data = storage.read_bytes(rel)
-        except (FileNotFoundError, StorageError):
-            raise ShardError(
-                f"{origin} is listed in {self.shard_dir}/{MANIFEST} but does not exist; "
-                f"re-run `{_PRODUCER.get(self.shard_dir, 'the stage that writes it')}`"
-            ) from None
-        expected_sha = self.sha256[shard]
-        if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
-            raise ShardError(
-                f"{origin} does not match the sha256 in {self.shard_dir}/{MANIFEST}: the file was changed or damaged "
-                f"after it was listed; re-run `{_PRODUCER.get(self.shard_dir, 'the stage that writes it')}`"
-            )
-        table = pq.read_table(pa.BufferReader(data), columns=self.columns)
+        table = read_listed_shard(storage, self.shard_dir, self.shards[shard], self.columns)
         if shard not in checked:
+            origin = storage.uri(self.shards[shard]["path"])
             expected = self.expected_schema or _expected_schema(self.shard_dir, table.schema)
             if self.columns is not None:
                 expected = pa.schema([expected.field(c) for c in self.columns], metadata=expected.metadata)
@@ -203,11 +241,6 @@ class ShardDataset(IterableDataset):
                 if actual != field.type:
                     raise SchemaError(f"{origin}: column {field.name} is {actual}, expected {field.type}")
             checked.add(shard)
-        if table.num_rows != self.rows[shard]:
-            raise ShardError(
-                f"{rel} has {table.num_rows} rows, its manifest says {self.rows[shard]}; "
-                f"re-run `{_PRODUCER.get(self.shard_dir, 'the stage that writes it')}`"
-            )
         return table
 
     def _pieces(self, storage: Storage, g: int, num_global: int, skip_rows: int) -> Iterator[pa.Table]:
@@ -334,4 +367,13 @@ class ImageBatch:
         return {"images": images, "captions": table.column("caption").to_pylist()}
 
 
-__all__ = ["ImageBatch", "ShardDataset", "ShardError", "TokenBatch", "make_loader"]
+__all__ = [
+    "ImageBatch",
+    "ShardDataset",
+    "ShardError",
+    "TokenBatch",
+    "make_loader",
+    "read_listed_shard",
+    "read_listed_shards",
+    "read_manifest",
+]
