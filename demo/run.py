@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dalle.config import RunConfig, load_config
+from dalle.config import RunConfig, load_config, with_changes
 from dalle.runroot import SOURCE_DIR
 from dalle.storage import Storage
 from demo.site import DemoServer, DemoSite, build_site, url_table
@@ -51,12 +51,16 @@ def demo_server(site: DemoSite, storage: Storage) -> DemoServer:
 def demo_run_config(cfg: RunConfig, storage: Storage) -> RunConfig:
     """`cfg` pointed at the demo site's URL list, with loopback allowed and the demo's evaluator on."""
     networks = cfg.crawl.allow_networks
-    crawl = cfg.crawl.model_copy(
-        update={"allow_networks": networks if DEMO_NETWORK in networks else [*networks, DEMO_NETWORK]}
+    return with_changes(
+        cfg,
+        "the demo",
+        crawl={
+            **cfg.crawl.model_dump(),
+            "allow_networks": networks if DEMO_NETWORK in networks else [*networks, DEMO_NETWORK],
+        },
+        gallery={**cfg.gallery.model_dump(), "evaluator": cfg.gallery.evaluator or "demo.evaluation"},
+        source={**cfg.source.model_dump(), "urls": storage.uri(DEMO_URLS)},
     )
-    gallery = cfg.gallery.model_copy(update={"evaluator": cfg.gallery.evaluator or "demo.evaluation"})
-    source = cfg.source.model_copy(update={"urls": storage.uri(DEMO_URLS)})
-    return cfg.model_copy(update={"crawl": crawl, "gallery": gallery, "source": source})
 
 
 def run_demo(root: str, cfg: RunConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dalle.config import RunConfig, as_config
+from dalle.config import RunConfig, as_config, with_changes
 from dalle.curate import crawl as crawl_lib
 from dalle.curate import dedup, embed, fates, filters, ledger
 from dalle.models.clip import ClipModel, load_clip
@@ -79,7 +79,7 @@ def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
     """The configured CLIP, or the one trained in the run at `checkpoint_uri`."""
     if checkpoint_uri is None:
         return load_clip(cfg.clip)
-    return load_clip(cfg.clip.model_copy(update={"checkpoint": checkpoint_uri}))
+    return load_clip(with_changes(cfg.clip, "clip", checkpoint=checkpoint_uri))
 
 
 @task

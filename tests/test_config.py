@@ -231,7 +231,7 @@ def test_nproc_auto_is_one_process_per_gpu_and_bad_values_are_refused():
     for bad in (0, "all"):
         with pytest.raises(ConfigError, match="nproc"):
             config_from_dict({"train_dvae": {"nproc": bad}})
-    with pytest.raises(ConfigError, match="max_steps must be at least 1"):
+    with pytest.raises(ConfigError, match="'max_steps': Input should be greater than or equal to 1"):
         training_settings("dvae", cfg, max_steps=0)
 
 

@@ -328,7 +328,7 @@ def test_commands_need_what_comes_before_them(tmp_path):
         load_dvae(storage)
     with pytest.raises(ShardError, match="run `dalle curate` first"):
         launch("dvae", storage.uri(), cfg)
-    with pytest.raises(FileNotFoundError, match="no token shards .* run `dalle tokenize` first"):
+    with pytest.raises(ShardError, match="no _manifest.json under .* run `dalle tokenize` first"):
         launch("transformer", storage.uri(), cfg)
     assert storage.read_bytes("config.yaml").decode() == dump_config(cfg)
 

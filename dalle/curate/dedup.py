@@ -25,7 +25,7 @@ import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dalle.config import DedupConfig, RunConfig
+from dalle.config import DedupConfig, RunConfig, with_changes
 from dalle.curate.embed import ClipEncoder, embed_stage
 from dalle.curate.embed import vectors as embedding_matrix
 from dalle.curate.fates import PASS, decode_rgb, images_for, passing_rows
@@ -331,7 +331,7 @@ def dedup_settings(cfg: RunConfig) -> DedupConfig:
     """The dedup config with the near-duplicate threshold resolved for the vectors in use."""
     if cfg.dedup.near_threshold is not None:
         return cfg.dedup
-    return cfg.dedup.model_copy(update={"near_threshold": DEFAULT_NEAR_THRESHOLD[dedup_vectors(cfg)]})
+    return with_changes(cfg.dedup, "dedup", near_threshold=DEFAULT_NEAR_THRESHOLD[dedup_vectors(cfg)])
 
 
 def _token_vectors(clip: ClipEncoder, images: list[bytes], batch_size: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from dalle.config import RunConfig, config_from_dict
 from dalle.runroot import (
     EVAL_REPORT,
     GALLERY_SUMMARY,
-    SHARDS_MANIFEST,
+    SHARDS_DIR,
     checkpoint_step,
     gallery_dir,
     run_config,
@@ -24,6 +24,7 @@ from dalle.sample.page import Completion, GalleryPage, Section, write_gallery_pa
 from dalle.sample.rerank import SamplingSettings, decode_codes, encode_prompts
 from dalle.sample.sampler import Sampler
 from dalle.storage import Storage
+from dalle.tokens.loader import read_listed_shard, read_manifest
 
 
 def sampling_settings(cfg: RunConfig) -> SamplingSettings:
@@ -79,8 +80,10 @@ def draw_gallery(
     evaluator = load_evaluator(cfg)
     step = checkpoint_step(checkpoint_rel)
     settings = sampling_settings(cfg)
-    manifest = storage.read_json(SHARDS_MANIFEST)
-    last_shard = storage.read_table(manifest["shards"][-1]["path"], columns=["caption", "image_codes"])
+    manifest = read_manifest(storage, SHARDS_DIR)
+    last_shard = read_listed_shard(
+        storage, SHARDS_DIR, manifest["shards"][-1], columns=["caption", "image_codes"]
+    )
 
     prompt_groups: list[tuple[str, str, list[str]]] = []  # (title, eval group, prompts)
     if evaluator is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dalle.config import RunConfig
+from dalle.config import RunConfig, with_changes
 from dalle.devices import resolve_device
 from dalle.models.clip import ClipModel, load_clip
 from dalle.models.dvae import DiscreteVAE
@@ -28,7 +28,7 @@ def run_clip(storage: Storage, cfg: RunConfig) -> ClipModel | None:
     trained = latest_checkpoint(storage, CLIP)
     if trained is None:
         return None
-    return load_clip(cfg.clip.model_copy(update={"checkpoint": trained.uri}))
+    return load_clip(with_changes(cfg.clip, "clip", checkpoint=trained.uri))
 
 
 @dataclass

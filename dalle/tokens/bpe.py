@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dalle.config import TokenizerConfig
+from dalle.config import TokenizerConfig, with_changes
 from dalle.errors import UserError
 from dalle.runroot import TOKENIZER_DIR, TOKENIZER_FILE, TOKENIZER_META
 from dalle.storage import Storage
@@ -270,7 +270,7 @@ def load_tokenizer(storage: Storage, cfg: TokenizerConfig | None = None) -> Text
                     f"or delete {folder} (and the token shards made with it) to build a new one"
                 )
         # Dropout only changes training-time encodings: the config in hand wins.
-        saved = saved.model_copy(update={"bpe_dropout": cfg.bpe_dropout})
+        saved = with_changes(saved, f"{folder}", bpe_dropout=cfg.bpe_dropout)
     if saved.kind == "open_clip":
         tokenizer: TextTokenizer = OpenClipTokenizer(saved)
     else:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dalle.config import ConfigError, RunConfig
-from dalle.curate.fates import passing_pairs
+from dalle.curate.fates import TooFewPairs, passing_pairs
 from dalle.models.clip import build_small_clip, small_clip_architecture, small_clip_preprocess
 from dalle.runroot import CLIP
 from dalle.storage import Storage
@@ -49,7 +49,7 @@ class ClipTraining:
         self.storage, self.cfg = storage, cfg
         self.images, self.captions = passing_pairs(storage)
         if len(self.captions) < 2:
-            raise ValueError(
+            raise TooFewPairs(
                 f"only {len(self.captions)} pairs passed the filters, too few to train a CLIP; "
                 "crawl more pairs or set clip.pretrained / clip.checkpoint"
             )

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dalle.config import ConfigError, RunConfig, TrainConfig, load_config
+from dalle.config import ConfigError, RunConfig, TrainConfig, load_config, with_changes
 from dalle.processes import run_watched
 from dalle.runroot import CHECKPOINT_META, CLIP, DVAE, MODEL_NAMES, TRANSFORMER, latest_checkpoint, run_config
 from dalle.storage import Storage
@@ -33,14 +33,12 @@ def training_settings(model: str, cfg: RunConfig, max_steps: int | None = None) 
     section: TrainConfig = getattr(cfg, f"train_{model}")
     update: dict[str, Any] = {}
     if max_steps is not None:
-        if max_steps < 1:
-            raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
         update["max_steps"] = max_steps
     if section.nproc == "auto":
         import torch
 
         update["nproc"] = max(1, torch.cuda.device_count())
-    return section.model_copy(update=update) if update else section
+    return with_changes(section, f"the train_{model} settings asked for", **update) if update else section
 
 
 def step_target(storage: Storage, model: str, max_steps: int | None, more_steps: int | None) -> int | None:

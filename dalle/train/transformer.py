@@ -12,7 +12,8 @@ from dalle.models.transformer import DalleTransformer
 from dalle.runroot import SHARDS_DIR, SHARDS_MANIFEST, TRANSFORMER
 from dalle.storage import Storage
 from dalle.tokens.bpe import load_tokenizer
-from dalle.tokens.loader import ShardDataset, TokenBatch
+from dalle.tokens.loader import ShardDataset, TokenBatch, read_manifest
+from dalle.tokens.shards import ShardsMismatch
 
 
 class TransformerTraining:
@@ -23,14 +24,10 @@ class TransformerTraining:
     def __init__(self, storage: Storage, cfg: RunConfig):
         self.storage, self.cfg = storage, cfg
         manifest_rel = SHARDS_MANIFEST
-        if not storage.exists(manifest_rel):
-            raise FileNotFoundError(
-                f"no token shards under {storage.uri(SHARDS_DIR)}; run `dalle tokenize` first"
-            )
-        self.manifest = storage.read_json(manifest_rel)
+        self.manifest = read_manifest(storage, SHARDS_DIR)
         self.tokenizer = load_tokenizer(storage, cfg.tokenizer)
         if self.manifest.get("tokenizer") != self.tokenizer.identity:
-            raise ValueError(
+            raise ShardsMismatch(
                 f"{storage.uri(manifest_rel)} was tokenized with {self.manifest.get('tokenizer')}, but the run's "
                 f"tokenizer is {self.tokenizer.identity}; re-run `dalle tokenize` into a fresh shards folder"
             )
