@@ -120,7 +120,7 @@ def loopback_host(text: str) -> str:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """The demo's commands, for the `dalle` command line (entry point group `dalle.commands`)."""
-    from flows.cli import add_command, port_number
+    from flows.cli import add_command, location, port_number
 
     demo = add_command(
         commands,
@@ -132,8 +132,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "score them. A re-run into the same --out resumes.",
         examples=["dalle demo --out runs/demo", "dalle --json demo --out runs/demo > demo-result.json"],
     )
-    demo.add_argument("--out", required=True, help="run root: a local folder or s3://bucket/prefix")
-    demo.add_argument("--config", help="run configuration YAML (default: demo/config.yaml)")
+    demo.add_argument(
+        "--out", type=location, required=True, help="run root: a local folder or s3://bucket/prefix"
+    )
+    demo.add_argument("--config", type=location, help="run configuration YAML (default: demo/config.yaml)")
     demo.add_argument("--allow-network", action="append", metavar="CIDR", help=argparse.SUPPRESS)
 
     serve = add_command(
@@ -148,7 +150,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             "dalle curate --urls demo-urls/urls.parquet --out runs/shapes --allow-network 127.0.0.0/8",
         ],
     )
-    serve.add_argument("--out", required=True, help="folder for the URL list (urls.parquet)")
+    serve.add_argument("--out", type=location, required=True, help="folder for the URL list (urls.parquet)")
     serve.add_argument(
         "--config", help="run configuration YAML; its plugins.demo is used (default: demo/config.yaml)"
     )

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dalle.config import RunConfig, as_config, with_changes
+from dalle.config import Location, RunConfig, as_config, with_changes
 from dalle.curate import crawl as crawl_lib
 from dalle.curate import dedup, embed, fates, filters, ledger
 from dalle.models.clip import ClipModel, load_clip
@@ -139,7 +139,7 @@ def _curation_artifacts(root: str, report: dict) -> None:
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(urls: str, root: str, config: dict[str, Any] | str | None = None) -> dict:
+def curate_flow(urls: Location, root: Location, config: dict[str, Any] | str | None = None) -> dict:
     """Crawl `urls` into the run root `root` and curate it; returns reports/curate.json. A list that
     grew since the last run is curated incrementally: only its new rows are crawled. `config`: a
     mapping, or a YAML path or s3:// URI (default: the built-in defaults)."""

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from dalle.config import Location
 from dalle.runroot import (
     GALLERY_SUMMARY,
     TRANSFORMER,
@@ -55,7 +56,7 @@ def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dic
 
 
 @flow(name="gallery")
-def gallery_flow(root: str, checkpoint: str, config: dict[str, Any] | str | None = None) -> str:
+def gallery_flow(root: Location, checkpoint: Location, config: dict[str, Any] | str | None = None) -> str:
     """Draw the gallery of one transformer checkpoint (URI or path under the root); returns the page URI."""
     checkpoint = transformer_checkpoint(Storage(root), checkpoint)  # before any work: fails fast
     result = draw(root, checkpoint, config)

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
+from dalle.config import Location
 from dalle.devices import resolve_device
 from dalle.models.weights import load_dvae
 from dalle.runroot import run_config
@@ -39,7 +40,7 @@ def tokenize(root: str, config: dict[str, Any] | str | None) -> dict:
 
 
 @flow(name="tokenize")
-def tokenize_flow(root: str, config: dict[str, Any] | str | None = None, announce: bool = True) -> str:
+def tokenize_flow(root: Location, config: dict[str, Any] | str | None = None, announce: bool = True) -> str:
     """Tokenize every curated pair not in a shard yet; returns the shards folder's URI. New shards are
     announced with the `dalle.shards.updated` event, which starts the retraining deployment (`announce`
     False: the caller trains next itself, as the pipeline does)."""

@@ -253,6 +253,8 @@ SAMPLE = ["sample", "--checkpoint", "runs/x/models/transformer/step_00000001", "
         (["train", "--out", "x", "--max-steps", "1.5"], "--max-steps: must be a positive integer, not '1.5'"),
         (["train", "--out", "x", "--more-steps", "0"], "--more-steps: must be a positive integer, not '0'"),
         (["train", "--out", " "], "--out: must be a local path or an s3:// URI, not ' '"),
+        (["demo", "--out", ""], "--out: must be a local path or an s3:// URI, not ''"),
+        (["serve-demo", "--out", "\t"], "--out: must be a local path or an s3:// URI"),
         (["curate", "--urls", "", "--out", "x"], "--urls: must be a local path or an s3:// URI, not ''"),
         (["tokenize", "--out", "x", "--config", ""], "--config: must be a local path or an s3:// URI"),
         (["serve", "--limit", "0"], "--limit: must be a positive integer, not '0'"),

@@ -170,13 +170,23 @@ def test_training_flows_refuse_bad_parameters_before_they_run(flow_name, paramet
     assert flow.validate_parameters({"root": "runs/x", "more_steps": "3"})["more_steps"] == 3
 
 
-def test_ingest_and_pipeline_refuse_a_blank_root_or_url_list():
+def test_every_flow_refuses_a_blank_root_url_list_or_checkpoint():
     from prefect.exceptions import ParameterTypeError
 
+    from flows.curate import curate_flow
+    from flows.gallery import gallery_flow
     from flows.ingest import ingest_flow
     from flows.pipeline import pipeline_flow
+    from flows.tokens import tokenize_flow
 
     with pytest.raises(ParameterTypeError, match="urls: Value error, must be a local path"):
         ingest_flow.validate_parameters({"root": "runs/x", "urls": "  "})
     with pytest.raises(ParameterTypeError, match="root: String should have at least 1 character"):
         pipeline_flow.validate_parameters({"root": ""})
+    with pytest.raises(ParameterTypeError, match="urls: Value error, must be a local path"):
+        curate_flow.validate_parameters({"root": "runs/x", "urls": "\t"})
+    with pytest.raises(ParameterTypeError, match="root: Value error, must be a local path"):
+        tokenize_flow.validate_parameters({"root": " "})
+    with pytest.raises(ParameterTypeError, match="checkpoint: String should have at least 1 character"):
+        gallery_flow.validate_parameters({"root": "runs/x", "checkpoint": ""})
+    assert tokenize_flow.validate_parameters({"root": "runs/x"})["root"] == "runs/x"
