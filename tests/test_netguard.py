@@ -13,6 +13,7 @@ import http.server
 import importlib
 import io
 import pickle
+import random
 import socket
 import socketserver
 import ssl
@@ -30,6 +31,7 @@ from PIL import Image
 from dalle.curate.fetch import GuardedDownloader, use_guard_in_img2dataset
 from dalle.curate.netguard import (
     BLOCKED_MARKER,
+    ROBOTS_MAX_BYTES,
     AddressPolicy,
     BlockedAddress,
     RobotsChecker,
@@ -60,9 +62,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.paths.append(self.path)
             self.server.host_headers.append(self.headers.get("Host"))
-        if self.path == "/robots.txt" and self.server.robots is not None:
+        if self.path == "/robots.txt" and self.server.robots_redirect_to:
+            self.send_response(302)
+            self.send_header("Location", self.server.robots_redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/robots.txt" and self.server.robots_stall_s:
+            time.sleep(self.server.robots_stall_s)
+            self._answer(200, b"User-agent: *\nDisallow:\n", "text/plain")
+        elif self.path == "/robots.txt" and self.server.robots is not None:
             status, body = self.server.robots
-            self._answer(status, body.encode(), "text/plain")
+            self._answer(status, body if isinstance(body, bytes) else body.encode(), "text/plain")
         elif self.path.startswith("/redirect?to="):
             self.send_response(302)
             self.send_header("Location", self.path.split("=", 1)[1])
@@ -96,7 +106,9 @@ class CountingServer(http.server.ThreadingHTTPServer):
         self.connections = 0
         self.paths: list[str] = []
         self.host_headers: list[str | None] = []
-        self.robots: tuple[int, str] | None = None  # (status, body) for /robots.txt; None answers 404
+        self.robots: tuple[int, str | bytes] | None = None  # (status, body) for /robots.txt; None: 404
+        self.robots_stall_s = 0.0  # > 0: /robots.txt answers only after that long
+        self.robots_redirect_to = ""  # set: /robots.txt redirects there
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls socket.getfqdn, a reverse DNS query that could leave the machine.
@@ -492,6 +504,90 @@ def test_robots_txt_group_for_our_token_applies(first):
     assert RobotsChecker(ALLOW_FIRST, "someone-else", timeout=5).disallowed(urls) == {}
 
 
+def _robots_refused(server: CountingServer, paths: list[str], token: str = "dalle-test") -> list[str]:
+    """The paths of `paths` that `server`'s robots.txt keeps `token` from, read over HTTP by RobotsChecker."""
+    refused = RobotsChecker(ALLOW_FIRST, token, timeout=5).disallowed([server.url(p) for p in paths])
+    assert {reason for reason, _ in refused.values()} <= {"robots_txt"}
+    return [paths[index] for index in sorted(refused)]
+
+
+def test_robots_txt_longest_match_wins_and_a_tie_goes_to_allow(first):
+    # The standard library's parser takes the first rule that matches, in file order.
+    first.robots = (200, "User-agent: *\nDisallow: /a\nAllow: /a/b\nDisallow: /t\nAllow: /t\n")
+    paths = ["/a/b/c.png", "/a/x.png", "/a", "/t/1.png", "/img/1.png"]
+    assert _robots_refused(first, paths) == ["/a/x.png", "/a"]
+
+
+def test_robots_txt_star_matches_any_characters_inside_a_rule(first):
+    first.robots = (200, "User-agent: *\nDisallow: /img/*/private/\nDisallow: /*?session=\n")
+    paths = [
+        "/img/2024/private/a.png",
+        "/img/a/b/private/c.png",
+        "/img/2024/public/a.png",
+        "/img/private/a.png",  # `*` may be empty, but the rule still asks for /img/ and /private/
+        "/img/a.png?session=1",
+        "/img/a.png?lang=en",
+    ]
+    assert _robots_refused(first, paths) == [
+        "/img/2024/private/a.png",
+        "/img/a/b/private/c.png",
+        "/img/a.png?session=1",
+    ]
+
+
+def test_robots_txt_dollar_anchors_a_rule_at_the_end_of_the_url(first):
+    first.robots = (200, "User-agent: *\nDisallow: /*.png$\nAllow: /img/ok.png$\nDisallow: /exact$\n")
+    paths = ["/img/a.png", "/img/a.png?x=1", "/img/a.pngx", "/img/a.jpg", "/img/ok.png", "/exact", "/exact/x"]
+    assert _robots_refused(first, paths) == ["/img/a.png", "/exact"]
+
+
+def test_robots_txt_groups_naming_our_token_override_star_and_are_merged(first):
+    robots = (
+        "User-agent: *\nDisallow: /\n\n"
+        "User-agent: DALLE-Test\nDisallow: /a/\n\n"
+        "User-agent: test\nDisallow: /img/\n\n"  # another agent's token, not a part of ours
+        "User-agent: other-bot\nUser-agent: dalle-test\nDisallow: /b/\n"
+    )
+    first.robots = (200, robots)
+    paths = ["/a/1.png", "/b/1.png", "/img/1.png", "/c/1.png"]
+    assert _robots_refused(first, paths) == ["/a/1.png", "/b/1.png"]
+    assert _robots_refused(first, paths, token="someone-else") == paths
+    assert _robots_refused(first, paths, token="other-bot") == ["/b/1.png"]
+
+
+def test_an_over_large_robots_txt_is_parsed_up_to_the_cap(first):
+    head = "User-agent: *\nDisallow: /a\nDisallow: /*.gif$\n"
+    padding = "# " + "x" * 97 + "\n"
+    body = head + padding * ((ROBOTS_MAX_BYTES - len(head)) // len(padding) - 1)
+    cut = "Allow: /a"  # the cap falls right after these bytes of the next line
+    body += "#" * (ROBOTS_MAX_BYTES - len(body) - len(cut) - 1) + "\n"
+    body += cut + "/b/c\n" + "Disallow: /img/\n" + padding * 1000
+    assert len(body.encode()) > ROBOTS_MAX_BYTES + 90_000 and body.encode()[:ROBOTS_MAX_BYTES].endswith(
+        b"\nAllow: /a"
+    )
+    first.robots = (200, body)
+    # Read: the rules before the cap. Not read: the line the cap cuts (as "Allow: /a" it would allow
+    # /a/x.png) and everything after it.
+    paths = ["/x.gif", "/a/x.png", "/a/b/c.png", "/img/1.png"]
+    assert _robots_refused(first, paths) == ["/x.gif", "/a/x.png", "/a/b/c.png"]
+    assert first.paths == ["/robots.txt"]
+
+
+def test_a_robots_txt_that_is_not_utf8_or_is_garbage_does_not_crash(first):
+    noise = random.Random(9309).randbytes(64 * 1024)
+    first.robots = (
+        200,
+        b"\xef\xbb\xbfUser-agent: *\nDisallow: /private/\n\xff\xfe\x00\x80Disallow\xc3(: /img/\n"
+        + noise
+        + b"\nDisallow: /caf\xe9/\n",
+    )
+    # The byte order mark does not hide the first line; the broken line is no rule.
+    paths = ["/private/x.png", "/img/a.png", "/cafe/a.png"]
+    assert _robots_refused(first, paths) == ["/private/x.png"]
+    first.robots = (200, noise)
+    assert _robots_refused(first, paths) == []
+
+
 def test_missing_robots_txt_allows_everything(first):
     first.robots = None  # 404
     assert RobotsChecker(ALLOW_FIRST, "dalle-test", timeout=5).disallowed([first.url("/private/x.png")]) == {}
@@ -520,13 +616,34 @@ def test_robots_of_a_blocked_origin_refuses_its_urls_without_contacting_it(first
     assert first.paths == ["/robots.txt"]
 
 
-def test_unreachable_robots_txt_allows_the_download_attempt():
+def test_a_host_that_refuses_connections_is_left_to_the_download_attempt():
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
-    closed.close()  # nothing listens there: connection refused
+    closed.close()  # nothing listens there: connection refused, the download fails the same way
     checker = RobotsChecker(ALLOW_FIRST, "dalle-test", timeout=5)
     assert checker.disallowed([f"http://127.0.0.1:{port}/img/a.png"]) == {}
+
+
+def test_a_robots_txt_that_stalls_disallows_the_origin(first):
+    """RFC 9309 2.3.1.4: a robots.txt unreachable for a network error means complete disallow; the
+    site answers, so its images could be taken against rules we never read."""
+    first.robots_stall_s = 2.0
+    urls = [first.url("/img/a.png"), first.url("/img/b.png")]
+    refused = RobotsChecker(ALLOW_FIRST, "dalle-test", timeout=0.5).disallowed(urls)
+    assert sorted(refused) == [0, 1]
+    reason, detail = refused[0]
+    assert reason == "robots_txt_unavailable" and "could not be read" in detail
+    assert first.paths == ["/robots.txt"]
+
+
+def test_a_robots_txt_redirected_into_a_blocked_network_disallows_the_origin(first, second):
+    first.robots_redirect_to = second.url("/robots.txt")
+    second.robots = (200, "User-agent: *\nDisallow:\n")
+    refused = RobotsChecker(ALLOW_FIRST, "dalle-test", timeout=5).disallowed([first.url("/img/a.png")])
+    assert refused[0][0] == "robots_txt_unavailable", refused
+    assert "blocked_address" in refused[0][1]
+    assert second.connections == 0
 
 
 # --- the real img2dataset, with its spawned worker process --------------------------------------

@@ -4,6 +4,7 @@ built-in source, once on a headerless TSV URL list (CC3M's layout) named by the 
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -216,9 +217,51 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     assert storage.read_json("models/transformer/latest.json")["step"] == 8
 
 
+def _secrets_found(secrets: list[str], texts: list[str], folders: list, bucket: str) -> list[str]:
+    """Where any of `secrets` appears: in `texts`, in a file under `folders`, in an object of the S3
+    `bucket` (each secret also searched for in its URL-quoted and base64 forms)."""
+    import base64
+    import urllib.parse
+
+    import boto3
+
+    forms = {
+        form.encode()
+        for secret in secrets
+        for form in (secret, urllib.parse.quote(secret, safe=""), base64.b64encode(secret.encode()).decode())
+    }
+    found = [f"output {i}" for i, text in enumerate(texts) if any(f.decode() in text for f in forms)]
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and any(f in path.read_bytes() for f in forms):
+                found.append(str(path))
+    s3 = boto3.client("s3")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            if any(f in s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read() for f in forms):
+                found.append(f"s3://{bucket}/{obj['Key']}")
+    return found
+
+
 @pytest.mark.slow
-def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server):
-    """The CC3M preset's crawl settings, pointed at a loopback copy of the shapes."""
+def test_a_headerless_tsv_url_list_runs_by_config_alone_on_s3_and_leaks_no_secret(
+    tmp_path, prefect_server, s3_bucket, monkeypatch
+):
+    """The CC3M preset's crawl settings, pointed at a loopback copy of the shapes, into a bucket; the
+    secrets in the environment appear in no output, object, file, or Prefect record (logs at DEBUG,
+    artifacts, events, parameters: the whole API database is searched)."""
+    import secrets as random_secrets
+
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
+    planted = {
+        "AWS_SECRET_ACCESS_KEY": "s3cret-" + random_secrets.token_hex(16),
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-" + random_secrets.token_hex(16),
+        "WANDB_API_KEY": "wandb-" + random_secrets.token_hex(16),
+    }
+    for key, value in planted.items():
+        monkeypatch.setenv(key, value)  # moto accepts any credentials; run_cli passes the environment
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "DEBUG")
     preset = load_config("configs/cc3m.yaml")
     site = build_site(world_config(config_from_dict(TINY)))
     with DemoServer(site) as server:
@@ -235,13 +278,11 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server
                 "allow_networks": ["127.0.0.1/32"],
             },
         }
-        root = tmp_path / "web"
-        done = run_cli(
-            "pipeline", "--out", str(root), "--config", _write_config(tmp_path / "web.yaml", settings)
-        )
+        root = f"{s3_bucket}/web"
+        done = run_cli("pipeline", "--out", root, "--config", _write_config(tmp_path / "web.yaml", settings))
     assert done.returncode == 0, done.stderr[-4000:]
 
-    storage = Storage(str(root))
+    storage = Storage(root)
     curate = storage.read_json("reports/curate.json")
     assert curate["input_rows"] == 80 and curate["downloaded"] == 80
     captions = set(read_listed_shards(storage, CURATED_DIR, ["caption"]).column("caption").to_pylist())
@@ -251,6 +292,22 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone(tmp_path, prefect_server
     assert not storage.list(SOURCE_DIR) and not storage.exists(EVAL_REPORT)
     page = storage.read_bytes("galleries/step_00000006/index.html").decode()
     assert "Captions from the data" in page
+
+    database = PREFECT_API_DATABASE_CONNECTION_URL.value().split("///", 1)[-1]
+    prefect_files = pathlib.Path(database).parent
+    assert prefect_files.is_dir() and any(prefect_files.glob("*.db")), database
+    # A planted secret is found where it is (the check can fail), then nowhere the run wrote.
+    (tmp_path / "canary.txt").write_text(planted["WANDB_API_KEY"])
+    bucket = s3_bucket.removeprefix("s3://")
+    assert _secrets_found([planted["WANDB_API_KEY"]], [], [tmp_path], bucket) == [
+        str(tmp_path / "canary.txt")
+    ]
+    (tmp_path / "canary.txt").unlink()
+    assert "DEBUG" in done.stderr + done.stdout, "the child did not log at DEBUG"
+    leaks = _secrets_found(
+        list(planted.values()), [done.stdout, done.stderr], [tmp_path, prefect_files], bucket
+    )
+    assert leaks == [], f"a secret from the environment was written to {leaks}"
 
 
 def test_the_demo_source_serves_on_one_port_so_runs_share_their_uids(tmp_path, monkeypatch):

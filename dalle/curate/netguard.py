@@ -26,15 +26,17 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-import urllib.robotparser
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+
+from protego import Protego
 
 BLOCKED_MARKER = "blocked_address:"
 """Prefix of every refusal message; urllib wraps it ("<urlopen error blocked_address: ...>"), so match with `in`."""
 
 ROBOTS_MAX_BYTES = 512 * 1024
-"""Bytes of a robots.txt that are read and parsed; RFC 9309 asks crawlers to parse at least 500 KiB."""
+"""Bytes of a robots.txt that are read and parsed; RFC 9309 asks crawlers to parse at least 500 KiB.
+A longer file is cut at its last line break before the cap (a cut rule could mean something else)."""
 
 _FETCHED_SCHEMES = ("http", "https")
 
@@ -377,11 +379,27 @@ def crawler_user_agent(user_agent_token: str) -> str:
 
 
 # What one origin's robots.txt says: a parser to ask, a verdict for all its URLs, or None (all allowed).
-_OriginRules = urllib.robotparser.RobotFileParser | tuple[str, str] | None
+_OriginRules = Protego | tuple[str, str] | None
+
+
+def parse_robots_txt(body: bytes) -> Protego:
+    """The rules of a robots.txt body as RFC 9309 reads them (Protego): the group naming our product
+    token, case-insensitively, else `*` (groups naming the same agent are merged; a name is not
+    matched inside another word, so `test` is not `dalle-test`, but Protego also takes a group whose
+    name starts our token, `dalle` for `dalle-pipeline`); the longest matching rule wins; `*` and a
+    final `$` are wildcards; an Allow as long as the Disallow wins. Bytes past ROBOTS_MAX_BYTES are
+    dropped with the line the cap cuts; bytes that are not UTF-8 become U+FFFD and a leading byte
+    order mark is dropped, so garbage gives rules that match nothing, never an error."""
+    if len(body) > ROBOTS_MAX_BYTES:
+        body = body[:ROBOTS_MAX_BYTES]
+        # A rule cut short can say something else ("Allow: /a/b/c" -> "Allow: /a"): drop it.
+        body = body[: max(body.rfind(b"\n"), body.rfind(b"\r")) + 1]
+    return Protego.parse(body.decode("utf-8-sig", errors="replace"))
 
 
 class RobotsChecker:
-    """Finds the URLs that robots.txt (RFC 9309) or the address guard rule out, one robots.txt per origin."""
+    """Finds the URLs that robots.txt (RFC 9309, read by Protego) or the address guard rule out, one
+    robots.txt per origin."""
 
     def __init__(
         self,
@@ -415,7 +433,7 @@ class RobotsChecker:
                 if isinstance(origin_rules, tuple):
                     refused[index] = origin_rules
                 elif origin_rules is not None and not origin_rules.can_fetch(
-                    self.user_agent_token, urls[index].strip()
+                    urls[index].strip(), self.user_agent_token
                 ):
                     refused[index] = (
                         "robots_txt",
@@ -429,7 +447,7 @@ class RobotsChecker:
         request = urllib.request.Request(robots_url, headers={"User-Agent": self._user_agent})
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                body = response.read(ROBOTS_MAX_BYTES)
+                body = response.read(ROBOTS_MAX_BYTES + 1)  # one more: parse_robots_txt sees the cut
         except urllib.error.HTTPError as err:
             err.close()
             # RFC 9309 2.3.1.4: a server error means "assume complete disallow". 429 is read the same way:
@@ -445,9 +463,18 @@ class RobotsChecker:
             blocked = _blocked_cause(err)
             if blocked is not None and blocked.host.lower() == host:
                 return "blocked_address", str(blocked)
-            # Unreachable for another reason (refused, timeout, DNS, a redirect into a blocked network):
-            # the download attempt meets the same obstacle and records its own error.
-            return None
-        parser = urllib.robotparser.RobotFileParser(robots_url)
-        parser.parse(body.decode("utf-8", errors="replace").splitlines())
-        return parser
+            reason = getattr(err, "reason", err)  # urllib wraps the socket's error
+            if isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+                # Nothing answers at that host: the download attempt meets the same obstacle and
+                # records its own error (no content can be taken against the site's rules).
+                return None
+            # It answered but its robots.txt could not be read (timeout, reset, broken HTTP, a redirect
+            # into a blocked network): RFC 9309 2.3.1.4, unreachable means "assume complete disallow".
+            return (
+                "robots_txt_unavailable",
+                (
+                    f"{robots_url} could not be read ({type(reason).__name__}: {_short(str(reason))}); "
+                    "the site is skipped until its robots.txt can be read"
+                ),
+            )
+        return parse_robots_txt(body)
