@@ -248,8 +248,9 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone_on_s3_and_leaks_no_secre
     tmp_path, prefect_server, s3_bucket, monkeypatch
 ):
     """The CC3M preset's crawl settings, pointed at a loopback copy of the shapes, into a bucket; the
-    secrets in the environment appear in no output, object, file, or Prefect record (logs at DEBUG,
-    artifacts, events, parameters: the whole API database is searched)."""
+    secrets in the environment and the password in one URL of the list appear in no output, object,
+    file, or Prefect record (logs at DEBUG, artifacts, events, parameters: the whole API database is
+    searched)."""
     import secrets as random_secrets
 
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
@@ -261,11 +262,18 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone_on_s3_and_leaks_no_secre
     }
     for key, value in planted.items():
         monkeypatch.setenv(key, value)  # moto accepts any credentials; run_cli passes the environment
+    planted["URL_PASSWORD"] = "urlpass-" + random_secrets.token_hex(
+        16
+    )  # in the URL list, not the environment
     monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "DEBUG")
     preset = load_config("configs/cc3m.yaml")
     site = build_site(world_config(config_from_dict(TINY)))
     with DemoServer(site) as server:
         lines = [f"{caption}\t{server.url(path)}" for path, caption in site.rows[:80]]
+        # A URL that carries a password: refused (credentials_in_url), and the password kept nowhere.
+        path, caption = site.rows[0]
+        userinfo_url = server.url(path).replace("://", f"://crawler:{planted['URL_PASSWORD']}@", 1)
+        lines.append(f"{caption}\t{userinfo_url}")
         url_list = tmp_path / "Train_GCC-training.tsv"
         url_list.write_text("\n".join(lines) + "\n", encoding="utf-8")
         settings = {
@@ -284,7 +292,8 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone_on_s3_and_leaks_no_secre
 
     storage = Storage(root)
     curate = storage.read_json("reports/curate.json")
-    assert curate["input_rows"] == 80 and curate["downloaded"] == 80
+    assert curate["input_rows"] == 81 and curate["downloaded"] == 80
+    assert curate["blocked"] == {"credentials_in_url": 1}
     captions = set(read_listed_shards(storage, CURATED_DIR, ["caption"]).column("caption").to_pylist())
     assert captions <= {caption for _, caption in site.rows[:80]}
     _check_galleries(storage)
@@ -304,10 +313,11 @@ def test_a_headerless_tsv_url_list_runs_by_config_alone_on_s3_and_leaks_no_secre
     ]
     (tmp_path / "canary.txt").unlink()
     assert "DEBUG" in done.stderr + done.stdout, "the child did not log at DEBUG"
+    url_list.unlink()  # the input holds the URL's password; nothing the run wrote may
     leaks = _secrets_found(
         list(planted.values()), [done.stdout, done.stderr], [tmp_path, prefect_files], bucket
     )
-    assert leaks == [], f"a secret from the environment was written to {leaks}"
+    assert leaks == [], f"a secret was written to {leaks}"
 
 
 def test_the_demo_source_serves_on_one_port_so_runs_share_their_uids(tmp_path, monkeypatch):
