@@ -27,12 +27,12 @@ from dalle.runroot import (
     CLIP,
     CURATED_DIR,
     EVAL_REPORT,
-    METRICS,
     MODELS_DIR,
     SOURCE_DIR,
     TRANSFORMER,
     checkpoint_dir,
     latest_pointer,
+    read_metrics,
     run_config,
 )
 from dalle.sample.gallery import draw_gallery
@@ -120,7 +120,7 @@ def main() -> None:
         timings[name] = time.perf_counter() - start
 
     evaluation = target.read_json(EVAL_REPORT)
-    metrics = [json.loads(line) for line in target.read_bytes(METRICS).decode().splitlines()]
+    metrics = read_metrics(target)
     last = {m["model"]: m for m in metrics}
     print(
         json.dumps(

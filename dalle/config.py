@@ -410,7 +410,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(
         500, ge=1, description="Steps between checkpoints (one is also written at the end)."
     )
-    log_every: int = Field(10, ge=1, description="Steps between lines of reports/metrics.jsonl.")
+    log_every: int = Field(
+        10, ge=1, description="Steps between lines of the training metrics (reports/metrics/)."
+    )
     max_bad_steps: int = Field(
         5,
         ge=1,
@@ -611,7 +613,7 @@ class OrchestrationConfig(_Section):
 
 
 class DashboardsConfig(_Section):
-    """Extra copies of the training metrics for the dashboards a team already uses (reports/metrics.jsonl
+    """Extra copies of the training metrics for the dashboards a team already uses (reports/metrics/
     stays the record). No secrets here: W&B's API key comes from WANDB_API_KEY, MLflow's credentials
     from its MLFLOW_TRACKING_* variables, both in the environment."""
 

@@ -14,13 +14,17 @@ where each model's checkpoints are. Stages name these constants, never string li
     models/<model>/step_XXXXXXXX/    checkpoints of clip, dvae and transformer
     models/<model>/latest.json       the newest complete checkpoint (written last)
     galleries/step_XXXXXXXX/         a transformer checkpoint's gallery; galleries/index.html
-    reports/                         metrics.jsonl, samples.parquet, curate.json, dedup.json, eval.json
+    reports/                         samples.parquet, curate.json, dedup.json, eval.json
+    reports/metrics/<model>/         the training metrics: one file per trainer run (see metrics_file)
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import yaml
 
@@ -100,7 +104,8 @@ GALLERY_INDEX = f"{GALLERIES_DIR}/index.html"
 GALLERY_SUMMARY = "summary.json"  # inside each gallery folder
 
 REPORTS_DIR = "reports"
-METRICS = f"{REPORTS_DIR}/metrics.jsonl"
+METRICS = f"{REPORTS_DIR}/metrics.jsonl"  # the one file of every trainer, as older releases wrote it
+METRICS_DIR = f"{REPORTS_DIR}/metrics"  # one file per trainer run: metrics_file()
 SAMPLES_REPORT = f"{REPORTS_DIR}/samples.parquet"
 CURATE_REPORT = f"{REPORTS_DIR}/curate.json"
 DEDUP_REPORT = f"{REPORTS_DIR}/dedup.json"
@@ -126,6 +131,14 @@ def checkpoint_step(checkpoint: str) -> int:
 
 class NotACheckpoint(UserError, ValueError):
     """A path given as a model's checkpoint folder that is not one."""
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A checkpoint that cannot be resumed or loaded with the current configuration."""
+
+
+class CorruptCheckpoint(CheckpointMismatch):
+    """A checkpoint (or latest.json) whose files are missing, truncated or changed since they were written."""
 
 
 def checkpoint_rel(location: str, model: str, root: str = "the run root", given: str | None = None) -> str:
@@ -185,12 +198,23 @@ def checkpoint_steps(storage: Storage, model: str) -> list[int]:
     return sorted(checkpoint_step(folder) for folder in folders if folder.startswith("step_"))
 
 
-def latest_checkpoint(storage: Storage, model: str) -> Checkpoint | None:
-    """The checkpoint latest.json names, or None when the model has none yet."""
+def latest_checkpoint(storage: Storage, model: str, damaged_as_none: bool = False) -> Checkpoint | None:
+    """The checkpoint latest.json names, or None when the model has none yet; raises CorruptCheckpoint
+    when latest.json cannot be read (`damaged_as_none`: None then, for callers that only report
+    progress; the trainer falls back and warns). It is not checked that the folder is intact: loading
+    does that (dalle.models.weights.newest_intact falls back to an earlier checkpoint)."""
     pointer = latest_pointer(model)
     if not storage.exists(pointer):
         return None
-    step = int(storage.read_json(pointer)["step"])
+    try:
+        step = int(storage.read_json(pointer)["step"])
+    except (ValueError, KeyError, TypeError, StorageError) as err:
+        if damaged_as_none:
+            return None
+        raise CorruptCheckpoint(
+            f"{storage.uri(pointer)} is damaged ({type(err).__name__}: {str(err)[:80]}); "
+            'write it again as {"step": N} naming the newest intact checkpoint folder'
+        ) from None
     rel = checkpoint_dir(model, step)
     return Checkpoint(model=model, step=step, rel_dir=rel, uri=storage.uri(rel))
 
@@ -257,12 +281,30 @@ def _files_under(storage: Storage, rel_dir: str) -> list[str]:
     return files
 
 
-def read_metrics(storage: Storage, model: str | None = None) -> list[dict]:
-    """The records of reports/metrics.jsonl (of one model when given), in file order; a torn line is skipped."""
-    if not storage.exists(METRICS):
-        return []
+# --- training metrics -------------------------------------------------------------------------
+# Every trainer run writes its own files, reports/metrics/<model>/<started>-<token>-from_<step>-<part>.jsonl,
+# and only it writes them (rewritten whole, atomically: S3 has no append). Two trainers on one root
+# never touch each other's lines. <started> (UTC, microseconds) orders the runs of a model, <step> is
+# the checkpoint the run resumed from: the lines an earlier run of that model wrote past it were
+# made by a run that stopped (or whose checkpoint was damaged) and are superseded by the new run's.
+# A run starts a new <part> every METRICS_PART_LINES lines, so a flush rewrites a bounded file.
+METRICS_PART_LINES = 2000
+_METRICS_NAME = re.compile(r"^(?P<run>\d{8}T\d{12}Z-[0-9a-f]+)-from_(?P<step>\d+)-(?P<part>\d+)\.jsonl$")
+
+
+def new_metrics_run() -> str:
+    """The name of a trainer run's metrics files: its start time (UTC) and a random token."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(4)}"
+
+
+def metrics_file(model: str, run: str, from_step: int, part: int = 0) -> str:
+    """Relative path of part `part` of the metrics of trainer run `run` of `model`, resumed from `from_step`."""
+    return f"{METRICS_DIR}/{model}/{run}-from_{from_step:08d}-{part:04d}.jsonl"
+
+
+def _metric_records(text: str, model: str | None) -> list[dict]:
     records = []
-    for line in storage.read_bytes(METRICS).decode().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -270,3 +312,45 @@ def read_metrics(storage: Storage, model: str | None = None) -> list[dict]:
         if isinstance(record, dict) and (model is None or record.get("model") == model):
             records.append(record)
     return records
+
+
+def _step(record: dict) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, int | float) else 0
+
+
+def read_metrics(storage: Storage, model: str | None = None) -> list[dict]:
+    """The training metrics of the run root (of one model when given): the records of the older single
+    reports/metrics.jsonl, then of every trainer run's files under reports/metrics/, oldest run first,
+    each run's lines in order. A run resumed from step S supersedes the lines of that model's earlier
+    runs past S, so a resumed run's steps appear once. Across models, records are ordered by time.
+    A torn or foreign line is skipped."""
+    per_model: dict[str, list[dict]] = {}
+    if storage.exists(METRICS):
+        for record in _metric_records(storage.read_bytes(METRICS).decode("utf-8", "replace"), model):
+            per_model.setdefault(str(record.get("model")), []).append(record)
+    names = [model] if model is not None else storage.subfolders(METRICS_DIR)
+    for name in names:
+        runs: dict[str, tuple[int, list[tuple[int, str]]]] = {}
+        for rel in storage.list(f"{METRICS_DIR}/{name}", ".jsonl"):
+            match = _METRICS_NAME.match(rel.rsplit("/", 1)[-1])
+            if match is None:
+                continue
+            _, parts = runs.setdefault(match["run"], (int(match["step"]), []))
+            parts.append((int(match["part"]), rel))
+        kept = per_model.setdefault(name, [])
+        for run in sorted(runs):
+            from_step, parts = runs[run]
+            kept[:] = [record for record in kept if _step(record) <= from_step]
+            for _, rel in sorted(parts):
+                try:
+                    text = storage.read_bytes(rel).decode("utf-8", "replace")
+                except StorageError:  # removed since it was listed
+                    continue
+                kept += _metric_records(text, name)
+    if model is not None:
+        return per_model.get(model, [])
+    merged = [record for records in per_model.values() for record in records]
+    if len(per_model) > 1:
+        merged.sort(key=lambda r: r["time"] if isinstance(r.get("time"), int | float) else 0.0)
+    return merged

@@ -85,11 +85,11 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 class _CheckpointWatcher:
     """Publishes checkpoints and progress that torchrun children write, by polling latest.json and
-    reports/metrics.jsonl."""
+    reports/metrics/ (read_metrics)."""
 
     def __init__(self, storage: Storage, name: str, progress: TrainingProgress, interval_s: float = 2.0):
         self.storage, self.name, self.progress, self.interval_s = storage, name, progress, interval_s
-        latest = latest_checkpoint(storage, name)
+        latest = latest_checkpoint(storage, name, damaged_as_none=True)
         self.seen = latest.step if latest else -1
         self.logged = progress.start
         self.stop = threading.Event()
@@ -101,7 +101,7 @@ class _CheckpointWatcher:
             if record.get("step", 0) > self.logged:
                 self.logged = record["step"]
                 self.progress.record(record)
-        latest = latest_checkpoint(self.storage, self.name)
+        latest = latest_checkpoint(self.storage, self.name, damaged_as_none=True)
         if latest is not None and latest.step > self.seen:
             self.seen = latest.step
             announce_checkpoint({"model": self.name, "step": latest.step, "uri": latest.uri})
@@ -133,7 +133,7 @@ def train_model(
         trainer_slot(root, cfg.orchestration.trainer_wait_s, cfg.orchestration.trainer_lease_s),
         timeout(cfg.orchestration.train_timeout_s, "orchestration.train_timeout_s"),
     ):
-        latest = latest_checkpoint(storage, model)
+        latest = latest_checkpoint(storage, model, damaged_as_none=True)  # the trainer warns and falls back
         progress = TrainingProgress(
             model, latest.step if latest else 0, settings.max_steps, cfg.orchestration.progress_every_s
         )

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from dalle.config import ClipConfig, ConfigError, RunConfig, SmallClipConfig, TrainConfig
 from dalle.curate.embed import CLIP_MODEL_KEY, embed_pairs, embed_stage, vectors
 from dalle.models.clip import CheckpointError, ClipModel, load_clip, save_clip
-from dalle.runroot import CLIP, EMBEDDINGS_DIR, METRICS
+from dalle.runroot import CLIP, EMBEDDINGS_DIR, read_metrics
 from dalle.storage import Storage
 from dalle.train.clip import ClipTraining, distinct_caption_batches
 from dalle.train.loop import train
@@ -96,8 +96,7 @@ def train_clip_on_pairs(
     task.images, task.captions = [png(image) for image in images], list(captions)
     uri = train(task, storage, run_cfg, run_cfg.train_clip, log=lambda line: None)
     clip = load_clip(run_cfg.clip.model_copy(update={"checkpoint": uri}))
-    records = [json.loads(line) for line in storage.read_bytes(METRICS).decode().splitlines() if line]
-    return clip, [(r["step"], r["loss"]) for r in records if r["model"] == CLIP]
+    return clip, [(r["step"], r["loss"]) for r in read_metrics(storage, CLIP)]
 
 
 @pytest.fixture(scope="module", autouse=True)

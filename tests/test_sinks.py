@@ -1,6 +1,6 @@
 """The optional metrics sinks (config section `dashboards`): TensorBoard event files in the run root,
 W&B offline runs, the clear error for a missing package, and a failing sink that training outlives.
-reports/metrics.jsonl is the source of truth every sink is checked against."""
+the run root's metrics files (read_metrics) are the source of truth every sink is checked against."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from test_train import make_run, metric_lines  # tests/ is on sys.path under `py
 
 from dalle.config import ConfigError, config_from_dict
 from dalle.errors import UserError
-from dalle.runroot import METRICS, latest_checkpoint
+from dalle.runroot import METRICS_DIR, latest_checkpoint, read_metrics
 from dalle.storage import Storage
 from dalle.train import sinks as sinks_module
 from dalle.train.dvae import DVAETraining
@@ -130,7 +130,8 @@ def test_a_missing_package_is_a_clear_error_before_any_training_step(tmp_path, m
     with pytest.raises(SinkUnavailable, match=r"`pip install mlflow`") as caught:
         train_dvae(storage, cfg, max_steps=3)
     assert isinstance(caught.value, UserError) and isinstance(caught.value, ConfigError)
-    assert latest_checkpoint(storage, "dvae") is None and not storage.exists(METRICS)
+    assert latest_checkpoint(storage, "dvae") is None and read_metrics(storage) == []
+    assert not storage.subfolders(METRICS_DIR)
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     tensorboard = config_from_dict({"dashboards": {"tensorboard": True}}).dashboards

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import signal
 import subprocess
@@ -19,10 +18,10 @@ from dalle.models.weights import CheckpointMismatch, load_dvae, load_model
 from dalle.runroot import (
     CURATED_DIR,
     FILTER_TABLE,
-    METRICS,
     SHARDS_MANIFEST,
     checkpoint_dir,
     latest_pointer,
+    read_metrics,
     run_config,
 )
 from dalle.schemas import CURATED_SCHEMA, FILTER_DECISIONS_SCHEMA, SCHEMA_VERSION, token_shard_schema
@@ -133,8 +132,7 @@ def make_run(root: str, **overrides) -> tuple[Storage, object]:
 
 
 def metric_lines(storage: Storage, model: str) -> list[dict]:
-    lines = [json.loads(line) for line in storage.read_bytes(METRICS).decode().splitlines()]
-    return [line for line in lines if line["model"] == model]
+    return read_metrics(storage, model)
 
 
 # ----- the whole chain, local and on S3 -------------------------------------------------------

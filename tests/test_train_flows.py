@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dalle.runroot import latest_pointer
+from dalle.runroot import latest_pointer, read_metrics
 from dalle.storage import Storage
 from tests.test_cli import run_cli
 from tests.test_train import SETTINGS, make_run, write_filter_stage
@@ -106,10 +106,7 @@ def test_train_clip_trains_a_clip_the_pipeline_can_load(tmp_path, prefect_server
     done = run_cli("train", "clip", "--out", root, "--max-steps", "5")
     assert done.returncode == 0, done.stderr[-3000:]
     assert storage.read_json(latest_pointer("clip"))["step"] == 5
-    lines = [
-        line for line in storage.read_bytes("reports/metrics.jsonl").decode().splitlines() if '"clip"' in line
-    ]
-    assert [__import__("json").loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+    assert [record["step"] for record in read_metrics(storage, "clip")] == [1, 2, 3, 4, 5]
 
 
 def test_more_steps_resume_past_the_newest_checkpoint_and_a_time_limit_stops_training(

@@ -14,21 +14,26 @@ from dalle.devices import resolve_device
 from dalle.models.clip import ClipModel, load_clip
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
-from dalle.models.weights import CheckpointMismatch, load_model
-from dalle.runroot import CLIP, DVAE, checkpoint_dir, latest_checkpoint, run_config, split_checkpoint_uri
+from dalle.models.weights import CheckpointMismatch, load_model, newest_intact
+from dalle.runroot import CLIP, DVAE, CorruptCheckpoint, checkpoint_dir, run_config, split_checkpoint_uri
 from dalle.sample.rerank import PromptSamples, SamplingSettings, samples_for
 from dalle.storage import Storage
 from dalle.tokens.bpe import TextTokenizer, load_tokenizer
 
 
 def run_clip(storage: Storage, cfg: RunConfig) -> ClipModel | None:
-    """The run's CLIP: the configured one, else the small CLIP trained in the run, else None (no reranking)."""
+    """The run's CLIP: the configured one, else the small CLIP trained in the run (its latest checkpoint,
+    or the newest intact one, with a warning, when that is damaged), else None (no reranking)."""
     if cfg.clip.pretrained or cfg.clip.checkpoint:
         return load_clip(cfg.clip)
-    trained = latest_checkpoint(storage, CLIP)
-    if trained is None:
-        return None
-    return load_clip(with_changes(cfg.clip, "clip", checkpoint=trained.uri))
+
+    def load(rel: str) -> ClipModel:
+        if not storage.list(rel):
+            raise CorruptCheckpoint(f"{storage.uri(rel)} is missing or empty")
+        return load_clip(with_changes(cfg.clip, "clip", checkpoint=storage.uri(rel)))
+
+    found = newest_intact(storage, CLIP, load)
+    return found[2] if found is not None else None
 
 
 @dataclass

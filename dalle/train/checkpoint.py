@@ -2,9 +2,11 @@
 
 A checkpoint folder holds the model weights (safetensors) with their architecture, the
 training state (optimizer, scheduler, step, data position, every rank's RNG state) and
-the run configuration. Each file is written atomically and `latest.json` last, so a run
-killed at any moment resumes from the newest complete checkpoint. Everything loads
-with `weights_only=True`: no pickled code runs on load.
+the run configuration. Each file is written atomically, model.json (with the sha256 of
+every other file) after them and `latest.json` last, so a run killed at any moment resumes
+from the newest complete checkpoint; a damaged one is skipped for the one before it
+(dalle.models.weights.newest_intact). Everything loads with `weights_only=True`: no pickled
+code runs on load.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dalle.runroot import CHECKPOINT_TRAIN_STATE
+from dalle.models.weights import FILES_SHA256, read_checked, read_model_meta
+from dalle.runroot import CHECKPOINT_TRAIN_STATE, CorruptCheckpoint
 from dalle.storage import Storage
 
 # ----- random number generators ------------------------------------------------------------
@@ -45,13 +48,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_train_state(storage: Storage, rel_dir: str, state: dict[str, Any]) -> None:
+def train_state_bytes(state: dict[str, Any]) -> bytes:
     """What resuming needs beyond the weights: optimizer, scheduler, step, data position, RNGs."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    storage.write_bytes(f"{rel_dir}/{CHECKPOINT_TRAIN_STATE}", buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_train_state(storage: Storage, rel_dir: str, state: dict[str, Any]) -> None:
+    storage.write_bytes(f"{rel_dir}/{CHECKPOINT_TRAIN_STATE}", train_state_bytes(state))
 
 
 def load_train_state(storage: Storage, rel_dir: str) -> dict[str, Any]:
-    data = storage.read_bytes(f"{rel_dir}/{CHECKPOINT_TRAIN_STATE}")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    """The training state of a checkpoint folder, checked against the sha256 in model.json (when the
+    release that wrote it recorded one); CorruptCheckpoint when it is missing, truncated or changed."""
+    meta = read_model_meta(storage, rel_dir)
+    sha256 = (meta.get(FILES_SHA256) or {}).get(CHECKPOINT_TRAIN_STATE)
+    data = read_checked(storage, rel_dir, CHECKPOINT_TRAIN_STATE, sha256)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (truncated or garbled: older releases recorded no sha256)
+        raise CorruptCheckpoint(
+            f"{storage.uri(rel_dir)}/{CHECKPOINT_TRAIN_STATE} cannot be read ({type(err).__name__}); "
+            "the checkpoint is damaged"
+        ) from None

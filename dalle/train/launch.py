@@ -15,8 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 from dalle.config import ConfigError, RunConfig, TrainConfig, load_config, with_changes
+from dalle.models.clip import CONFIG_FILE as CLIP_FOLDER_CONFIG
 from dalle.processes import run_watched
-from dalle.runroot import CHECKPOINT_META, CLIP, DVAE, MODEL_NAMES, TRANSFORMER, latest_checkpoint, run_config
+from dalle.runroot import (
+    CHECKPOINT_META,
+    CLIP,
+    DVAE,
+    MODEL_NAMES,
+    TRANSFORMER,
+    CorruptCheckpoint,
+    checkpoint_steps,
+    latest_checkpoint,
+    run_config,
+)
 from dalle.storage import Storage
 from dalle.train.clip import ClipTraining
 from dalle.train.dvae import DVAETraining
@@ -50,8 +61,12 @@ def step_target(storage: Storage, model: str, max_steps: int | None, more_steps:
         raise ConfigError("give max_steps (a total) or more_steps (past the newest checkpoint), not both")
     if more_steps < 1:
         raise ConfigError(f"more_steps must be at least 1, got {more_steps}")
-    latest = latest_checkpoint(storage, model)
-    return (latest.step if latest else 0) + more_steps
+    try:
+        latest = latest_checkpoint(storage, model)
+        newest = latest.step if latest else 0
+    except CorruptCheckpoint:  # training falls back to the newest intact one and says so
+        newest = max(checkpoint_steps(storage, model), default=0)
+    return newest + more_steps
 
 
 def model_training(model: str, storage: Storage, cfg: RunConfig) -> ModelTraining:
@@ -98,8 +113,14 @@ def launch(
     """
     storage = Storage(root)
     tcfg = training_settings(model, cfg, max_steps)
-    latest = latest_checkpoint(storage, model)
-    if latest is not None and not storage.exists(f"{latest.rel_dir}/{CHECKPOINT_META}"):
+    # A damaged latest.json reads as None: the training below falls back to the newest intact checkpoint.
+    latest = latest_checkpoint(storage, model, damaged_as_none=True)
+    if (
+        latest is not None
+        and model == CLIP
+        and not storage.exists(f"{latest.rel_dir}/{CHECKPOINT_META}")
+        and storage.exists(f"{latest.rel_dir}/{CLIP_FOLDER_CONFIG}")
+    ):
         # A CLIP an older release trained outside the loop: usable, but it cannot be resumed.
         log(f"{model}: {latest.uri} was trained by an older release and is kept as it is")
         return latest.uri

@@ -30,13 +30,27 @@ from torch.utils.data import IterableDataset
 
 from dalle.config import RunConfig, TrainConfig, dump_config
 from dalle.errors import UserError
-from dalle.models.weights import CheckpointMismatch, load_model_state, save_model
+from dalle.models.weights import (
+    FILES_SHA256,
+    HASH_KEYS,
+    CheckpointMismatch,
+    load_model_state,
+    newest_intact,
+    read_checked,
+    save_model,
+)
 from dalle.runroot import (
     CHECKPOINT_CONFIG,
-    METRICS,
+    CHECKPOINT_TRAIN_STATE,
+    METRICS_PART_LINES,
     MODELS_DIR,
+    CorruptCheckpoint,
     checkpoint_dir,
+    checkpoint_steps,
     latest_checkpoint,
+    latest_pointer,
+    metrics_file,
+    new_metrics_run,
     set_latest,
 )
 from dalle.storage import Storage
@@ -91,29 +105,31 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 class MetricsLog:
-    """reports/metrics.jsonl: one JSON line per logged step of any model, rewritten whole (atomic)."""
+    """This trainer run's lines of the training metrics: one JSON line per logged step, in files of
+    its own (reports/metrics/<model>/..., see dalle.runroot.metrics_file) that no other trainer writes,
+    each rewritten whole and atomically. The file names the step the run resumed from, so the
+    readers drop an earlier run's lines past it (the resumed run writes those steps again)."""
 
     def __init__(self, storage: Storage, model: str, resume_step: int):
-        self.storage = storage
-        self.lines: list[str] = []
-        if storage.exists(METRICS):
-            for line in storage.read_bytes(METRICS).decode().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                # Lines past the checkpoint we resume from were made by the killed run: drop them,
-                # the resumed run writes them again.
-                if record.get("model") != model or record.get("step", 0) <= resume_step:
-                    self.lines.append(line)
+        self.storage, self.model, self.resume_step = storage, model, resume_step
+        self.run = new_metrics_run()
+        self.part, self.lines = 0, []
+        self._write()  # the resume step is known to readers from now on
         self.last_flush = time.monotonic()
 
+    def _write(self) -> None:
+        rel = metrics_file(self.model, self.run, self.resume_step, self.part)
+        self.storage.write_bytes(rel, "".join(line + "\n" for line in self.lines).encode())
+
     def add(self, record: dict[str, Any]) -> None:
+        if len(self.lines) >= METRICS_PART_LINES:  # this part is full: written once more, then left alone
+            self._write()
+            self.part, self.lines = self.part + 1, []
         self.lines.append(json.dumps(record))
 
     def flush(self, force: bool = False) -> None:
         if force or time.monotonic() - self.last_flush > 10:
-            self.storage.write_bytes(METRICS, ("\n".join(self.lines) + "\n").encode())
+            self._write()
             self.last_flush = time.monotonic()
 
 
@@ -150,7 +166,7 @@ def _state_options() -> StateDictOptions:
 
 
 def _check_meta(found: dict, expected: dict, where: str) -> None:
-    found = {k: v for k, v in found.items() if k != "weights_sha256"}
+    found = {k: v for k, v in found.items() if k not in HASH_KEYS}
     if found != expected:
         keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
         details = "; ".join(f"{k}: checkpoint {found.get(k)!r}, now {expected.get(k)!r}" for k in keys)
@@ -184,26 +200,39 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(info.device)
     meta = task.model_meta()
-    existing = latest_checkpoint(storage, task.name)
-    if existing is not None and not resume:
+    if not resume and storage.exists(latest_pointer(task.name)):
+        try:
+            newest = latest_checkpoint(storage, task.name).step
+        except CorruptCheckpoint:
+            newest = max(checkpoint_steps(storage, task.name), default="?")
         raise CheckpointMismatch(
-            f"{storage.uri(f'{MODELS_DIR}/{task.name}')} already has checkpoints up to step {existing.step}; "
+            f"{storage.uri(f'{MODELS_DIR}/{task.name}')} already has checkpoints up to step {newest}; "
             "resume it (the default), or train into another --out"
         )
 
+    def load_for_resume(rel: str) -> tuple[dict, dict]:
+        state, found_meta = load_model_state(storage, rel)
+        _check_meta(found_meta, meta, storage.uri(rel))  # another configuration: an error, no fall-back
+        for name, sha256 in (found_meta.get(FILES_SHA256) or {}).items():
+            if name != CHECKPOINT_TRAIN_STATE:  # read and checked by load_train_state
+                read_checked(storage, rel, name, sha256)
+        return state, ckpt.load_train_state(storage, rel)
+
+    # The checkpoint latest.json names or, when it is damaged, the newest intact one before it (warned).
+    found = newest_intact(storage, task.name, load_for_resume, log if info.is_main else (lambda m: None))
     step, batches, bad_total, train_state = 0, 0, 0, None
-    if existing is not None:
-        state, found_meta = load_model_state(storage, existing.rel_dir)
-        _check_meta(found_meta, meta, existing.uri)
+    existing_uri = ""
+    if found is not None:
+        _, rel, (state, train_state) = found
+        existing_uri = storage.uri(rel)
         model.load_state_dict(state)
-        train_state = ckpt.load_train_state(storage, existing.rel_dir)
         step, batches, bad_total = train_state["step"], train_state["batches"], train_state["skipped_steps"]
         if info.is_main:
-            log(f"{task.name}: resuming from step {step} ({existing.uri})")
+            log(f"{task.name}: resuming from step {step} ({existing_uri})")
     if step >= cfg.max_steps:
         if info.is_main:
             log(f"{task.name}: already at step {step} >= max_steps {cfg.max_steps}; nothing to do")
-        return existing.uri
+        return existing_uri
 
     # Every rank starts from identical weights (seeded); the noise of each step differs per rank.
     wrapped = _wrap(model, cfg, info)
@@ -228,7 +257,6 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
     else:
         torch.manual_seed(cfg.seed + 1 + info.rank)
 
-    metrics = MetricsLog(storage, task.name, step) if info.is_main else None
     autocast = _autocast(cfg, info.device)
     params = [p for p in model.parameters() if p.requires_grad]
     bad_in_row, last_saved = 0, step
@@ -246,10 +274,7 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
         uri = storage.uri(checkpoint_dir(task.name, step))
         if info.is_main:
             rel = checkpoint_dir(task.name, step)
-            save_model(storage, rel, model_state, meta)
-            ckpt.save_train_state(
-                storage,
-                rel,
+            train_state = ckpt.train_state_bytes(
                 {
                     "step": step,
                     "batches": batches,
@@ -259,9 +284,11 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
                     "rng": rngs,
                     "world_size": info.world_size,
                     "rank_weight_checksums": checksums,
-                },
+                }
             )
-            storage.write_bytes(f"{rel}/{CHECKPOINT_CONFIG}", dump_config(run_cfg).encode())
+            # model.json last, with the sha256 of every file: a damaged file is found on resume.
+            files = {CHECKPOINT_TRAIN_STATE: train_state, CHECKPOINT_CONFIG: dump_config(run_cfg).encode()}
+            save_model(storage, rel, model_state, meta, files)
             metrics.flush(force=True)
             uri = set_latest(storage, task.name, step)
             log(f"{task.name}: checkpoint at step {step}: {uri}")
@@ -272,9 +299,10 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
         return uri
 
     last_record: dict[str, Any] = {}
-    uri = existing.uri if existing is not None else ""
+    uri = existing_uri
     wrapped.train()
     check_available(run_cfg.dashboards)  # every rank: a missing package stops all, not rank 0 alone
+    metrics = MetricsLog(storage, task.name, step) if info.is_main else None
     sinks = (
         open_sinks(storage, run_cfg.dashboards, task.name, default_run_name(storage, task.name), log=log)
         if info.is_main

@@ -1,7 +1,7 @@
 """Extra copies of the training metrics for the dashboards a team already uses: TensorBoard, MLflow and
 Weights & Biases (the config's `dashboards` section).
 
-reports/metrics.jsonl (the loop's MetricsLog) stays the source of truth; a sink only copies each logged
+reports/metrics/ (the loop's MetricsLog) stays the source of truth; a sink only copies each logged
 record, every number in it as the scalar `<model>/<key>` at the record's step. A sink the config asks for
 whose package is missing (or W&B online without WANDB_API_KEY) is a ConfigError when the sinks are opened,
 before any training step. A sink that fails later (its server unreachable, its upload refused) logs one
@@ -103,7 +103,7 @@ class MetricSinks:
             except Exception as err:  # noqa: BLE001
                 self.log(
                     f"warning: {self.model}: closing the {sink.name} metrics sink failed "
-                    f"({type(err).__name__}: {err}); reports/metrics.jsonl has every metric"
+                    f"({type(err).__name__}: {err}); reports/metrics/ has every metric"
                 )
                 _quietly(sink.discard)
 
@@ -111,7 +111,7 @@ class MetricSinks:
         self.sinks.remove(sink)
         self.log(
             f"warning: {self.model}: the {sink.name} metrics sink failed ({type(err).__name__}: {err}); "
-            "it is off for the rest of this run, training goes on and reports/metrics.jsonl has every metric"
+            "it is off for the rest of this run, training goes on and reports/metrics/ has every metric"
         )
         _quietly(sink.discard)
 
@@ -192,7 +192,7 @@ def open_sinks(
             log(
                 f"warning: {model}: the {name} metrics sink could not be opened "
                 f"({type(err).__name__}: {err}); "
-                "training goes on without it, reports/metrics.jsonl has every metric"
+                "training goes on without it, reports/metrics/ has every metric"
             )
     if sinks:
         log(f"{model}: metrics also go to {', '.join(sink.name for sink in sinks)}")
