@@ -15,6 +15,7 @@ Endpoint and credentials for S3 come from the standard AWS environment variables
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -23,6 +24,7 @@ import posixpath
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,20 +113,38 @@ def _make_folders(folder: str) -> None:
         _fsync_folder(os.path.dirname(created))
 
 
+# How the S3 client meets an endpoint that misbehaves (tests/test_s3_faults.py puts a proxy that injects
+# each of these in front of moto):
+# - 500 InternalError, 503 SlowDown, connection reset before or after the request: botocore's
+#   standard retry mode retries them up to S3_MAX_ATTEMPTS attempts in all, backing off exponentially
+#   with jitter; s3fs retries what botocore gives up on S3FS_RETRIES more times.
+# - A stalled answer: S3_READ_TIMEOUT_S without a byte ends the attempt (a retried read timeout);
+#   S3_CONNECT_TIMEOUT_S bounds a connection that is never accepted.
+# - A body shorter than its Content-Length: aiobotocore's StreamingBody checks the length and raises
+#   (aiohttp's ClientPayloadError), and s3fs retries the GET, so a read never returns short bytes.
+# Every retried request is idempotent (whole-object PUT, GET, HEAD, LIST, DELETE), so a PUT whose
+# answer was lost is simply sent again and the object is whole either way.
 S3_MAX_ATTEMPTS = 8
+S3FS_RETRIES = 5
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_READ_TIMEOUT_S = 60.0
 
 
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
     # s3fs reads AWS_ENDPOINT_URL and the credential chain itself; skip its listing cache so
-    # that a file another process just wrote is seen.
-    # botocore's standard retry mode backs off exponentially (with jitter) on throttling and 5xx
-    # answers, so an endpoint that fails a request now and then costs time, not the run.
-    return fsspec.filesystem(
+    # that a file another process just wrote is seen. Retries and timeouts: see the constants above.
+    fs = fsspec.filesystem(
         "s3",
         skip_instance_cache=True,
         use_listings_cache=False,
-        config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}},
+        config_kwargs={
+            "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+            "connect_timeout": S3_CONNECT_TIMEOUT_S,
+            "read_timeout": S3_READ_TIMEOUT_S,
+        },
     )
+    fs.retries = S3FS_RETRIES  # a class attribute in s3fs 2026.9, not an argument
+    return fs
 
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -227,6 +247,36 @@ class Storage:
         # One whole GET (retried as a unit) rather than a file handle: a ranged read through a
         # handle whose size lookup was answered by a transient error came back empty.
         return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
+
+    def parquet_schema(self, rel: str) -> pa.Schema:
+        """The Arrow schema of a Parquet file, from its footer (no data is read)."""
+        with self._open_parquet(rel) as parquet:
+            return parquet.schema_arrow
+
+    def iter_batches(
+        self, rel: str, batch_rows: int, columns: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """A Parquet file as record batches of at most `batch_rows` rows, read through a file handle
+        (ranged reads on S3), so memory holds one row group and one batch, not the whole file."""
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+        with self._open_parquet(rel) as parquet:
+            yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+
+    @contextlib.contextmanager
+    def _open_parquet(self, rel: str) -> Iterator[pq.ParquetFile]:
+        try:
+            handle = self.fs.open(self.path(rel), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri(rel)} does not exist") from None
+        with handle:
+            if not handle.size:
+                # A size lookup answered by a transient error reads as empty: say so, never yield nothing.
+                raise StorageError(f"{self.uri(rel)} reads as empty; run again, or check the file")
+            # pre_buffer off: on, pyarrow fetches the column chunks of every row group to be read up
+            # front, which holds the whole file in memory.
+            with pq.ParquetFile(handle, pre_buffer=False) as parquet:
+                yield parquet
 
     def read_tables(self, rel_dir: str, columns: list[str] | None = None) -> pa.Table | None:
         """All `*.parquet` files under `rel_dir` concatenated, or None when there are none."""

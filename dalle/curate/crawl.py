@@ -17,7 +17,7 @@ import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -328,18 +328,36 @@ def classify_download_error(message: str) -> tuple[str, str]:
     return "download_failed", "other_error"
 
 
-def read_raw_shard(storage: Storage, rel: str, with_images: bool = True) -> pa.Table:
-    """One finished raw shard with the columns the pipeline uses."""
-    columns = ["key", "url", "caption", "status", "error_message", "sha256", "input_row", "caption_utf8"]
-    if with_images:
-        columns.append(RAW_IMAGE_COLUMN)
-    table = storage.read_table(rel)
-    missing = [c for c in columns if c not in table.column_names]
+RAW_COLUMNS = ["key", "url", "caption", "status", "error_message", "sha256", "input_row", "caption_utf8"]
+# Rows of a raw shard held at once by a streamed read: img2dataset writes row groups of 100 rows
+# (its parquet writer's buffer), so a read holds about 100 bodies (each at most
+# crawl.max_image_bytes), not the shard's crawl.samples_per_shard.
+RAW_BATCH_ROWS = 100
+
+
+def _raw_columns(storage: Storage, rel: str, names: list[str], with_images: bool) -> list[str]:
+    columns = RAW_COLUMNS + ([RAW_IMAGE_COLUMN] if with_images else [])
+    missing = [c for c in columns if c not in names]
     if missing:
         raise CrawlError(
             f"{storage.uri(rel)} lacks columns {missing}; it was not written by this crawl stage"
         )
-    return table.select(columns)
+    return columns
+
+
+def read_raw_shard(storage: Storage, rel: str, with_images: bool = True) -> pa.Table:
+    """One finished raw shard with the columns the pipeline uses."""
+    table = storage.read_table(rel)
+    return table.select(_raw_columns(storage, rel, table.column_names, with_images))
+
+
+def iter_raw_shard(
+    storage: Storage, rel: str, with_images: bool = True, batch_rows: int = RAW_BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """One finished raw shard, streamed as batches of at most `batch_rows` rows with the columns the
+    pipeline uses: memory holds a batch (and one Parquet row group), never the whole shard."""
+    columns = _raw_columns(storage, rel, storage.parquet_schema(rel).names, with_images)
+    yield from storage.iter_batches(rel, batch_rows, columns)
 
 
 def _child_main(spec_json: str) -> None:

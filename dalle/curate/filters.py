@@ -23,7 +23,7 @@ from dalle.curate.crawl import (
     classify_download_error,
     crawl_batches,
     finished_shards,
-    read_raw_shard,
+    iter_raw_shard,
 )
 from dalle.curate.fates import PASS, fate_record, sample_uid
 from dalle.runroot import FILTER_TABLE, REFUSED_NAME, batch_input
@@ -154,8 +154,8 @@ def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
             }
         )
     for rel in finished_shards(storage):
-        shard = read_raw_shard(storage, rel)
-        for raw in shard.to_pylist():
+        # Batch by batch: a shard of 10,000 bodies is never in memory at once.
+        for raw in (raw for batch in iter_raw_shard(storage, rel) for raw in batch.to_pylist()):
             row = {
                 "input_row": raw["input_row"],
                 "url": raw["url"],

@@ -24,9 +24,9 @@ characters). What a list may hold, and what becomes of it:
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import re
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import pyarrow as pa
@@ -145,8 +145,7 @@ def _text_column(table: pa.Table, name: str, kind: str, uri: str, setting: str) 
     return column.cast(pa.large_binary()).to_pylist()
 
 
-def _pick(table: pa.Table, uri: str, cfg: CrawlConfig) -> tuple[list, list]:
-    columns = table.column_names
+def _check_columns(columns: list[str], uri: str, cfg: CrawlConfig) -> None:
     if cfg.url_col not in columns:
         raise _missing_column("URL", cfg.url_col, uri, columns, "url_col")
     for name in (cfg.url_col, cfg.caption_col):
@@ -157,56 +156,13 @@ def _pick(table: pa.Table, uri: str, cfg: CrawlConfig) -> tuple[list, list]:
             )
     if cfg.caption_col not in columns:
         raise _missing_column("caption", cfg.caption_col, uri, columns, "caption_col")
+
+
+def _pick(table: pa.Table, uri: str, cfg: CrawlConfig) -> tuple[list, list]:
     return (
         _text_column(table, cfg.url_col, "URL", uri, "url_col"),
         _text_column(table, cfg.caption_col, "caption", uri, "caption_col"),
     )
-
-
-def _read_parquet(data: bytes, uri: str) -> pa.Table:
-    try:
-        return pq.read_table(io.BytesIO(data))
-    except (pa.ArrowException, OSError) as err:
-        hint = (
-            ""
-            if data[:4] == b"PAR1"
-            else "; it does not start like one (is it CSV, TSV or JSONL? name it so, or set crawl.input_format)"
-        )
-        raise UrlListError(f"{uri} is not a readable Parquet file: {err}{hint}") from None
-
-
-def _read_delimited(data: bytes, uri: str, cfg: CrawlConfig, delimiter: str) -> pa.Table:
-    label = "TSV" if delimiter == "\t" else "CSV"
-    try:
-        header = pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(block_size=1 << 16, column_names=cfg.column_names),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(include_columns=[], include_missing_columns=False),
-        ).schema.names
-    except pa.ArrowException as err:
-        raise UrlListError(_redacted_message(f"{uri} is not a valid {label} file: {err}")) from None
-    # Read URL and caption as raw bytes, so a caption with invalid UTF-8 is recorded, not fatal.
-    types = {name: pa.binary() for name in (cfg.url_col, cfg.caption_col)}
-    try:
-        return pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=cfg.column_names),
-            parse_options=pacsv.ParseOptions(
-                delimiter=delimiter, newlines_in_values=True, quote_char='"' if delimiter == "," else False
-            ),
-            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
-        )
-    except pa.ArrowException as err:
-        hint = (
-            f"; crawl.column_names names {len(cfg.column_names)} columns: give one name per column of the "
-            "file, or unset it when the first row is a header"
-            if cfg.column_names
-            else ""
-        )
-        raise UrlListError(
-            _redacted_message(f"{uri} could not be parsed as {label} (columns {header}): {err}{hint}")
-        ) from None
 
 
 def _json_kind(value: object) -> str:
@@ -217,10 +173,98 @@ def _json_kind(value: object) -> str:
     return {list: "a list", dict: "an object", str: "a string"}.get(type(value), "null")
 
 
-def _read_jsonl(data: bytes, uri: str, cfg: CrawlConfig) -> tuple[list, list]:
+# Rows of the list normalised at once: the list is read in batches of this many rows (and the
+# file in blocks), so reading it holds one batch of Python values, not the whole file's.
+URL_BATCH_ROWS = 16_384
+_HEAD_BYTES = 1 << 16  # what the format checks look at before parsing
+
+
+def _parquet_batches(handle, uri: str, cfg: CrawlConfig, batch_rows: int) -> Iterator[tuple[list, list]]:
+    head = handle.read(4)
+    handle.seek(0)
+    try:
+        parquet = pq.ParquetFile(handle)
+    except (pa.ArrowException, OSError) as err:
+        hint = (
+            ""
+            if head == b"PAR1"
+            else "; it does not start like one (is it CSV, TSV or JSONL? name it so, or set crawl.input_format)"
+        )
+        raise UrlListError(f"{uri} is not a readable Parquet file: {err}{hint}") from None
+    _check_columns(parquet.schema_arrow.names, uri, cfg)
+    try:
+        for batch in parquet.iter_batches(
+            batch_size=batch_rows, columns=list(dict.fromkeys([cfg.url_col, cfg.caption_col]))
+        ):
+            yield _pick(pa.Table.from_batches([batch]), uri, cfg)
+    except (pa.ArrowException, OSError) as err:
+        raise UrlListError(f"{uri} is not a readable Parquet file: {err}") from None
+
+
+def _delimited_batches(handle, uri: str, cfg: CrawlConfig, delimiter: str) -> Iterator[tuple[list, list]]:
+    label = "TSV" if delimiter == "\t" else "CSV"
+    try:
+        header = pacsv.open_csv(
+            handle,
+            read_options=pacsv.ReadOptions(block_size=1 << 16, column_names=cfg.column_names),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(include_columns=[], include_missing_columns=False),
+        ).schema.names
+    except pa.ArrowException as err:
+        raise UrlListError(_redacted_message(f"{uri} is not a valid {label} file: {err}")) from None
+    handle.seek(0)
+    _check_columns(header, uri, cfg)
+    # Read URL and caption as raw bytes, so a caption with invalid UTF-8 is recorded, not fatal.
+    types = {name: pa.binary() for name in (cfg.url_col, cfg.caption_col)}
+
+    def failed(err: Exception) -> UrlListError:
+        hint = (
+            f"; crawl.column_names names {len(cfg.column_names)} columns: give one name per column of the "
+            "file, or unset it when the first row is a header"
+            if cfg.column_names
+            else ""
+        )
+        return UrlListError(
+            _redacted_message(f"{uri} could not be parsed as {label} (columns {header}): {err}{hint}")
+        )
+
+    try:
+        reader = pacsv.open_csv(
+            handle,
+            read_options=pacsv.ReadOptions(column_names=cfg.column_names, block_size=1 << 20),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, newlines_in_values=True, quote_char='"' if delimiter == "," else False
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types,
+                strings_can_be_null=False,
+                include_columns=list(dict.fromkeys([cfg.url_col, cfg.caption_col])),
+            ),
+        )
+        for batch in reader:
+            yield _pick(pa.Table.from_batches([batch]), uri, cfg)
+    except pa.ArrowException as err:
+        raise failed(err) from None
+
+
+def _lines(handle) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines of a text file as bytes.splitlines numbers them, read a line at a time."""
+    number = 0
+    first = True
+    for chunk in handle:
+        if first:
+            chunk = chunk.removeprefix(codecs.BOM_UTF8)
+            first = False
+        for line in chunk.splitlines():
+            number += 1
+            yield number, line
+
+
+def _jsonl_batches(handle, uri: str, cfg: CrawlConfig, batch_rows: int) -> Iterator[tuple[list, list]]:
     urls, captions = [], []
     any_caption = False
-    for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+    rows = 0
+    for number, line in _lines(handle):
         if not line.strip():
             continue
         where = f"{uri} line {number}"
@@ -251,17 +295,23 @@ def _read_jsonl(data: bytes, uri: str, cfg: CrawlConfig) -> tuple[list, list]:
         any_caption = any_caption or cfg.caption_col in record
         urls.append(record[cfg.url_col])
         captions.append(record.get(cfg.caption_col))
-    if urls and not any_caption:
+        rows += 1
+        if len(urls) >= batch_rows:
+            yield urls, captions
+            urls, captions = [], []
+    if urls:
+        yield urls, captions
+    # Known only at the end: a caller that consumed the batches before gets the error all the same.
+    if rows and not any_caption:
         raise UrlListError(
             f"caption key {cfg.caption_col!r} is in no line of {PurePosixPath(uri).name}; set "
             "crawl.caption_col to the key of the captions"
         )
-    return urls, captions
 
 
-def _read_txt(data: bytes, uri: str) -> list[bytes]:
+def _txt_batches(handle, uri: str, batch_rows: int) -> Iterator[tuple[list, list]]:
     urls = []
-    for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+    for number, line in _lines(handle):
         if b"\t" in line.strip():
             raise UrlListError(
                 f"{uri} line {number} holds a tab, but a TXT list is one URL per line; for URL and "
@@ -269,13 +319,17 @@ def _read_txt(data: bytes, uri: str) -> list[bytes]:
             )
         if line.strip():
             urls.append(line.strip())
-    return urls
+            if len(urls) >= batch_rows:
+                yield urls, [None] * len(urls)
+                urls = []
+    if urls:
+        yield urls, [None] * len(urls)
 
 
 def _check_looks_like(data: bytes, uri: str, fmt: str) -> None:
-    """Refuse an empty file, and a binary or UTF-16 file where text is expected, before parsing it."""
+    """From the file's first bytes: refuse an empty file, and a binary or UTF-16 file where text is expected, before parsing it."""
     label = _LABELS[fmt]
-    if not data.strip():
+    if len(data) < _HEAD_BYTES and not data.strip():
         raise UrlListError(f"{uri} is empty, not a readable {label} file; a URL list needs at least one row")
     if fmt == "parquet":
         return
@@ -291,37 +345,61 @@ def _check_looks_like(data: bytes, uri: str, fmt: str) -> None:
             raise UrlListError(f"{uri} is {what}, not a {label} file; {fix}")
 
 
-def read_url_list(uri: str, cfg: CrawlConfig) -> pa.Table:
-    """Read a URL list into `input_row, url, caption, caption_utf8`; a malformed list fails fast, a
-    bad value is its row's fate (see the module docstring); credentials in URLs are redacted."""
+def iter_url_list(uri: str, cfg: CrawlConfig, batch_rows: int = URL_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """A URL list as record batches of `input_row, url, caption, caption_utf8` (at most `batch_rows`
+    rows each), read from the file as it streams: memory holds a batch, not the list. A malformed list
+    fails fast, a bad value is its row's fate (see the module docstring); credentials in URLs are
+    redacted. A fault found late in the file (a JSONL caption key in no line) is raised after the
+    batches before it."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
     fmt = detect_format(uri, cfg.input_format)
     fs, path = filesystem_for(uri)
     try:
-        data = fs.cat_file(path)
+        handle = fs.open(path, "rb")
     except FileNotFoundError:
         raise UrlListError(f"URL list {uri} does not exist") from None
     except IsADirectoryError:
         raise UrlListError(f"URL list {uri} is a folder; name the list file itself") from None
-    _check_looks_like(data, uri, fmt)
-    if fmt == "parquet":
-        urls, captions = _pick(_read_parquet(data, uri), uri, cfg)
-    elif fmt in ("csv", "tsv"):
-        table = _read_delimited(data, uri, cfg, "," if fmt == "csv" else "\t")
-        urls, captions = _pick(table, uri, cfg)
-    elif fmt == "jsonl":
-        urls, captions = _read_jsonl(data, uri, cfg)
-    else:  # txt: one URL per line, no captions
-        urls = _read_txt(data, uri)
-        captions = [None] * len(urls)
-    if not urls:
+    with handle:
+        _check_looks_like(handle.read(_HEAD_BYTES), uri, fmt)
+        handle.seek(0)
+        if fmt == "parquet":
+            parts = _parquet_batches(handle, uri, cfg, batch_rows)
+        elif fmt in ("csv", "tsv"):
+            parts = _delimited_batches(handle, uri, cfg, "," if fmt == "csv" else "\t")
+        elif fmt == "jsonl":
+            parts = _jsonl_batches(handle, uri, cfg, batch_rows)
+        else:  # txt: one URL per line, no captions
+            parts = _txt_batches(handle, uri, batch_rows)
+        offset = 0
+        for urls, captions in parts:
+            # A CSV block can hold more rows than batch_rows: cut it.
+            for start in range(0, len(urls), batch_rows):
+                batch = _normalised(
+                    urls[start : start + batch_rows], captions[start : start + batch_rows], offset
+                )
+                offset += batch.num_rows
+                yield batch
+    if not offset:
         raise UrlListError(f"{uri} has no rows; a URL list needs at least one")
+
+
+def _normalised(urls: list, captions: list, offset: int) -> pa.RecordBatch:
     url_texts = [redact_credentials(text or "") for text, _ in map(_text, urls)]
     caption_texts, caption_ok = (list(values) for values in zip(*map(_text, captions), strict=True))
-    return pa.table(
+    return pa.record_batch(
         {
-            "input_row": pa.array(range(len(url_texts)), pa.int64()),
+            "input_row": pa.array(range(offset, offset + len(url_texts)), pa.int64()),
             "url": pa.array(url_texts, pa.string()),
             "caption": pa.array(caption_texts, pa.string()),
             "caption_utf8": pa.array(caption_ok, pa.bool_()),
         }
     )
+
+
+def read_url_list(uri: str, cfg: CrawlConfig, batch_rows: int = URL_BATCH_ROWS) -> pa.Table:
+    """The whole URL list as one table of `input_row, url, caption, caption_utf8`, read batch by
+    batch (`iter_url_list`): memory holds the compact Arrow table and one batch of Python values."""
+    batches = list(iter_url_list(uri, cfg, batch_rows))
+    return pa.Table.from_batches(batches)
