@@ -24,7 +24,7 @@ import posixpath
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,8 @@ def _make_folders(folder: str) -> None:
 #   standard retry mode retries them up to S3_MAX_ATTEMPTS attempts in all, backing off exponentially
 #   with jitter; s3fs retries what botocore gives up on S3FS_RETRIES more times.
 # - A stalled answer: S3_READ_TIMEOUT_S without a byte ends the attempt (a retried read timeout);
-#   S3_CONNECT_TIMEOUT_S bounds a connection that is never accepted.
+#   S3_CONNECT_TIMEOUT_S bounds a connection that is never accepted. An operator overrides the two
+#   with DALLE_S3_READ_TIMEOUT_S and DALLE_S3_CONNECT_TIMEOUT_S (seconds, a positive number).
 # - A body shorter than its Content-Length: aiobotocore's StreamingBody checks the length and raises
 #   (aiohttp's ClientPayloadError), and s3fs retries the GET, so a read never returns short bytes.
 # Every retried request is idempotent (whole-object PUT, GET, HEAD, LIST, DELETE), so a PUT whose
@@ -128,6 +129,26 @@ S3_MAX_ATTEMPTS = 8
 S3FS_RETRIES = 5
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_READ_TIMEOUT_S = 60.0
+S3_CONNECT_TIMEOUT_ENV = "DALLE_S3_CONNECT_TIMEOUT_S"
+S3_READ_TIMEOUT_ENV = "DALLE_S3_READ_TIMEOUT_S"
+
+
+def s3_timeout(variable: str, default: float) -> float:
+    """Seconds from the environment variable `variable` (unset or empty: `default`); anything but a
+    positive finite number is a StorageError that names the variable and what to set."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):  # also refuses NaN
+        raise StorageError(
+            f"{variable}={text!r} is not a timeout: set it to a positive number of seconds "
+            f"(e.g. {variable}={default:g}) or unset it for the default, {default:g} s"
+        )
+    return seconds
 
 
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
@@ -139,8 +160,8 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
         use_listings_cache=False,
         config_kwargs={
             "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
-            "connect_timeout": S3_CONNECT_TIMEOUT_S,
-            "read_timeout": S3_READ_TIMEOUT_S,
+            "connect_timeout": s3_timeout(S3_CONNECT_TIMEOUT_ENV, S3_CONNECT_TIMEOUT_S),
+            "read_timeout": s3_timeout(S3_READ_TIMEOUT_ENV, S3_READ_TIMEOUT_S),
         },
     )
     fs.retries = S3FS_RETRIES  # a class attribute in s3fs 2026.9, not an argument
@@ -323,6 +344,65 @@ class Storage:
                 os.unlink(tmp_name)
             raise
         _fsync_folder(folder)  # the rename itself, so what is written next never lands before it
+
+    def write_parquet(self, rel: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch | pa.Table]) -> str:
+        """Write a Parquet file of `schema` from `batches` as they come (a row group for each non-empty
+        one), atomically like write_bytes: memory holds a batch, never the file, and the file appears
+        whole or not at all. Locally it is written under a temporary name in its folder, synced,
+        renamed and the folder synced; on S3 it is written to a local temporary file and uploaded once
+        finished. An error raised by `batches` leaves no file and passes as it is; returns the URI."""
+        target = self.path(rel)
+        from_batches: list[BaseException] = []
+
+        def parts() -> Iterator[pa.RecordBatch | pa.Table]:
+            iterator = iter(batches)
+            while True:
+                try:
+                    part = next(iterator)
+                except StopIteration:
+                    return
+                except BaseException as err:  # the caller's own failure, not the write's
+                    from_batches.append(err)
+                    raise
+                yield part
+
+        def write(sink) -> None:
+            with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+                for part in parts():
+                    if part.num_rows:
+                        writer.write(part)
+
+        if self.is_s3:
+            # One upload of a finished local file: the object appears whole or not at all.
+            with tempfile.NamedTemporaryFile(prefix="dalle-", suffix=".parquet", delete=False) as tmp:
+                pass
+            try:
+                write(tmp.name)
+                self.fs.put_file(tmp.name, target)
+            finally:
+                os.unlink(tmp.name)
+            return self.uri(rel)
+        folder = os.path.dirname(target)
+        try:
+            _make_folders(folder)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    write(handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp_name, target)
+            except BaseException:
+                if os.path.exists(tmp_name):
+                    os.unlink(tmp_name)
+                raise
+            _fsync_folder(folder)
+        except OSError as err:
+            hint = _WRITE_HINTS.get(err.errno)
+            if hint is None or any(err is failed for failed in from_batches):
+                raise
+            raise StorageError(f"cannot write {target}: {hint} ({err.strerror})") from err
+        return self.uri(rel)
 
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

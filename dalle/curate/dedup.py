@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from dalle.config import DedupConfig, RunConfig, with_changes
 from dalle.curate.embed import ClipEncoder, embed_stage
 from dalle.curate.embed import vectors as embedding_matrix
-from dalle.curate.fates import PASS, decode_rgb, images_for, passing_rows
+from dalle.curate.fates import PASS, decode_rgb, iter_images, passing_rows
 from dalle.runroot import DEDUP_REPORT, DEDUP_TABLE, SCORES_TABLE
 from dalle.schemas import DEDUP_DECISIONS_SCHEMA
 from dalle.storage import Storage
@@ -334,10 +334,12 @@ def dedup_settings(cfg: RunConfig) -> DedupConfig:
     return with_changes(cfg.dedup, "dedup", near_threshold=DEFAULT_NEAR_THRESHOLD[dedup_vectors(cfg)])
 
 
-def _token_vectors(clip: ClipEncoder, images: list[bytes], batch_size: int) -> np.ndarray:
-    """Patch-token vectors, centred on their mean over the set so that the shared background
-    does not make every pair look alike, then L2-normalised."""
-    tokens = clip.encode_image_tokens([decode_rgb(b) for b in images], batch_size)
+def _token_vectors(clip: ClipEncoder, chunks: Iterable[list[bytes]], batch_size: int) -> np.ndarray:
+    """Patch-token vectors of the images, given as chunks (decoded a chunk at a time), centred on their
+    mean over the set so that the shared background does not make every pair look alike, then
+    L2-normalised."""
+    parts = [clip.encode_image_tokens([decode_rgb(b) for b in chunk], batch_size) for chunk in chunks]
+    tokens = np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), dtype=np.float32)
     if len(tokens) == 0:
         return np.zeros((0, clip.embed_dim), dtype=np.float32)
     tokens -= tokens.mean(axis=0, keepdims=True)
@@ -351,7 +353,8 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict:
     rows = [r for r in passing_rows(storage) if r["uid"] in scored]
     uids = [r["uid"] for r in rows]
     if dedup_vectors(cfg) == "clip_tokens":
-        vectors = _token_vectors(clip, images_for(storage, rows), cfg.clip.batch_size)
+        chunks = (chunk for _, chunk in iter_images(storage, rows))  # a chunk of bodies in memory at once
+        vectors = _token_vectors(clip, chunks, cfg.clip.batch_size)
     else:
         # Everything needed is cached by now, so embed_stage only reads.
         stored = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dalle.config import RunConfig
-from dalle.curate.fates import PASS, fate_record, images_for, passing_rows
+from dalle.curate.fates import IMAGE_CHUNK_ROWS, PASS, fate_record, iter_images, passing_rows
 from dalle.curate.filters import clip_decision, clip_score_cutoff
 from dalle.runroot import EMBEDDINGS_DIR, SCORES_TABLE
 from dalle.schemas import SCORE_DECISIONS_SCHEMA, SchemaError, check_schema, embeddings_schema
@@ -49,6 +49,12 @@ class ClipEncoder(Protocol):
 
 _PART_NAME = re.compile(r"part-(\d+)\.parquet$")
 
+# Where embed_stage takes the images it embeds: a sequence (one per uid), or a function that, given the
+# indices of the uids it needs, yields their images in that order, in chunks (so that a run's images
+# are never all in memory: score_stage streams them from raw/ with fates.iter_images).
+ImageChunks = Callable[[list[int]], Iterable[Sequence[bytes]]]
+Images = Sequence[bytes] | ImageChunks
+
 
 def _decode(data: bytes, label: str) -> PIL.Image.Image:
     try:
@@ -60,20 +66,34 @@ def _decode(data: bytes, label: str) -> PIL.Image.Image:
 
 def _embed(
     clip: ClipEncoder,
-    images: Sequence[bytes],
+    chunks: Iterable[Sequence[bytes]],
     captions: Sequence[str],
     batch_size: int,
     labels: Sequence[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if len(images) != len(captions):
-        raise ValueError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
-    image_emb = np.zeros((len(images), clip.embed_dim), dtype=np.float32)
-    # Decode one batch at a time so that only a batch of decoded images is ever in memory.
-    for start in range(0, len(images), batch_size):
-        decoded = [
-            _decode(data, labels[start + i]) for i, data in enumerate(images[start : start + batch_size])
-        ]
-        image_emb[start : start + len(decoded)] = clip.encode_images(decoded, batch_size)
+    """Embeddings of the images that `chunks` yields (of any sizes: they are encoded in batches of
+    `batch_size` in their order, the same batches whatever the chunks) and of their captions."""
+    image_emb = np.zeros((len(captions), clip.embed_dim), dtype=np.float32)
+    done = 0
+    decoded: list[PIL.Image.Image] = []  # only a batch of decoded images is ever in memory
+
+    def encode() -> None:
+        nonlocal done
+        image_emb[done : done + len(decoded)] = clip.encode_images(decoded, batch_size)
+        done += len(decoded)
+        decoded.clear()
+
+    for chunk in chunks:
+        if done + len(decoded) + len(chunk) > len(captions):
+            raise ValueError(f"got more images than the {len(captions)} captions; pass one caption per image")
+        for data in chunk:
+            decoded.append(_decode(data, labels[done + len(decoded)]))
+            if len(decoded) == batch_size:
+                encode()
+    if decoded:
+        encode()
+    if done != len(captions):
+        raise ValueError(f"got {done} images but {len(captions)} captions; pass one caption per image")
     text_emb = clip.encode_texts(list(captions), batch_size)
     return image_emb, text_emb, np.einsum("nd,nd->n", image_emb, text_emb).astype(np.float32)
 
@@ -82,7 +102,9 @@ def embed_pairs(
     clip: ClipEncoder, images: Sequence[bytes], captions: Sequence[str], batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image vectors, caption vectors, clip_score) of encoded images and their captions; vectors are unit-norm."""
-    return _embed(clip, images, captions, batch_size, [f"image {i}" for i in range(len(images))])
+    if len(images) != len(captions):
+        raise ValueError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
+    return _embed(clip, [images], captions, batch_size, [f"image {i}" for i in range(len(images))])
 
 
 def tagged_schema(clip: ClipEncoder) -> pa.Schema:
@@ -161,16 +183,18 @@ def _next_part(storage: Storage) -> str:
 def embed_stage(
     storage: Storage,
     uids: Sequence[str],
-    images: Sequence[bytes],
+    images: Images,
     captions: Sequence[str],
     clip: ClipEncoder,
     batch_size: int,
 ) -> pa.Table:
-    """Embeddings of `uids` in the given order, embedding (and storing, as one new part) only those not yet stored for this CLIP."""
-    if not len(uids) == len(images) == len(captions):
+    """Embeddings of `uids` in the given order, embedding (and storing, as one new part) only those not
+    yet stored for this CLIP. `images`: one per uid, or a function that yields those of given indices
+    (ImageChunks), so that only the images to embed are read, a chunk at a time."""
+    if not len(uids) == len(captions) or not (callable(images) or len(images) == len(uids)):
         raise ValueError(
             f"embed_stage needs one image and one caption per uid, got {len(uids)} uids, "
-            f"{len(images)} images and {len(captions)} captions"
+            f"{'images from a function' if callable(images) else len(images)} and {len(captions)} captions"
         )
     schema = tagged_schema(clip)
     first_index = {}
@@ -182,9 +206,16 @@ def embed_stage(
     missing = [i for uid, i in first_index.items() if uid not in stored]
     if missing:
         new_uids = [uids[i] for i in missing]
+        if callable(images):
+            chunks = images(missing)
+        else:
+            chunks = (
+                [images[i] for i in missing[start : start + IMAGE_CHUNK_ROWS]]
+                for start in range(0, len(missing), IMAGE_CHUNK_ROWS)
+            )
         image_emb, text_emb, clip_score = _embed(
             clip,
-            [images[i] for i in missing],
+            chunks,
             [captions[i] for i in missing],
             batch_size,
             [f"image of uid {uid}" for uid in new_uids],
@@ -204,7 +235,11 @@ def embed_stage(
 def score_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict[str, int]:
     """Embed the passing pairs (cached by uid under embeddings/) and apply the CLIP-score filter."""
     rows = passing_rows(storage)
-    images = images_for(storage, rows)
+
+    def images(indices: list[int]) -> Iterable[list[bytes]]:
+        # Streamed from raw/ a chunk at a time, only for the pairs not embedded yet.
+        return (chunk for _, chunk in iter_images(storage, [rows[i] for i in indices]))
+
     table = embed_stage(
         storage, [r["uid"] for r in rows], images, [r["caption"] for r in rows], clip, cfg.clip.batch_size
     )

@@ -7,13 +7,16 @@ from __future__ import annotations
 import hashlib
 import io
 import ipaddress
+import tempfile
 import urllib.parse
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from itertools import groupby
 
 import pyarrow as pa
 from PIL import Image
 
-from dalle.curate.crawl import RAW_IMAGE_COLUMN, read_raw_shard
+from dalle.curate.crawl import RAW_IMAGE_COLUMN, CrawlError, iter_raw_shard
 from dalle.errors import UserError
 from dalle.runroot import DEDUP_TABLE, FILTER_TABLE, SAMPLES_REPORT, SCORES_TABLE
 from dalle.schemas import DEDUP_DECISIONS_SCHEMA, SCORE_DECISIONS_SCHEMA
@@ -42,24 +45,95 @@ def passing_rows(storage: Storage) -> list[dict]:
     return [r for r in storage.read_table(FILTER_TABLE).to_pylist() if r["fate"] == PASS]
 
 
-def images_for(storage: Storage, rows: list[dict]) -> list[bytes]:
-    """Image bytes of the given filter rows, read shard by shard from raw/."""
-    by_shard: dict[str, list[int]] = defaultdict(list)
-    for index, row in enumerate(rows):
-        by_shard[row["raw_shard"]].append(index)
-    images: list[bytes | None] = [None] * len(rows)
-    for rel, indices in by_shard.items():
-        shard = read_raw_shard(storage, rel)
-        by_key = dict(zip(shard.column("key").to_pylist(), shard.column(RAW_IMAGE_COLUMN).to_pylist()))
-        for index in indices:
-            images[index] = by_key[rows[index]["raw_key"]]
-    return images  # type: ignore[return-value]
+# Images a streamed read hands out at once (iter_images): memory holds about this many bodies (each at
+# most crawl.max_image_bytes), one raw batch and as many again of bodies read ahead of their turn.
+IMAGE_CHUNK_ROWS = 256
+
+
+def iter_images(
+    storage: Storage, rows: Sequence[dict], chunk: int = IMAGE_CHUNK_ROWS
+) -> Iterator[tuple[list[int], list[bytes]]]:
+    """Image bytes of the given filter rows, in their order, as chunks of (indices into `rows`, images)
+    of `chunk` images each (the last may hold fewer). Each raw shard is streamed batch by batch with
+    only its key and image columns, keeping the bodies of the wanted keys, so memory holds about a
+    chunk of images and a raw batch, never a shard or the run's images.
+
+    A shard's rows are in download order (img2dataset writes them as they finish), not in the rows'
+    order: a body that comes before its turn waits in memory, and beyond `chunk` of them in a local
+    temporary file, so a shard whose first row finished last costs disk, not memory."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    indices: list[int] = []
+    images: list[bytes] = []
+    for rel, run in groupby(range(len(rows)), key=lambda index: rows[index]["raw_shard"]):
+        run = list(run)
+        keys = [rows[index]["raw_key"] for index in run]
+        for index, image in zip(run, _shard_images(storage, rel, keys, chunk)):
+            indices.append(index)
+            images.append(image)
+            if len(indices) == chunk:
+                yield indices, images
+                indices, images = [], []
+    if indices:
+        yield indices, images
+
+
+def _shard_images(storage: Storage, rel: str, keys: list[str], in_memory: int) -> Iterator[bytes]:
+    """The image of each of `keys` (rows of the raw shard `rel`), in the order of `keys`; bodies read
+    before their turn are held in memory up to `in_memory` of them, the rest in a temporary file."""
+    uses = Counter(keys)  # a key listed twice is handed out twice
+    held: dict[str, bytes | None] = {}
+    spilled: dict[str, tuple[int, int]] = {}
+    position = 0
+    with tempfile.TemporaryFile(prefix="dalle-images-") as spill:
+        for batch in iter_raw_shard(storage, rel, columns=["key", RAW_IMAGE_COLUMN]):
+            if position == len(keys):
+                break
+            batch_keys = batch.column(0).to_pylist()
+            wanted = [
+                n
+                for n, key in enumerate(batch_keys)
+                if key in uses and key not in held and key not in spilled
+            ]
+            if not wanted:
+                continue
+            bodies = batch.column(1).take(pa.array(wanted, pa.int64())).to_pylist()
+            for n, body in zip(wanted, bodies):
+                key = batch_keys[n]
+                if key == keys[position] or len(held) < in_memory or body is None:
+                    held[key] = body
+                else:
+                    spill.seek(0, io.SEEK_END)
+                    spilled[key] = (spill.tell(), len(body))
+                    spill.write(body)
+                while position < len(keys) and (keys[position] in held or keys[position] in spilled):
+                    key = keys[position]
+                    if key in held:
+                        image = held[key]
+                    else:
+                        offset, size = spilled[key]
+                        spill.seek(offset)
+                        image = spill.read(size)
+                    position += 1
+                    uses[key] -= 1
+                    if not uses[key]:
+                        del uses[key]
+                        held.pop(key, None)
+                        spilled.pop(key, None)
+                    yield image  # type: ignore[misc]
+    if position < len(keys):
+        raise CrawlError(
+            f"{storage.uri(rel)} has no row with key {keys[position]!r}, which the filter stage read there; "
+            "the raw shard changed since: run the curation again"
+        )
 
 
 def passing_pairs(storage: Storage) -> tuple[list[bytes], list[str]]:
-    """Image bytes and captions of the pairs that passed the rule filters (what the small CLIP learns from)."""
+    """Image bytes and captions of the pairs that passed the rule filters (what the small CLIP learns
+    from). All of them at once: the CLIP's trainer draws its batches from the whole set."""
     rows = passing_rows(storage)
-    return images_for(storage, rows), [r["caption"] for r in rows]
+    images = [image for _, chunk in iter_images(storage, rows) for image in chunk]
+    return images, [r["caption"] for r in rows]
 
 
 def decode_rgb(data: bytes) -> Image.Image:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from dalle.config import RunConfig
 from dalle.curate.crawl import batch_manifests
-from dalle.curate.fates import PASS, images_for, passing_rows
+from dalle.curate.fates import PASS, iter_images, passing_rows
 from dalle.runroot import (
     CURATE_REPORT,
     CURATED_DIR,
@@ -98,7 +98,7 @@ def write_curated(storage: Storage, cfg: RunConfig, clip_identity: str) -> dict:
         if not chunk:
             break
         sources = [filter_rows[e["uid"]] for e in chunk]
-        images = images_for(storage, sources)
+        images = [image for _, part in iter_images(storage, sources) for image in part]
         table = pa.Table.from_pylist(
             [
                 {
