@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Every other package comes at the version constraints.txt pins (`make lock` rewrites it).
 CONSTRAINTS := constraints.txt
 DEMO_OUT ?= runs/demo
+# `make test` runs the suite in this many pytest-xdist workers, a test file per worker at a time
+# (much of the suite waits on servers, leases and child processes; each worker's torch uses one thread).
+TEST_WORKERS ?= 2
 # `make lock`: the tools it installs (uv resolves), and the aarch64 TORCH_SPEC the lock must also allow.
 LOCK_TOOLS ?= uv==0.13.9 packaging==26.4
 LOCK_CHECK_TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
@@ -35,7 +38,7 @@ demo: install
 # trajectory only fails here, where it is written. `make test-paths` runs them on every path
 # and five seeds. The paths are defined in tests/kernel_paths.py.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 	$(BIN)/python tests/kernel_paths.py --paths avx2 --seeds 1
 
 test-paths: install

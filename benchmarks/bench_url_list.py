@@ -1,14 +1,18 @@
-"""Reading a URL list of 10 million rows: time and peak memory of the streamed reader.
+"""Reading a URL list of 10 million rows: time and peak memory of the streamed reader and prepare_input.
 
-Writes a TSV list of --rows rows (URL and caption, about 650 MB for 10 million), then reads it in
+Writes a TSV list of --rows rows (URL and caption, about 800 MB for 10 million), then reads it in
 fresh processes and records each one's peak resident memory (VmHWM on Linux, else ru_maxrss) and
 time:
 
 - floor: the imports only;
 - streamed: `iter_url_list`, batch by batch (what a streaming consumer holds);
-- table: `read_url_list`, the whole list as one Arrow table (what the crawl's input step gets);
+- table: `read_url_list`, the whole list as one Arrow table (what the crawl's input step held before
+  it streamed);
 - whole_file (the baseline, as the reader did before it streamed): the file's bytes in memory and
-  parsed at once with pyarrow's CSV reader, before any row is normalised.
+  parsed at once with pyarrow's CSV reader, before any row is normalised;
+- prepare_input: the crawl's input step on the list (robots.txt not checked, so nothing is fetched):
+  it streams the list into raw/_input/ and holds the digests of its URLs (24 bytes a row) for
+  repeats; measured against prepare_floor, the imports of the crawl module (img2dataset, torch).
 
     python benchmarks/bench_url_list.py                 # 10,000,000 rows
     python benchmarks/bench_url_list.py --rows 200000   # a quick run
@@ -39,21 +43,35 @@ except OSError:
 print(json.dumps({"peak_mib": round(_kib / 1024, 1), "seconds": round(time.perf_counter() - _t0, 2)}))
 """
 
+_READER = "from dalle.curate.urls import iter_url_list, read_url_list"
+_CRAWL = "from dalle.curate.crawl import prepare_input\nfrom dalle.storage import Storage"
+
+# Each mode: (what it imports before the clock starts, what it runs); a mode's peak is compared with
+# the floor that imports the same.
 MODES = {
-    "floor": "",
-    "streamed": "rows = sum(b.num_rows for b in iter_url_list(uri, CrawlConfig()))",
-    "table": "rows = read_url_list(uri, CrawlConfig()).num_rows",
-    "whole_file": textwrap.dedent(
-        """
-        import io
-        import pyarrow.csv as pacsv
-        data = open(uri, "rb").read()
-        rows = pacsv.read_csv(
-            io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter="\\t", quote_char=False)
-        ).num_rows
-        """
+    "floor": (_READER, ""),
+    "streamed": (_READER, "rows = sum(b.num_rows for b in iter_url_list(uri, CrawlConfig()))"),
+    "table": (_READER, "rows = read_url_list(uri, CrawlConfig()).num_rows"),
+    "whole_file": (
+        _READER,
+        textwrap.dedent(
+            """
+            import io
+            import pyarrow.csv as pacsv
+            data = open(uri, "rb").read()
+            rows = pacsv.read_csv(
+                io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter="\\t", quote_char=False)
+            ).num_rows
+            """
+        ),
+    ),
+    "prepare_floor": (_CRAWL, ""),
+    "prepare_input": (
+        _CRAWL,
+        "rows = prepare_input(uri, Storage(uri + '.run'), CrawlConfig(respect_robots_txt=False)).to_crawl",
     ),
 }
+FLOORS = {"prepare_input": "prepare_floor"}  # the others': floor
 
 
 def write_list(path: Path, rows: int) -> None:
@@ -66,13 +84,14 @@ def write_list(path: Path, rows: int) -> None:
 
 
 def measure(uri: str, mode: str) -> dict:
+    imports, work = MODES[mode]
     code = "\n".join(
         [
             "from dalle.config import CrawlConfig",
-            "from dalle.curate.urls import iter_url_list, read_url_list",
+            imports,
             f"uri = {uri!r}",
             "import time; _t0 = time.perf_counter()",
-            MODES[mode],
+            work,
             _PEAK,
         ]
     )
@@ -95,20 +114,25 @@ def main() -> None:
         written_s = time.perf_counter() - started
         file_mib = path.stat().st_size / (1 << 20)
         figures = {mode: measure(str(path), mode) for mode in MODES}
-    floor = figures["floor"]["peak_mib"]
+    floors = {"floor", *FLOORS.values()}
     result = {
         "benchmark": "url_list",
         "rows": args.rows,
         "file_mib": round(file_mib, 1),
         "write_s": round(written_s, 1),
         **{f"{mode}_peak_mib": f["peak_mib"] for mode, f in figures.items()},
-        **{f"{mode}_s": f["seconds"] for mode, f in figures.items() if mode != "floor"},
+        **{f"{mode}_s": f["seconds"] for mode, f in figures.items() if mode not in floors},
         **{
-            f"{mode}_above_floor_mib": round(f["peak_mib"] - floor, 1)
+            f"{mode}_above_floor_mib": round(
+                f["peak_mib"] - figures[FLOORS.get(mode, "floor")]["peak_mib"], 1
+            )
             for mode, f in figures.items()
-            if mode != "floor"
+            if mode not in floors
         },
-        "streamed_rows_per_s": round(args.rows / max(figures["streamed"]["seconds"], 1e-9)),
+        **{
+            f"{mode}_rows_per_s": round(args.rows / max(figures[mode]["seconds"], 1e-9))
+            for mode in ("streamed", "prepare_input")
+        },
     }
     for key, value in result.items():
         print(f"{key}: {value}")

@@ -10,7 +10,8 @@ import pytest
 # Before anything imports torch, Prefect or open_clip: no telemetry, no model hub, two cores.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Two cores: one test at a time uses both; under pytest-xdist's two workers each uses one.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 

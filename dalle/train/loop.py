@@ -13,10 +13,12 @@ import contextlib
 import hashlib
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -197,6 +199,10 @@ def train(
 
 
 def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_metrics) -> str:
+    # Every global generator a model, a library or a future change may draw from, not only torch's:
+    # a run is repeatable from its seed, and a resumed one restores them from its checkpoint.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(info.device)
     meta = task.model_meta()
