@@ -17,6 +17,11 @@ from dalle.config import ConfigError, RunConfig, load_config
 from dalle.runroot import CLIP, DVAE, MODEL_NAMES, TRANSFORMER
 from flows.output import command_output, show_error, show_result
 
+# `dalle plan` plans the LAION config's models unless told otherwise (a paper-shaped dVAE and a 1024-wide transformer).
+PLAN_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "laion.yaml"
+)
+
 
 def with_networks(cfg: RunConfig, networks: Sequence[str] | None) -> RunConfig:
     if networks:
@@ -57,8 +62,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def show_pipeline_result(result: dict) -> None:
     """The pipeline's result: the whole dict under --json; the reports and the gallery for people."""
+    from dalle.timings import timings_text
+
     text = report_text(result["root"], result["curate"]) + _eval_text(result.get("eval"))
-    show_result(result, f"{text}\n\ngallery: {result['gallery']}")
+    times = timings_text(result.get("timings") or {})
+    show_result(result, text + (f"\n\n{times}" if times else "") + f"\n\ngallery: {result['gallery']}")
 
 
 def _eval_text(evaluation: dict | None) -> str:
@@ -160,6 +168,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dalle.plan import check_request, model_shapes, plan, plan_text, plans_table
+
+    cfg = load_config(args.config or PLAN_CONFIG)
+    overrides = dict(args.set or [])
+    check_request(args.gpus, args.epochs, overrides)  # a bad value is named before the models are built
+    shapes = model_shapes(cfg)
+    results = [plan(cfg, pairs, args.gpus, args.epochs, overrides, shapes) for pairs in args.pairs]
+    if len(results) == 1:
+        show_result(results[0], plan_text(results[0]))
+    else:
+        show_result({"plans": results}, plans_table(results))
+    return 0
+
+
 class CommandLineError(SystemExit):
     """A command line argparse rejects (exit status 2, as argparse's own); `message` is its error line."""
 
@@ -196,6 +219,35 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
     return value
+
+
+def pair_count(text: str) -> list[int]:
+    """argparse type: counts of pairs, comma-separated, each a whole number or with k, M or B (3M)."""
+    counts = []
+    for part in text.split(","):
+        part = part.strip()
+        scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(part[-1:].lower(), 1)
+        number = part[:-1] if scale != 1 else part
+        try:
+            value = float(number) * scale
+        except ValueError:
+            value = 0.0
+        if not (math.isfinite(value) and value >= 1 and value == int(value)):
+            raise argparse.ArgumentTypeError(f"must be pair counts such as 3M or 1000000,400M, not {text!r}")
+        counts.append(int(value))
+    return counts
+
+
+def figure_setting(text: str) -> tuple[str, float]:
+    """argparse type: NAME=NUMBER, a figure of `dalle plan` replaced."""
+    name, sep, number = text.partition("=")
+    try:
+        value = float(number) if sep and name else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER (e.g. mfu_train=0.35), not {text!r}")
+    return name.strip(), value
 
 
 def location(text: str) -> str:
@@ -433,6 +485,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--replace",
         action="store_true",
         help="delete deployments of the same names that `prefect deploy` registered for work pools",
+    )
+
+    plan_cmd = add_command(
+        commands,
+        "plan",
+        run=cmd_plan,
+        help="what a run of N pairs costs per stage: storage, node-hours, GPU-hours, dedup memory",
+        description="Estimate a run before starting it: storage per stage, crawl node-hours, CLIP embedding\n"
+        "GPU-hours, the dedup index's memory and time, tokenize GPU-hours and transformer GPU-days, from\n"
+        "the config's model shapes and from throughputs that say where each comes from (measured by\n"
+        "this repository's benchmarks, published, computed from the model code, or assumed). See\n"
+        "docs/scaling.md.",
+        examples=[
+            "dalle plan --pairs 3M --gpus 8",
+            "dalle plan --pairs 1M,12M,100M,400M --gpus 64 --config configs/laion.yaml",
+            "dalle plan --pairs 400M --gpus 256 --set mfu_train=0.35 --set download_success=0.55",
+        ],
+    )
+    plan_cmd.add_argument(
+        "--pairs", type=pair_count, required=True, help="URL-list rows: 3M, or 1M,100M,400M"
+    )
+    plan_cmd.add_argument("--gpus", type=positive_int, default=8, help="GPUs for the GPU stages (default 8)")
+    plan_cmd.add_argument(
+        "--epochs", type=finite_float, default=1.0, help="passes of the transformer (default 1)"
+    )
+    plan_cmd.add_argument(
+        "--config", type=location, help=f"run configuration whose models are planned (default: {PLAN_CONFIG})"
+    )
+    plan_cmd.add_argument(
+        "--set", type=figure_setting, action="append", metavar="NAME=VALUE", help="replace a throughput"
     )
 
     checkpoint = "runs/mine/models/transformer/step_00020000"

@@ -248,3 +248,27 @@ def announce_shards(root: str, summary: dict[str, Any]) -> None:
         resource={"prefect.resource.id": uri, "dalle.root": uri},
         payload={k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
     )
+
+
+def timed(stage: str):
+    """Decorate a task that has a `root` parameter (the run root): its wall time becomes a run of
+    `stage` in reports/timings.json (dalle/timings.py). Put it under @task, so each retry is timed too."""
+    import functools
+    import inspect
+
+    from dalle.timings import timed_stage
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+        if "root" not in signature.parameters:
+            raise TypeError(f"@timed needs a task with a `root` parameter; {fn.__name__} has none")
+
+        @functools.wraps(fn)
+        def timed_fn(*args, **kwargs):
+            root = signature.bind(*args, **kwargs).arguments["root"]
+            with timed_stage(Storage(root), stage):
+                return fn(*args, **kwargs)
+
+        return timed_fn
+
+    return wrap

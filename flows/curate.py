@@ -20,12 +20,13 @@ from dalle.models.clip import ClipModel, load_clip
 from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
 from dalle.train.launch import launch
-from flows.common import Progress, announce_checkpoint, literal_markdown, timeout, trainer_slot
+from flows.common import Progress, announce_checkpoint, literal_markdown, timed, timeout, trainer_slot
 from flows.common import log as _log
 from flows.common import retry_unless_user_error as _retry_unless_user_error
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+@timed("prepare_input")
 def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
     storage = Storage(root)
     run_config(storage, cfg)  # checks the root is writable, then keeps the configuration with the run
@@ -37,6 +38,7 @@ def prepare_input(urls: str, root: str, cfg: RunConfig) -> dict:
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
+@timed("crawl")
 def crawl(root: str, cfg: RunConfig, prepared: dict) -> list[str]:
     shards = crawl_lib.run_crawl(Storage(root), cfg.crawl, crawl_lib.PreparedInput(**prepared), log=_log)
     _log(f"{len(shards)} raw shards finished under {Storage(root).uri(RAW_DIR)}")
@@ -44,6 +46,7 @@ def crawl(root: str, cfg: RunConfig, prepared: dict) -> list[str]:
 
 
 @task
+@timed("filter")
 def apply_filters(root: str, cfg: RunConfig, shards: list[str]) -> dict:
     counts = filters.filter_stage(Storage(root), cfg)
     _log(f"rule filters: {counts}")
@@ -66,6 +69,7 @@ def record_unscored(root: str, cfg: RunConfig) -> None:
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_user_error)
+@timed("train_clip")
 def train_clip(root: str, cfg: RunConfig, filtered: dict) -> str | None:
     """The small CLIP, trained on the shared loop (resumed, or left as it is once at train_clip.max_steps),
     unless a pretrained CLIP or checkpoint is configured (None)."""
@@ -83,6 +87,7 @@ def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
 
 
 @task
+@timed("score")
 def score(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
     counts = embed.score_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
     _log(f"CLIP-score filter: {counts}")
@@ -90,6 +95,7 @@ def score(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
 
 
 @task
+@timed("dedup")
 def deduplicate(root: str, cfg: RunConfig, clip_uri: str | None, scored: dict) -> dict:
     report = dedup.dedup_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
     _log(f"dedup: {report['duplicates_exact']} exact, {report['duplicates_near']} near duplicates")
@@ -97,6 +103,7 @@ def deduplicate(root: str, cfg: RunConfig, clip_uri: str | None, scored: dict) -
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+@timed("publish")
 def write_curated(root: str, cfg: RunConfig, clip_uri: str | None, dedup_report: dict) -> dict:
     return ledger.write_curated(Storage(root), cfg, dedup_report["clip_model"])
 

@@ -20,7 +20,7 @@ from dalle.sample.gallery import draw_gallery
 from dalle.sample.page import write_standalone_page
 from dalle.sample.rerank import describe_sampling
 from dalle.storage import Storage, StorageError
-from flows.common import Progress, link_target, literal_markdown, log, retry_unless_user_error, timeout
+from flows.common import Progress, link_target, literal_markdown, log, retry_unless_user_error, timed, timeout
 
 
 def path_in_root(storage: Storage, location: str) -> str:
@@ -40,6 +40,7 @@ def transformer_checkpoint(storage: Storage, location: str) -> str:
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+@timed("gallery")
 def draw(root: str, checkpoint: str, config: dict[str, Any] | str | None) -> dict:
     storage = Storage(root)
     rel = transformer_checkpoint(storage, checkpoint)

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow
 
 from dalle.config import ConfigError, Location, as_config
-from dalle.runroot import EVAL_REPORT, GALLERY_INDEX
+from dalle.runroot import EVAL_REPORT, GALLERY_INDEX, TIMINGS_REPORT
 from dalle.storage import Storage
 from flows.curate import curate_flow
 from flows.tokens import tokenize_flow
@@ -31,4 +31,11 @@ def pipeline_flow(root: Location, config: dict[str, Any] | str | None = None) ->
     train_transformer_flow(root)
     storage = Storage(root)
     evaluation = storage.read_json(EVAL_REPORT) if storage.exists(EVAL_REPORT) else None
-    return {"root": storage.root, "curate": report, "gallery": storage.uri(GALLERY_INDEX), "eval": evaluation}
+    timings = storage.read_json(TIMINGS_REPORT) if storage.exists(TIMINGS_REPORT) else None
+    return {
+        "root": storage.root,
+        "curate": report,
+        "gallery": storage.uri(GALLERY_INDEX),
+        "eval": evaluation,
+        "timings": timings,
+    }

@@ -19,11 +19,13 @@ from flows.common import (
     literal_markdown,
     log,
     retry_unless_user_error,
+    timed,
     timeout,
 )
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+@timed("tokenize")
 def tokenize(root: str, config: dict[str, Any] | str | None) -> dict:
     storage = Storage(root)
     cfg = run_config(storage, config)

@@ -25,6 +25,7 @@ from dalle.runroot import (
     run_config,
 )
 from dalle.storage import Storage
+from dalle.timings import timed_stage
 from dalle.train.launch import launch, step_target, training_settings
 from flows.common import Progress, announce_checkpoint, log, retry_unless_user_error, timeout, trainer_slot
 
@@ -132,6 +133,7 @@ def train_model(
     with (
         trainer_slot(root, cfg.orchestration.trainer_wait_s, cfg.orchestration.trainer_lease_s),
         timeout(cfg.orchestration.train_timeout_s, "orchestration.train_timeout_s"),
+        timed_stage(storage, f"train_{model}"),  # once the slot is held: waiting for it is not training
     ):
         latest = latest_checkpoint(storage, model, damaged_as_none=True)  # the trainer warns and falls back
         progress = TrainingProgress(

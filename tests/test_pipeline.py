@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,16 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     assert "zero-shot evaluation (step 6" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == f"gallery: {storage.uri(GALLERY_INDEX)}"
     assert "sampled with samples_per_prompt 4, top 2" in done.stdout
+    # Every stage's wall time, in reports/timings.json and at the end of the output.
+    timings = storage.read_json("reports/timings.json")
+    stages = ["prepare_input", "crawl", "filter", "train_clip", "score", "dedup", "publish"]
+    stages += ["train_dvae", "tokenize", "train_transformer", "gallery"]
+    assert list(timings["stages"]) == stages
+    assert all(timings["stages"][name]["seconds"] > 0 for name in stages)
+    assert timings["stages"]["gallery"]["runs"] == 2  # the checkpoints at steps 3 and 6
+    assert timings["total_s"] == pytest.approx(sum(s["seconds"] for s in timings["stages"].values()), abs=0.01)
+    assert "wall time per stage (reports/timings.json)" in done.stdout
+    assert re.search(r"^  train_transformer +[0-9]", done.stdout, re.MULTILINE)
 
     # The sampling benchmark compares settings on this run's last checkpoint, writing nothing to it.
     files_before = sorted(p for p in root.rglob("*") if p.is_file())
