@@ -109,7 +109,9 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     assert list(timings["stages"]) == stages
     assert all(timings["stages"][name]["seconds"] > 0 for name in stages)
     assert timings["stages"]["gallery"]["runs"] == 2  # the checkpoints at steps 3 and 6
-    assert timings["total_s"] == pytest.approx(sum(s["seconds"] for s in timings["stages"].values()), abs=0.01)
+    assert timings["total_s"] == pytest.approx(
+        sum(s["seconds"] for s in timings["stages"].values()), abs=0.01
+    )
     assert "wall time per stage (reports/timings.json)" in done.stdout
     assert re.search(r"^  train_transformer +[0-9]", done.stdout, re.MULTILINE)
 

@@ -28,7 +28,9 @@ def test_each_run_of_a_stage_adds_its_time_and_the_summary_follows_the_pipeline_
     assert summary["stages"]["train_transformer"]["seconds"] == pytest.approx(
         sum(run["seconds"] for run in runs), abs=0.002
     )
-    assert summary["total_s"] == pytest.approx(sum(s["seconds"] for s in summary["stages"].values()), abs=0.01)
+    assert summary["total_s"] == pytest.approx(
+        sum(s["seconds"] for s in summary["stages"].values()), abs=0.01
+    )
     assert write_summary(storage) == summary  # rebuilt from the stages' files, nothing else
 
     text = timings_text(summary)
