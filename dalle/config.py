@@ -273,13 +273,36 @@ class DedupConfig(_Section):
         description="Cosine similarity at or above which two images are near duplicates; "
         "default 0.95 for CLIP embeddings, 0.99 for patch tokens.",
     )
-    ivf_min_size: int = Field(
+    partition_min_size: int = Field(
         50_000,
         ge=1,
-        description="From this many vectors on, search with an IVF index instead of exact search.",
+        description="From this many vectors on, the vectors are partitioned (`partition`) and searched part "
+        "by part, instead of exactly all against all.",
     )
-    ivf_nlist: int | None = Field(None, ge=1, description="IVF cells; default about 4*sqrt(N).")
-    ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query.")
+    partition: Literal["clusters", "ivf"] = Field(
+        "clusters",
+        description="How large sets are partitioned: clusters (spherical k-means, exact products inside each "
+        "cluster, vectors near a boundary in up to `max_clusters_per_vector` clusters) or ivf (a FAISS "
+        "IVF-Flat index searched at ivf_nprobe).",
+    )
+    clusters: int | None = Field(
+        None, ge=1, description="k-means clusters for partition: clusters; default about sqrt(N)."
+    )
+    boundary_margin: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="partition clusters: a vector also joins every cluster whose centroid is at most this share "
+        "of the exact bound (2 x the largest near-duplicate distance) farther than its own; 1 finds every pair "
+        "whose ends share one of their max_clusters_per_vector nearest clusters.",
+    )
+    max_clusters_per_vector: int = Field(
+        3, ge=1, le=16, description="partition clusters: the most clusters one vector is searched in."
+    )
+    ivf_nlist: int | None = Field(
+        None, ge=1, description="IVF cells (partition: ivf); default about 4*sqrt(N)."
+    )
+    ivf_nprobe: int = Field(16, ge=1, description="IVF cells visited per query (partition: ivf).")
     recall_sample: int = Field(
         500, ge=1, description="Queries used to measure the index's recall against brute force."
     )
@@ -823,6 +846,12 @@ def _from_older_release(data: dict[str, Any], origin: str) -> dict[str, Any]:
         if not source.get("urls"):  # no URL list: it was a run of the built-in demo world
             data["plugins"] = {"demo": world, **(data.get("plugins") or {})}
             data["gallery"] = {"evaluator": "demo.evaluation", **(data.get("gallery") or {})}
+    dedup = data.get("dedup")
+    if isinstance(dedup, dict) and "ivf_min_size" in dedup:  # before large sets could be clustered
+        dedup = {**dedup}
+        dedup.setdefault("partition_min_size", dedup.pop("ivf_min_size"))
+        dedup.pop("ivf_min_size", None)
+        data["dedup"] = dedup
     clip = data.get("clip")
     if isinstance(clip, dict) and isinstance(clip.get("train"), dict):
         clip = {**clip}

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from dalle.config import DedupConfig
-from dalle.curate.dedup import build_index, deduplicate, exact_groups, measure_recall, near_pairs
+from dalle.curate.dedup import (
+    build_index,
+    clustered_pairs,
+    deduplicate,
+    exact_groups,
+    measure_recall,
+    near_duplicate_pairs,
+    near_pairs,
+)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -79,7 +87,9 @@ def test_planted_near_duplicates_found_with_ivf_index():
     n, dups = 25_000, 300  # large enough that nlist = 4*sqrt(N) is not capped by training points
     vectors, originals, copies = random_with_planted(n, 64, dups, seed=1)
     uids, sha, scores = table(n, seed=1)
-    cfg = DedupConfig(near_threshold=0.95, ivf_min_size=1000, ivf_nprobe=8, recall_sample=5000)
+    cfg = DedupConfig(
+        near_threshold=0.95, partition_min_size=1000, partition="ivf", ivf_nprobe=8, recall_sample=5000
+    )
 
     result = deduplicate(uids, sha, vectors, scores, cfg)
 
@@ -98,7 +108,7 @@ def test_ivf_recall_is_measured_not_assumed():
     # One probed cell out of many: the index misses pairs that straddle cells, and recall says so.
     vectors, _, _ = random_with_planted(4000, 32, 400, seed=2)
     vectors[-400:] = unit(vectors[-400:] + np.random.default_rng(3).standard_normal((400, 32)) * 0.12)
-    cfg = DedupConfig(ivf_min_size=1, ivf_nlist=64, ivf_nprobe=1)
+    cfg = DedupConfig(partition_min_size=1, partition="ivf", ivf_nlist=64, ivf_nprobe=1)
     index, description = build_index(vectors, cfg)
     assert description["index"] == "ivf"
     ivf_recall = measure_recall(vectors, 0.9, index, sample_size=4000, seed=0)
@@ -212,9 +222,93 @@ def test_mismatched_lengths_are_an_error():
 
 def test_ivf_cells_are_capped_so_each_gets_enough_training_points():
     vectors, _, _ = random_with_planted(2000, 16, 0)
-    _, default = build_index(vectors, DedupConfig(ivf_min_size=1000))
+    _, default = build_index(vectors, DedupConfig(partition_min_size=1000, partition="ivf"))
     assert default["nlist"] == 2000 // 39  # 4*sqrt(2000) ~ 179 cells would get ~11 points each
-    _, chosen = build_index(vectors, DedupConfig(ivf_min_size=1000, ivf_nlist=20, ivf_nprobe=4))
+    _, chosen = build_index(
+        vectors, DedupConfig(partition_min_size=1000, partition="ivf", ivf_nlist=20, ivf_nprobe=4)
+    )
     assert (chosen["index"], chosen["nlist"], chosen["nprobe"]) == ("ivf", 20, 4)
-    _, flat = build_index(vectors, DedupConfig(ivf_min_size=2001))
+    _, flat = build_index(vectors, DedupConfig(partition_min_size=2001, partition="ivf"))
     assert flat["index"] == "flat"
+
+
+def clustered_with_pairs(n: int, dim: int, threshold: float, seed: int):
+    """Unit vectors in tight uneven clusters, with copies planted at cosines on both sides of threshold."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((12, dim)))
+    label = rng.choice(12, size=n, p=np.arange(12, 0, -1) / 78)  # uneven cluster sizes
+    vectors = unit(centres[label] + rng.standard_normal((n, dim)).astype(np.float32) * 0.9 / np.sqrt(dim))
+    planted = n // 20
+    rows = rng.choice(n, size=2 * planted, replace=False)
+    bases, copies = rows[:planted], rows[planted:]
+    cosines = rng.uniform(threshold - 0.02, threshold + 0.02, planted)
+    direction = rng.standard_normal((planted, dim)).astype(np.float32)
+    direction -= np.einsum("ij,ij->i", direction, vectors[bases])[:, None] * vectors[bases]
+    direction = unit(direction)
+    vectors[copies] = unit(cosines[:, None] * vectors[bases] + np.sqrt(1 - cosines[:, None] ** 2) * direction)
+    return vectors.astype(np.float32), bases, copies, cosines
+
+
+def _flat_pairs(vectors, threshold):
+    index, _ = build_index(vectors, DedupConfig(near_threshold=threshold))
+    i, j, _ = near_pairs(index, vectors, threshold)
+    return set(zip(i.tolist(), j.tolist()))
+
+
+def test_clustered_search_with_the_whole_bound_finds_exactly_the_brute_force_pairs():
+    vectors, _, _, cosines = clustered_with_pairs(6000, 32, 0.95, seed=5)
+    truth = _flat_pairs(vectors, 0.95)
+    assert sum(cosines >= 0.95) > 100 and sum(cosines < 0.95) > 100  # both sides of the threshold
+    cfg = DedupConfig(near_threshold=0.95, clusters=24, boundary_margin=1.0, max_clusters_per_vector=16)
+    i, j, description = clustered_pairs(vectors, 0.95, cfg)
+    assert description["index"] == "clusters" and description["clusters"] == 24
+    assert set(zip(i.tolist(), j.tolist())) == truth
+    # Each vector in its nearest cluster only: the pairs whose ends lie in different clusters are lost,
+    # so there were such pairs, and the bound found them.
+    alone = DedupConfig(near_threshold=0.95, clusters=24, boundary_margin=0.0, max_clusters_per_vector=1)
+    i, j, description = clustered_pairs(vectors, 0.95, alone)
+    assert description["clusters_per_vector"] == 1.0
+    assert set(zip(i.tolist(), j.tolist())) < truth
+
+
+def test_clustered_search_at_its_defaults_keeps_recall_and_never_reports_a_pair_below_threshold():
+    vectors, bases, copies, cosines = clustered_with_pairs(20_000, 32, 0.95, seed=6)
+    truth = _flat_pairs(vectors, 0.95)
+    cfg = DedupConfig(near_threshold=0.95, partition_min_size=10_000)
+    i, j, description = near_duplicate_pairs(vectors, 0.95, cfg)
+    found = set(zip(i.tolist(), j.tolist()))
+    assert description["index"] == "clusters" and description["clusters"] == round(np.sqrt(20_000))
+    assert found <= truth  # exact products: nothing below the threshold
+    assert len(found) / len(truth) >= 0.99
+    planted_above = {(min(a, b), max(a, b)) for a, b, c in zip(bases, copies, cosines) if c >= 0.95}
+    assert len(planted_above & found) / len(planted_above) >= 0.99
+
+    uids, sha, scores = table(len(vectors), seed=6)
+    result = deduplicate(uids, sha, vectors, scores, cfg)
+    assert result.report["index"]["index"] == "clusters"
+    assert result.report["recall"] is None or result.report["recall"] >= 0.99
+    assert set(result.report["index"]["seconds"]) == {"kmeans", "assign", "search"}
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        ({"boundary_margin": 1.5}, "boundary_margin"),
+        ({"boundary_margin": -0.1}, "boundary_margin"),
+        ({"max_clusters_per_vector": 0}, "max_clusters_per_vector"),
+        ({"clusters": 0}, "clusters"),
+        ({"partition": "lsh"}, "partition"),
+    ],
+)
+def test_bad_partition_settings_are_named(change, name):
+    from dalle.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=name):
+        config_from_dict({"dedup": change}, origin="test")
+
+
+def test_a_config_of_an_older_release_keeps_its_ivf_size():
+    from dalle.config import config_from_dict
+
+    cfg = config_from_dict({"dedup": {"ivf_min_size": 1234, "ivf_nprobe": 4}}, origin="old run root")
+    assert cfg.dedup.partition_min_size == 1234 and cfg.dedup.ivf_nprobe == 4

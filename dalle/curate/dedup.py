@@ -67,13 +67,22 @@ def exact_groups(sha256: Sequence[str]) -> list[np.ndarray]:
     return [group for group in np.split(order, bounds) if len(group) >= 2]
 
 
+def _chunks(n: int, size: int) -> Iterable[slice]:
+    return (slice(start, min(n, start + size)) for start in range(0, n, size))
+
+
 def _unit_vectors(vectors: np.ndarray, uids: Sequence[str] | None = None) -> np.ndarray:
-    """float32, C-contiguous, L2-normalised copy; NaN, inf or all-zero rows are an error."""
-    vectors = np.asarray(vectors, dtype=np.float32)
+    """float32, C-contiguous, L2-normalised: the array itself when it already is one (no copy of a
+    million vectors per step), else a normalised copy. NaN, inf or all-zero rows are an error."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be a 2-D array (rows, dim), got shape {vectors.shape}")
-    bad_value = ~np.isfinite(vectors).all(axis=1)
-    norms = np.linalg.norm(vectors, axis=1)
+    bad_value = np.zeros(len(vectors), bool)
+    norms = np.empty(len(vectors), np.float64)
+    for rows in _chunks(len(vectors), 65_536):  # no temporary the size of the whole matrix
+        part = vectors[rows]
+        bad_value[rows] = ~np.isfinite(part).all(axis=1)
+        norms[rows] = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64))
     bad = bad_value | (norms == 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -83,7 +92,9 @@ def _unit_vectors(vectors: np.ndarray, uids: Sequence[str] | None = None) -> np.
             f"image vector of {who} {problem} ({int(bad.sum())} such rows in all); "
             "re-run the embed stage for these images or drop them before dedup"
         )
-    return np.ascontiguousarray(vectors / norms[:, None], dtype=np.float32)
+    if np.abs(norms - 1).max(initial=0.0) <= 1e-6:
+        return vectors
+    return np.ascontiguousarray(vectors / norms[:, None].astype(np.float32), dtype=np.float32)
 
 
 def choose_nlist(n: int, cfg: DedupConfig) -> int:
@@ -93,10 +104,11 @@ def choose_nlist(n: int, cfg: DedupConfig) -> int:
 
 
 def build_index(vectors: np.ndarray, cfg: DedupConfig) -> tuple[faiss.Index, dict[str, Any]]:
-    """Inner-product index over the (normalised) vectors: exact flat below cfg.ivf_min_size, IVF from it on."""
+    """Inner-product index over the (normalised) vectors: exact flat below cfg.partition_min_size, IVF
+    from it on (the index of `partition: ivf`)."""
     vectors = _unit_vectors(vectors)
     n, dim = vectors.shape
-    if n < cfg.ivf_min_size:
+    if n < cfg.partition_min_size:
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
         return index, {"index": "flat", "nlist": None, "nprobe": None}
@@ -149,6 +161,141 @@ def near_pairs(
     i, j, sim = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_sim)
     _, first = np.unique(i * n + j, return_index=True)
     return i[first], j[first], sim[first]
+
+
+def near_duplicate_pairs(
+    vectors: np.ndarray, threshold: float, cfg: DedupConfig
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Pairs (i < j) of unit vectors with inner product >= threshold, by the search cfg chooses for
+    their number: exact all against all below cfg.partition_min_size, else part by part."""
+    if len(vectors) < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64), {"index": "flat", "nlist": None, "nprobe": None}
+    if len(vectors) >= cfg.partition_min_size and cfg.partition == "clusters":
+        return clustered_pairs(vectors, threshold, cfg)
+    index, description = build_index(vectors, cfg)
+    pair_i, pair_j, _ = near_pairs(index, vectors, threshold)
+    return pair_i, pair_j, description
+
+
+def clustered_pairs(
+    vectors: np.ndarray, threshold: float, cfg: DedupConfig
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Near-duplicate pairs by clusters, as SemDeDup partitions: spherical k-means on a sample, each
+    vector in its nearest cluster and in those nearly as near, then an exact range search inside
+    each cluster. Cost grows as N x (N / clusters + clusters) x dim, least at about sqrt(N) clusters.
+
+    Two near duplicates a, b (distance at most r) with nearest centroids c_a, c_b satisfy
+    |a - c_b| <= |a - c_a| + 2r, so a vector searched in every cluster within that bound of its own
+    shares a cluster with each of its near duplicates. `boundary_margin` scales the bound (1: the
+    whole bound, within the `max_clusters_per_vector` nearest clusters); what the smaller default
+    misses is measured by the recall sample (dedup.json) and in benchmarks/bench_dedup.py.
+    """
+    vectors = _unit_vectors(vectors)
+    n, dim = vectors.shape
+    started = time.perf_counter()
+    wanted = cfg.clusters if cfg.clusters is not None else round(math.sqrt(n))
+    k = int(max(1, min(wanted, n // _MIN_TRAIN_PER_CELL)))
+    rng = np.random.default_rng(_INDEX_SEED)
+    train_rows = np.sort(rng.choice(n, size=min(n, _MAX_TRAIN_PER_CELL * k), replace=False))
+    kmeans = faiss.Kmeans(
+        dim, k, niter=10, spherical=True, seed=_INDEX_SEED, max_points_per_centroid=_MAX_TRAIN_PER_CELL
+    )
+    kmeans.train(vectors[train_rows])
+    centroids = faiss.IndexFlatIP(dim)
+    centroids.add(kmeans.centroids)
+    trained = time.perf_counter()
+
+    # Each vector's nearest clusters by distance to the centroid (unit vectors: d^2 = 2 - 2 cos).
+    reach = min(cfg.max_clusters_per_vector, k)
+    bound = cfg.boundary_margin * 2 * math.sqrt(max(0.0, 2 - 2 * threshold))
+    members: list[np.ndarray] = []
+    clusters: list[np.ndarray] = []
+    for rows in _chunks(n, 65_536):
+        sims, nearest = centroids.search(vectors[rows], reach)
+        dist = np.sqrt(np.maximum(0.0, 2 - 2 * sims.astype(np.float64)))
+        joins = dist <= dist[:, :1] + bound + SIMILARITY_TOLERANCE
+        joins[:, 0] = True
+        row_ids = np.arange(rows.start, rows.stop)[:, None].repeat(reach, axis=1)
+        members.append(row_ids[joins])
+        clusters.append(nearest[joins])
+    member_rows = np.concatenate(members)
+    member_cluster = np.concatenate(clusters)
+    order = np.argsort(member_cluster, kind="stable")
+    member_rows, member_cluster = member_rows[order], member_cluster[order]
+    bounds = np.searchsorted(member_cluster, np.arange(k + 1))
+    assigned = time.perf_counter()
+
+    found_i, found_j = [], []
+    for c in range(k):
+        rows = member_rows[bounds[c] : bounds[c + 1]]
+        if len(rows) < 2:
+            continue
+        part = vectors[rows]
+        index = faiss.IndexFlatIP(dim)
+        index.add(part)
+        for queries in _chunks(len(rows), 8192):
+            q, ids, _ = range_neighbours(index, part[queries], threshold)
+            q = q + queries.start
+            keep = q < ids  # each pair once per cluster, never a vector with itself
+            found_i.append(rows[q[keep]])
+            found_j.append(rows[ids[keep]])
+    if found_i:
+        i, j = np.concatenate(found_i), np.concatenate(found_j)
+        low, high = np.minimum(i, j), np.maximum(i, j)
+        keys = np.unique(low.astype(np.int64) * n + high)  # a pair found in two clusters is one pair
+        pair_i, pair_j = keys // n, keys % n
+    else:
+        pair_i = pair_j = np.empty(0, np.int64)
+    sizes = np.diff(bounds)
+    return (
+        pair_i,
+        pair_j,
+        {
+            "index": "clusters",
+            "clusters": k,
+            "train_size": len(train_rows),
+            "clusters_per_vector": round(len(member_rows) / n, 3),
+            "largest_cluster": int(sizes.max()),
+            "boundary_margin": cfg.boundary_margin,
+            "max_clusters_per_vector": reach,
+            "seconds": {
+                "kmeans": round(trained - started, 3),
+                "assign": round(assigned - trained, 3),
+                "search": round(time.perf_counter() - assigned, 3),
+            },
+        },
+    )
+
+
+def pair_recall(
+    vectors: np.ndarray,
+    threshold: float,
+    pair_i: np.ndarray,
+    pair_j: np.ndarray,
+    sample_size: int,
+    seed: int = 0,
+) -> tuple[int, int, int]:
+    """(true pairs found, true pairs, queries): the brute-force pairs (>= threshold) of a seeded sample of
+    query rows, and how many of them are among the pairs (i, j) a search found, whichever search it was."""
+    vectors = _unit_vectors(vectors)
+    n = len(vectors)
+    if n == 0:
+        return 0, 0, 0
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
+    truth = []
+    for start in range(0, len(queries), 64):  # 64 x N similarities at a time (256 MB at a million)
+        chunk = queries[start : start + 64]
+        rows, ids = np.nonzero(vectors[chunk] @ vectors.T >= threshold)
+        rows = chunk[rows]
+        not_self = rows != ids
+        rows, ids = rows[not_self], ids[not_self]
+        truth.append(np.minimum(rows, ids).astype(np.int64) * n + np.maximum(rows, ids))
+    truth_keys = np.concatenate(truth)
+    if len(truth_keys) == 0:
+        return 0, 0, len(queries)
+    found_keys = np.asarray(pair_i, np.int64) * n + np.asarray(pair_j, np.int64)
+    return int(np.isin(truth_keys, found_keys).sum()), len(truth_keys), len(queries)
 
 
 def measure_recall(
@@ -247,28 +394,17 @@ def deduplicate(
 
     # Near stage over the exact survivors.
     t0 = time.perf_counter()
-    if len(reps) >= 2:
-        index, description = build_index(vectors[reps], cfg)
-    else:
-        index, description = None, {"index": "flat", "nlist": None, "nprobe": None}
-    timings["index_build"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if index is not None:
-        pair_i, pair_j, _ = near_pairs(index, vectors[reps], cfg.near_threshold)
-    else:
-        pair_i = pair_j = np.empty(0, np.int64)
+    searched = vectors[reps] if len(reps) < n else vectors
+    pair_i, pair_j, description = near_duplicate_pairs(searched, cfg.near_threshold, cfg)
     timings["search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if index is not None:
-        recall_found, recall_pairs, recall_queries = recall_counts(
-            vectors[reps], cfg.near_threshold, index, cfg.recall_sample, seed=0
-        )
-    else:
-        recall_found, recall_pairs, recall_queries = 0, 0, len(reps)
+    recall_found, recall_pairs, recall_queries = pair_recall(
+        searched, cfg.near_threshold, pair_i, pair_j, cfg.recall_sample, seed=0
+    )
     recall = recall_found / recall_pairs if recall_pairs else None
     timings["recall"] = time.perf_counter() - t0
+    del searched
 
     # Components over the exact survivors; a component of size >= 2 is a near group.
     m = len(reps)
