@@ -470,6 +470,47 @@ class TrainConfig(_Section):
         False, description="Shard parameters and optimizer state with FSDP instead of DDP (large models)."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Machines training together. Above 1, every node runs the same `python -m dalle.train "
+        "MODEL --out ROOT` on a run root they share (s3:// or a shared folder); they meet at rdzv_endpoint.",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        description="host:port where the nodes meet (torchrun's c10d rendezvous; the node whose address it "
+        "is serves it). Needed when nnodes > 1; a single node meets on a free loopback port.",
+    )
+    rdzv_id: str = Field(
+        "dalle",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of one multi-node training: the nodes of a run share it, two runs differ.",
+    )
+    node_addr: str | None = Field(
+        None,
+        description="Address this node is reached at by the others (torchrun --local-addr); default: "
+        "what its host name resolves to.",
+    )
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"rdzv_endpoint must be host:port, such as node0.cluster:29400, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _nodes_meet_somewhere(self) -> TrainConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"nnodes is {self.nnodes}, so the nodes need a place to meet: set rdzv_endpoint "
+                "(host:port of one of them, the same on every node)"
+            )
+        return self
 
 
 class GalleryConfig(_Section):

@@ -140,7 +140,7 @@ def train_model(
             model, latest.step if latest else 0, settings.max_steps, cfg.orchestration.progress_every_s
         )
         try:
-            if settings.nproc > 1:
+            if settings.nproc > 1 or settings.nnodes > 1:
                 with _CheckpointWatcher(storage, model, progress):
                     return launch(model, root, cfg, max_steps, resume, log=log)
             return launch(

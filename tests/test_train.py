@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from dalle.runroot import (
     FILTER_TABLE,
     SHARDS_MANIFEST,
     checkpoint_dir,
+    checkpoint_steps,
     latest_pointer,
     read_metrics,
     run_config,
@@ -30,7 +33,7 @@ from dalle.tokens.loader import ShardError, read_listed_shards
 from dalle.tokens.shards import ShardsMismatch, tokenize_stage
 from dalle.train.checkpoint import load_train_state
 from dalle.train.dvae import DVAETraining
-from dalle.train.launch import launch
+from dalle.train.launch import launch, torchrun_command
 from dalle.train.loop import TrainingDiverged, lr_factor, train
 from demo.world import WorldConfig, generate_samples
 
@@ -210,6 +213,47 @@ def test_a_run_killed_with_sigkill_resumes_with_the_losses_of_an_uninterrupted_r
 
 
 # ----- torchrun ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_the_configured_endpoint_and_train_as_one(tmp_path):
+    # Two "nodes" on one machine: each runs the command a node runs, `python -m dalle.train dvae --out ROOT`,
+    # with one process of its own; they meet at the rendezvous endpoint of the shared configuration.
+    root = str(tmp_path / "nodes")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    multi = {"nnodes": 2, "nproc": 1, "rdzv_endpoint": f"127.0.0.1:{port}", "rdzv_id": "two-nodes",
+             "node_addr": "127.0.0.1", "max_steps": 4, "checkpoint_every": 2}  # fmt: skip
+    storage, cfg = make_run(root, train_dvae={**SETTINGS["train_dvae"], **multi})
+    command = torchrun_command("dvae", root, cfg.train_dvae, None, True)
+    assert command[3:8] == ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]  # fmt: skip
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "dalle.train", "dvae", "--out", root], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    state = load_train_state(storage, checkpoint_dir("dvae", 4))
+    assert state["world_size"] == 2 and state["batches"] == 4
+    assert len(set(state["rank_weight_checksums"])) == 1  # one model across the two nodes
+    assert storage.read_json(latest_pointer("dvae"))["step"] == 4
+    assert checkpoint_steps(storage, "dvae") == [2, 4]  # each checkpoint written once, by rank 0
+    # Both nodes printed the checkpoint the run ended at; only the first node's rank logged the steps.
+    assert all(out.strip().splitlines()[-1] == storage.uri(checkpoint_dir("dvae", 4)) for out in outputs)
+
+
+def test_a_multi_node_setting_without_a_meeting_place_is_refused():
+    with pytest.raises(ConfigError, match="set rdzv_endpoint"):
+        config_from_dict({"train_transformer": {"nnodes": 2}})
+    for bad in ("node0", "node0:", ":29400", "node0:99999", "node0:http"):
+        with pytest.raises(ConfigError, match="rdzv_endpoint must be host:port"):
+            config_from_dict({"train_transformer": {"nnodes": 2, "rdzv_endpoint": bad}})
+    with pytest.raises(ConfigError, match="rdzv_id"):
+        config_from_dict({"train_transformer": {"rdzv_id": "a b"}})
 
 
 @pytest.mark.slow

@@ -81,12 +81,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(model: str, root: str, nproc: int, max_steps: int | None, resume: bool) -> list[str]:
-    """The torchrun command line for one node with `nproc` processes (rendezvous on loopback)."""
+def torchrun_command(
+    model: str, root: str, tcfg: TrainConfig, max_steps: int | None, resume: bool
+) -> list[str]:
+    """The torchrun command line for this node's tcfg.nproc processes: alone, the node's processes meet
+    on a free loopback port; with tcfg.nnodes > 1, every node meets at tcfg.rdzv_endpoint."""
+    if tcfg.nnodes > 1:
+        meeting = [f"--rdzv-endpoint={tcfg.rdzv_endpoint}", f"--rdzv-id={tcfg.rdzv_id}"]
+        if tcfg.node_addr:
+            meeting.append(f"--local-addr={tcfg.node_addr}")
+    else:
+        meeting = [f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
     command = [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes=1", f"--nproc_per_node={nproc}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        f"--nnodes={tcfg.nnodes}", f"--nproc_per_node={tcfg.nproc}", "--rdzv-backend=c10d", *meeting,
         "-m", "dalle.train", model, "--out", root,
     ]  # fmt: skip
     if max_steps is not None:
@@ -124,16 +132,15 @@ def launch(
         # A CLIP an older release trained outside the loop: usable, but it cannot be resumed.
         log(f"{model}: {latest.uri} was trained by an older release and is kept as it is")
         return latest.uri
-    if tcfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if (tcfg.nproc > 1 or tcfg.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         check_available(cfg.dashboards)  # one clear line here, not a child's exit status
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tcfg.nproc)))
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: the processes meet on loopback
+        if tcfg.nnodes == 1:
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: the processes meet on loopback
         # The children's output (rank 0's progress lines) goes to `log`; interrupted (Ctrl-C, a flow's
         # time limit), torchrun and every rank are stopped.
-        returncode, _ = run_watched(
-            torchrun_command(model, root, tcfg.nproc, max_steps, resume), log, env=env
-        )
+        returncode, _ = run_watched(torchrun_command(model, root, tcfg, max_steps, resume), log, env=env)
         if returncode != 0:
             raise RuntimeError(f"torchrun training of the {model} exited with status {returncode}")
         latest = latest_checkpoint(storage, model)
