@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -632,7 +633,24 @@ class TransformerConfig(_Section):
 
 
 class OrchestrationConfig(_Section):
-    """How the flows run as a service: time limits per flow, and one trainer per run root."""
+    """How the flows run as a service: time limits per flow, one trainer per run root, and where
+    the curation's per-shard work runs."""
+
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler of a Dask cluster (tcp://host:8786) that runs the curation's per-shard work "
+        "through Prefect's DaskTaskRunner; its workers must reach the run root (S3 or a shared folder). "
+        "None: in the flow's own process.",
+    )
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(tcp|tls|ucx)://[^\s/:]+(:\d{1,5})?/?", value):
+            raise ValueError(
+                f"dask_address must be a scheduler address such as tcp://scheduler:8786, not {value!r}"
+            )
+        return value
 
     curate_timeout_s: float = Field(
         24 * 3600.0, gt=0, le=MAX_SECONDS, description="Time limit of one curation flow run (crawl included)."

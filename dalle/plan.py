@@ -50,8 +50,8 @@ THROUGHPUTS: dict[str, Figure] = {
     ),
     "url_row_bytes": Figure(150.0, "bytes per URL-list row", ASSUMED, "a URL and a caption, compressed"),
     "decode_images_per_core_s": Figure(
-        400.0, "images/s per CPU core (decode and resize for CLIP)", MEASURED,
-        "benchmarks/bench_embed.py, decode_images_per_s on one core",
+        400.0, "images/s per CPU core (decode and resize for CLIP)", ASSUMED,
+        "a 256 px JPEG decoded and resized by PIL on one core; not yet measured by a benchmark here",
     ),
     "cpu_cores_per_gpu": Figure(12.0, "CPU cores per GPU", ASSUMED, "a typical 8-GPU node has 96-128 cores"),
     "gpu_peak_flops": Figure(
@@ -59,19 +59,19 @@ THROUGHPUTS: dict[str, Figure] = {
     ),
     "mfu_train": Figure(
         0.40, "model FLOPs utilisation in training", ASSUMED,
-        "the goal of benchmarks/gpu_check.sh on an H100-class GPU; not yet measured on one",
+        "the goal for bf16 training on an H100-class GPU; not yet measured on one",
     ),
     "mfu_inference": Figure(
         0.25, "model FLOPs utilisation of batched inference (CLIP, dVAE encoder)", ASSUMED,
         "large-batch convolution and ViT inference in bf16; not yet measured on a GPU",
     ),
     "dedup_s_per_million": Figure(
-        180.0, "seconds per 1M vectors on 2 cores", MEASURED,
-        "benchmarks/bench_dedup.py at 1M x 512 (the clustered method; time grows about linearly)",
+        121.0, "seconds per shard of 1M vectors on 2 cores", MEASURED,
+        "benchmarks/bench_dedup.py --sizes 1000000 (AMD EPYC, 2 cores): deduplicate in 121 s, recall 0.998",
     ),
     "dedup_bytes_per_vector": Figure(
-        2600.0, "peak bytes per vector (dim 512)", MEASURED,
-        "benchmarks/bench_dedup.py peak RSS at 1M x 512 over 1M",
+        3325.0, "peak bytes per vector (dim 512, process included)", MEASURED,
+        "benchmarks/bench_dedup.py: 3,171 MiB peak resident at 1M x 512",
     ),
     "dedup_node_memory_bytes": Figure(
         256e9, "bytes of memory per dedup node", ASSUMED, "a large-memory CPU node",
@@ -264,7 +264,7 @@ def plan(
     nodes = max(1, math.ceil(index_bytes / (0.8 * f["dedup_node_memory_bytes"].value)))
     core_seconds = downloaded / 1e6 * f["dedup_s_per_million"].value * 2  # measured on 2 cores
     add("dedup", "peak memory, whole index", index_bytes, "bytes", "dedup_bytes_per_vector")
-    add("dedup", "nodes (index sharded by coarse cluster)", nodes, "nodes", "dedup_node_memory_bytes")
+    add("dedup", "nodes if sharded by coarse cluster", nodes, "nodes", "dedup_node_memory_bytes")
     add("dedup", "hours on those nodes", core_seconds / (nodes * f["dedup_node_cores"].value) / 3600,
         "hours", "dedup_s_per_million", "dedup_node_cores")  # fmt: skip
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+import pyarrow as pa
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dalle.config import Location, RunConfig, as_config, with_changes
 from dalle.curate import crawl as crawl_lib
 from dalle.curate import dedup, embed, fates, filters, ledger
+from dalle.curate.crawl import finished_shards
 from dalle.models.clip import ClipModel, load_clip
 from dalle.runroot import CLIP, RAW_DIR, SAMPLES_REPORT, run_config
 from dalle.storage import Storage
+from dalle.timings import timed_stage
 from dalle.train.launch import launch
 from flows.common import Progress, announce_checkpoint, literal_markdown, timed, timeout, trainer_slot
 from flows.common import log as _log
@@ -51,6 +54,34 @@ def apply_filters(root: str, cfg: RunConfig, shards: list[str]) -> dict:
     counts = filters.filter_stage(Storage(root), cfg)
     _log(f"rule filters: {counts}")
     return counts
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+def filter_shard(root: str, cfg: RunConfig, rel: str) -> pa.Table:
+    """One raw shard's fates, on whichever worker the task runner picks."""
+    return filters.filter_shard(Storage(root), rel, cfg.filter)
+
+
+@flow(name="filter-on-dask")
+def filter_on_dask(root: str, cfg: RunConfig) -> dict:
+    """The rule filters with each raw shard a task on the flow's task runner (a DaskTaskRunner at
+    orchestration.dask_address), then every fate written in input order, as the in-process stage does."""
+    storage = Storage(root)
+    with timed_stage(storage, "filter"):
+        futures = filter_shard.map(root, unmapped(cfg), finished_shards(storage))
+        counts = filters.write_filter_decisions(storage, [future.result() for future in futures])
+    _log(f"rule filters on {cfg.orchestration.dask_address}: {counts}")
+    return counts
+
+
+def run_filters(root: str, cfg: RunConfig, shards: list[str]) -> dict:
+    """The filter stage here, or on the Dask cluster of orchestration.dask_address."""
+    if not cfg.orchestration.dask_address:
+        return apply_filters(root, cfg, shards)
+    from prefect_dask import DaskTaskRunner  # only runs that use a cluster import Dask
+
+    runner = DaskTaskRunner(address=cfg.orchestration.dask_address)
+    return filter_on_dask.with_options(task_runner=runner)(root, cfg)
 
 
 def pairs_needed(cfg: RunConfig) -> int:
@@ -166,7 +197,7 @@ def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
     progress.update(1, stages)
     shards = crawl(root, cfg, prepared)
     progress.update(2, stages)
-    filtered = apply_filters(root, cfg, shards)
+    filtered = run_filters(root, cfg, shards)
     progress.update(3, stages)
     passed = filtered.get(fates.PASS, 0)
     if passed < pairs_needed(cfg):

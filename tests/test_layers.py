@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("dalle.models",)),
     ("train", ("dalle.train",)),
     ("sample", ("dalle.sample",)),
+    ("plan", ("dalle.plan",)),  # estimates every stage from the models' own code
     ("flows", ("flows",)),
     ("plug-ins", ("demo",)),
 ]

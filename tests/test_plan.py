@@ -95,9 +95,9 @@ def test_storage_and_compute_grow_with_the_pairs_and_gpus_share_the_training(sha
     rate = throughputs()["crawl_urls_per_node_s"].value
     assert small[("crawl", "node-hours")] == pytest.approx(1_000_000 / rate / 3600)
     # Past one node's memory the dedup index is sharded over more nodes.
-    assert small[("dedup", "nodes (index sharded by coarse cluster)")] == 1
+    assert small[("dedup", "nodes if sharded by coarse cluster")] == 1
     huge = _lines(plan(MID, 400_000_000, 8, overrides={"dedup_node_memory_bytes": 64e9}, shapes=shapes))
-    assert huge[("dedup", "nodes (index sharded by coarse cluster)")] > 1
+    assert huge[("dedup", "nodes if sharded by coarse cluster")] > 1
 
 
 def test_a_replaced_figure_says_so_and_a_bad_one_is_refused(shapes):

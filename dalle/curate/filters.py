@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 from dalle.config import FilterConfig, RunConfig
@@ -135,59 +136,68 @@ def clip_decision(score: float, cutoff: float | None) -> Decision | None:
 
 
 # --- the stage -------------------------------------------------------------------------------
-def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
-    """Record every crawled sample's fate so far: refused, failed download, filtered by a rule, or passed."""
-    rows: list[dict] = []
-    refused_rows = [
-        row
+def refused_decisions(storage: Storage) -> list[dict]:
+    """The fates of the input rows the crawl refused before downloading (blocked, robots.txt...)."""
+    return [
+        {
+            "input_row": refused["input_row"],
+            "url": refused["url"],
+            "caption": refused["caption"],
+            "uid": sample_uid(refused["url"], None),
+            **fate_record(refused["fate"], refused["reason"], refused["detail"]),
+        }
         for batch in crawl_batches(storage)
-        for row in storage.read_table(batch_input(batch, REFUSED_NAME)).to_pylist()
+        for refused in storage.read_table(batch_input(batch, REFUSED_NAME)).to_pylist()
     ]
-    for refused in refused_rows:
-        rows.append(
-            {
-                "input_row": refused["input_row"],
-                "url": refused["url"],
-                "caption": refused["caption"],
-                "uid": sample_uid(refused["url"], None),
-                **fate_record(refused["fate"], refused["reason"], refused["detail"]),
-            }
-        )
-    for rel in finished_shards(storage):
-        # Batch by batch: a shard of 10,000 bodies is never in memory at once.
-        for raw in (raw for batch in iter_raw_shard(storage, rel) for raw in batch.to_pylist()):
-            row = {
-                "input_row": raw["input_row"],
-                "url": raw["url"],
-                "caption": raw["caption"],
-                "raw_shard": rel,
-                "raw_key": raw["key"],
-                "sha256": raw["sha256"],
-            }
-            if raw["status"] != "success":
-                message = raw["error_message"] or raw["status"]
-                fate, reason = classify_download_error(message)
-                rows.append(
-                    {**row, "uid": sample_uid(raw["url"], None), **fate_record(fate, reason, message)}
-                )
-                continue
-            row["uid"] = sample_uid(raw["url"], raw["sha256"])
-            decision = caption_decision(raw["caption"], raw["caption_utf8"], cfg.filter)
-            info, image_decision = inspect_image(raw[RAW_IMAGE_COLUMN], cfg.filter)
-            if info is not None:
-                row["width"], row["height"] = info.width, info.height
-            decision = decision or image_decision
-            if decision is not None:
-                rows.append(
-                    {
-                        **row,
-                        **fate_record(
-                            "filtered", decision.reason, decision.detail, decision.value, decision.threshold
-                        ),
-                    }
-                )
-            else:
-                rows.append({**row, **fate_record(PASS)})
-    rows.sort(key=lambda r: r["input_row"])
-    storage.write_table(FILTER_TABLE, pa.Table.from_pylist(rows, schema=FILTER_DECISIONS_SCHEMA))
-    return dict(Counter(r["fate"] for r in rows))
+
+
+def filter_shard(storage: Storage, rel: str, cfg: FilterConfig) -> pa.Table:
+    """The fates of one raw shard's samples: failed download, filtered by a rule, or passed. The unit of
+    work a Dask worker takes (orchestration.dask_address): it needs the run root and the shard's path."""
+    rows: list[dict] = []
+    # Batch by batch: a shard of 10,000 bodies is never in memory at once.
+    for raw in (raw for batch in iter_raw_shard(storage, rel) for raw in batch.to_pylist()):
+        row = {
+            "input_row": raw["input_row"],
+            "url": raw["url"],
+            "caption": raw["caption"],
+            "raw_shard": rel,
+            "raw_key": raw["key"],
+            "sha256": raw["sha256"],
+        }
+        if raw["status"] != "success":
+            message = raw["error_message"] or raw["status"]
+            fate, reason = classify_download_error(message)
+            rows.append({**row, "uid": sample_uid(raw["url"], None), **fate_record(fate, reason, message)})
+            continue
+        row["uid"] = sample_uid(raw["url"], raw["sha256"])
+        decision = caption_decision(raw["caption"], raw["caption_utf8"], cfg)
+        info, image_decision = inspect_image(raw[RAW_IMAGE_COLUMN], cfg)
+        if info is not None:
+            row["width"], row["height"] = info.width, info.height
+        decision = decision or image_decision
+        if decision is not None:
+            fate = fate_record(
+                "filtered", decision.reason, decision.detail, decision.value, decision.threshold
+            )
+            rows.append({**row, **fate})
+        else:
+            rows.append({**row, **fate_record(PASS)})
+    return pa.Table.from_pylist(rows, schema=FILTER_DECISIONS_SCHEMA)
+
+
+def write_filter_decisions(storage: Storage, shard_tables: list[pa.Table]) -> dict[str, int]:
+    """Every crawled sample's fate so far (the refused rows and each shard's), in input order, as
+    FILTER_TABLE; returns the count of each fate."""
+    refused = pa.Table.from_pylist(refused_decisions(storage), schema=FILTER_DECISIONS_SCHEMA)
+    table = pa.concat_tables([refused, *shard_tables]) if shard_tables else refused
+    table = table.take(pc.sort_indices(table, [("input_row", "ascending")]))
+    storage.write_table(FILTER_TABLE, table)
+    return dict(Counter(table.column("fate").to_pylist()))
+
+
+def filter_stage(storage: Storage, cfg: RunConfig) -> dict[str, int]:
+    """Record every crawled sample's fate so far: refused, failed download, filtered by a rule, or
+    passed; one shard after another in this process (flows.curate hands shards to Dask instead)."""
+    tables = [filter_shard(storage, rel, cfg.filter) for rel in finished_shards(storage)]
+    return write_filter_decisions(storage, tables)
