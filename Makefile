@@ -49,12 +49,13 @@ lint: install
 
 # Re-resolve the whole dependency set into constraints.txt with uv, installed into a
 # throwaway virtual environment that is removed afterwards (needs PyPI; .venv is untouched).
+# Current pins are kept where they still resolve; `make lock LOCK_ARGS=--upgrade` takes the newest.
 lock:
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/pip" install --quiet $(LOCK_TOOLS); \
 	"$$tmp/venv/bin/python" tools/lock.py --uv "$$tmp/venv/bin/uv" --output $(CONSTRAINTS) \
-	  --torch-spec '$(TORCH_SPEC)' --check-torch-spec '$(LOCK_CHECK_TORCH_SPEC)'
+	  --torch-spec '$(TORCH_SPEC)' --check-torch-spec '$(LOCK_CHECK_TORCH_SPEC)' $(LOCK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

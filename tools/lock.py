@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-spec", required=True, help="the Makefile's TORCH_SPEC")
     parser.add_argument("--check-torch-spec", required=True, help="another torch spec the lock must allow")
     parser.add_argument("--output", default="constraints.txt")
+    parser.add_argument(
+        "--upgrade", action="store_true", help="take the newest releases (default: keep the current pins)"
+    )
     args = parser.parse_args(argv)
 
     uv_version = " ".join(run([args.uv, "--version"]).stdout.split()[:2])  # "uv 0.13.9"
@@ -210,11 +213,19 @@ def main(argv: list[str] | None = None) -> int:
             *base, "--universal", "--python-version", "3.10",
             "--no-emit-package", "torch", "--no-emit-package", "torchvision",
         ]  # fmt: skip
-        done = run([args.uv, *compile_args, "--no-header", "--quiet", "--constraint", str(inputs)])
+        # uv keeps the pins of an existing output file where they still resolve: a new dependency
+        # adds its own pins and moves only what it must.
+        previous = Path(tmp, "previous.txt")
+        current = Path(ROOT, args.output)
+        previous.write_text("" if args.upgrade or not current.exists() else current.read_text())
+        done = run([
+            args.uv, *compile_args, "--no-header", "--quiet", "--constraint", str(inputs),
+            "--output-file", str(previous),
+        ])  # fmt: skip
         if done.returncode:
             sys.stderr.write(done.stderr)
             return done.returncode
-        blocks = parse_blocks(done.stdout)
+        blocks = parse_blocks(previous.read_text())
         left_out = torch_only(blocks, {"torch", "torchvision"})
         body = []
         for name, lines, _ in blocks:
