@@ -51,7 +51,8 @@ THROUGHPUTS: dict[str, Figure] = {
     "url_row_bytes": Figure(150.0, "bytes per URL-list row", ASSUMED, "a URL and a caption, compressed"),
     "decode_images_per_core_s": Figure(
         400.0, "images/s per CPU core (decode and resize for CLIP)", ASSUMED,
-        "a 256 px JPEG decoded and resized by PIL on one core; not yet measured by a benchmark here",
+        "a 256 px JPEG decoded and preprocessed by PIL on one core; benchmarks/bench_embed.py measured 209 on a "
+        "loaded machine, so an idle core's rate is assumed",
     ),
     "cpu_cores_per_gpu": Figure(12.0, "CPU cores per GPU", ASSUMED, "a typical 8-GPU node has 96-128 cores"),
     "gpu_peak_flops": Figure(
