@@ -267,6 +267,28 @@ def clustered_pairs(
     )
 
 
+def _query_sample(n: int, sample_size: int, seed: int) -> np.ndarray:
+    """A seeded sample of query rows, sorted."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(sample_size, n), replace=False))
+
+
+def _brute_force_neighbours(
+    vectors: np.ndarray, queries: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, row) of every other vector at or above threshold, by exact numpy products."""
+    found_rows, found_ids = [], []
+    for start in range(0, len(queries), 64):  # 64 x N similarities at a time (256 MB at a million)
+        chunk = queries[start : start + 64]
+        rows, ids = np.nonzero(vectors[chunk] @ vectors.T >= threshold)
+        rows = chunk[rows]
+        not_self = rows != ids
+        found_rows.append(rows[not_self])
+        found_ids.append(ids[not_self])
+    if not found_rows:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(found_rows).astype(np.int64), np.concatenate(found_ids).astype(np.int64)
+
+
 def pair_recall(
     vectors: np.ndarray,
     threshold: float,
@@ -281,17 +303,9 @@ def pair_recall(
     n = len(vectors)
     if n == 0:
         return 0, 0, 0
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
-    truth = []
-    for start in range(0, len(queries), 64):  # 64 x N similarities at a time (256 MB at a million)
-        chunk = queries[start : start + 64]
-        rows, ids = np.nonzero(vectors[chunk] @ vectors.T >= threshold)
-        rows = chunk[rows]
-        not_self = rows != ids
-        rows, ids = rows[not_self], ids[not_self]
-        truth.append(np.minimum(rows, ids).astype(np.int64) * n + np.maximum(rows, ids))
-    truth_keys = np.concatenate(truth)
+    queries = _query_sample(n, sample_size, seed)
+    rows, ids = _brute_force_neighbours(vectors, queries, threshold)
+    truth_keys = np.minimum(rows, ids) * n + np.maximum(rows, ids)
     if len(truth_keys) == 0:
         return 0, 0, len(queries)
     found_keys = np.asarray(pair_i, np.int64) * n + np.asarray(pair_j, np.int64)
@@ -323,16 +337,9 @@ def recall_counts(
     n = len(vectors)
     if n == 0:
         return 0, 0, 0
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
-
-    truth_keys = []
-    for start in range(0, len(queries), 256):
-        chunk = queries[start : start + 256]
-        rows, ids = np.nonzero(vectors[chunk] @ vectors.T >= threshold)
-        not_self = chunk[rows] != ids
-        truth_keys.append((rows[not_self] + start) * n + ids[not_self])
-    truth_keys = np.concatenate(truth_keys)
+    queries = _query_sample(n, sample_size, seed)
+    rows, ids = _brute_force_neighbours(vectors, queries, threshold)
+    truth_keys = np.searchsorted(queries, rows) * n + ids  # keyed by query position, as the index answers
     if len(truth_keys) == 0:
         return 0, 0, len(queries)
 
