@@ -471,6 +471,12 @@ class TrainConfig(_Section):
         False, description="Shard parameters and optimizer state with FSDP instead of DDP (large models)."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process.")
+    peak_flops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak FLOP/s of one device, for the model FLOPs utilisation (mfu) in the training "
+        "metrics; null: known GPUs' bf16 peak, and no mfu on CPU (model_flops_per_s is always there).",
+    )
     nnodes: int = Field(
         1,
         ge=1,

@@ -66,3 +66,15 @@ def test_sampling_benchmark_names_a_folder_that_is_no_run(tmp_path):
     ]
     done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode != 0 and "is not a run root" in done.stderr
+
+
+def test_models_benchmark_names_a_missing_peer_interpreter_before_any_work(tmp_path):
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_models.py"),
+        "--peer-python",
+        str(tmp_path / "no"),
+    ]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode != 0
+    assert "does not exist" in done.stderr and "dalle_pytorch_runner.py" in done.stderr

@@ -34,7 +34,7 @@ from dalle.tokens.shards import ShardsMismatch, tokenize_stage
 from dalle.train.checkpoint import load_train_state
 from dalle.train.dvae import DVAETraining
 from dalle.train.launch import launch, torchrun_command
-from dalle.train.loop import TrainingDiverged, lr_factor, train
+from dalle.train.loop import TrainingDiverged, lr_factor, peak_flops, train
 from demo.world import WorldConfig, generate_samples
 
 SETTINGS = {
@@ -167,7 +167,10 @@ def test_train_tokenize_train_and_resume(run_root):
     # --max-steps is the total to reach: 4 more steps from the checkpoint at 6.
     uri = launch("transformer", run_root, cfg, max_steps=10, log=lambda m: None)
     assert uri == storage.uri(checkpoint_dir("transformer", 10))
-    assert [m["step"] for m in metric_lines(storage, "transformer")] == list(range(1, 11))
+    transformer_metrics = metric_lines(storage, "transformer")
+    assert [m["step"] for m in transformer_metrics] == list(range(1, 11))
+    # No peak FLOP/s is known for a CPU: the achieved model FLOP/s is logged, the MFU is null.
+    assert all(m["model_flops_per_s"] > 0 and m["mfu"] is None for m in transformer_metrics)
     state = load_train_state(storage, checkpoint_dir("transformer", 10))
     assert state["step"] == 10 and state["batches"] == 10
 
@@ -373,6 +376,15 @@ def test_commands_need_what_comes_before_them(tmp_path):
     with pytest.raises(ShardError, match="no _manifest.json under .* run `dalle tokenize` first"):
         launch("transformer", storage.uri(), cfg)
     assert storage.read_bytes("config.yaml").decode() == dump_config(cfg)
+
+
+def test_mfu_needs_a_peak_and_a_cpu_has_none_unless_configured():
+    cpu = torch.device("cpu")
+    peak, why = peak_flops(TrainConfig(), cpu)
+    assert peak is None and "peak_flops" in why
+    assert peak_flops(TrainConfig(peak_flops=2e12), cpu)[0] == 2e12
+    with pytest.raises(ConfigError, match="peak_flops"):
+        config_from_dict({"train_transformer": {"peak_flops": 0}})
 
 
 def test_learning_rate_schedules():

@@ -315,3 +315,37 @@ def test_guidance_needs_a_model_trained_with_captions_dropped():
     with pytest.raises(ValueError, match="cond_drop_prob > 0"):
         generate(tiny(), text, cond_scale=2.0)
     assert generate(tiny(cond_drop_prob=0.1), text, cond_scale=2.0).shape == (1, GRID * GRID)
+
+
+def test_small_sampling_steps_run_on_one_cpu_thread_and_the_setting_comes_back(monkeypatch):
+    import dalle.sample.generate as generation
+
+    model = tiny()
+    text, _ = batch(2)
+    threads_seen = []
+    cached_steps = generation._cached_steps
+
+    def watched(*args):
+        threads_seen.append(torch.get_num_threads())
+        yield from cached_steps(*args)
+
+    monkeypatch.setattr(generation, "_cached_steps", watched)
+    before = torch.get_num_threads()
+    codes = generate(model, text, top_k=10, seed=3)
+    assert torch.get_num_threads() == before
+    assert threads_seen == [1]
+    monkeypatch.setattr(generation, "SMALL_STEP_FLOPS", 0.0)  # never small: the caller's threads
+    assert torch.equal(generate(model, text, top_k=10, seed=3), codes)
+    assert threads_seen == [1, before]
+
+
+def test_model_flops_per_sample_match_the_counted_matrix_products():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny()
+    text, codes = batch(2)
+    with FlopCounterMode(display=False) as counter:
+        model(text, codes).loss.backward()
+    counted = counter.get_total_flops() / 2
+    # The counter sees the causal attention as half the work the usual MFU convention counts.
+    assert 0.85 * model.flops_per_sample() <= counted <= model.flops_per_sample()

@@ -251,12 +251,14 @@ class DalleTransformer(nn.Module):
         self, text_tokens: torch.Tensor, image_codes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text logits (B, T, text_vocab + T) and image logits (B, N, image_vocab) for full sequences."""
+        return self._logits(self.prepare_text(text_tokens), image_codes)
+
+    def _logits(self, prepared_text: torch.Tensor, image_codes: torch.Tensor):
         image_codes = image_codes.flatten(1) if image_codes.ndim == 3 else image_codes  # (B, grid, grid) too
         self.check_codes(image_codes)
         if image_codes.shape[1] != self.num_codes:
             raise ValueError(f"expected {self.num_codes} image codes per sample, got {image_codes.shape[1]}")
-        prepared = self.prepare_text(text_tokens)
-        x = torch.cat([self.embed_text(prepared), self.embed_codes(image_codes[:, :-1])], dim=1)
+        x = torch.cat([self.embed_text(prepared_text), self.embed_codes(image_codes[:, :-1])], dim=1)
         hidden = self.backbone(x)
         return self.text_logits(hidden[:, : self.text_len]), self.image_logits(hidden[:, self.text_len :])
 
@@ -266,8 +268,8 @@ class DalleTransformer(nn.Module):
             dropped = torch.rand(text_tokens.shape[0], device=text_tokens.device) < self.cfg.cond_drop_prob
             text_tokens = torch.where(dropped[:, None], torch.zeros_like(text_tokens), text_tokens)
         image_codes = image_codes.flatten(1) if image_codes.ndim == 3 else image_codes
-        text_logits, image_logits = self.logits(text_tokens, image_codes)
-        text_target = self.prepare_text(text_tokens)
+        text_target = self.prepare_text(text_tokens)  # the targets are the prepared inputs, shifted
+        text_logits, image_logits = self._logits(text_target, image_codes)
         text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text_target.flatten())
         image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image_codes.flatten().long())
         weight = self.cfg.text_loss_weight
@@ -282,6 +284,18 @@ class DalleTransformer(nn.Module):
     def new_cache(self) -> KVCache:
         """An empty key-value cache for sampling."""
         return KVCache(len(self.blocks), self.seq_len)
+
+    def flops_per_sample(self) -> float:
+        """Model FLOPs of one training sample, forward and backward (3x the forward), counted the usual
+        way (as in PaLM's MFU): every matrix product of the layers and heads, and attention over the whole
+        sequence whatever its mask; embeddings, norms and elementwise work are left out."""
+        width, length = self.cfg.width, self.seq_len
+        block = 2 * (4 + 2 * self.cfg.mlp_ratio) * width * width  # qkv, proj and the MLP, per position
+        attention = 2 * 2 * length * width  # scores and weighted values, per position
+        heads = (
+            2 * width * (self.text_len * self.text_head.out_features + self.num_codes * self.image_vocab_size)
+        )
+        return 3.0 * (len(self.blocks) * length * (block + attention) + heads)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for AdamW: decay on the weights of linear layers only, never on

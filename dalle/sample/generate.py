@@ -5,11 +5,20 @@ to fill the cache, then every step feeds only the code just sampled. With
 `cond_scale` != 1 the batch is doubled with text-dropped copies and the logits are
 mixed as uncond + cond_scale * (cond - uncond) (classifier-free guidance; train with
 `transformer.cond_drop_prob` > 0 for it to mean anything).
+
+Threads. A cached step is small (one position per row), and on CPU the cost of spreading each of its
+few dozen small operations over OpenMP threads can exceed the work: every operation ends in a barrier,
+and when the cores are shared with other processes one late thread stalls it. Below
+`SMALL_STEP_FLOPS` per step the steps run on one thread. At the tiny configuration of
+benchmarks/bench_models.py (8 rows, width 256, 4 layers) on 2 cores shared with other work that is 5-6 ms
+per code instead of 90-300 ms; on idle cores it is about 20% slower than two threads (4-5 ms per code).
+The codes do not depend on the thread count (tests/test_transformer.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -100,23 +109,47 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
+    # Every code lands in its column of one preallocated tensor; the primed ones are there already.
+    out = torch.empty(codes.shape[0], model.num_codes, dtype=torch.long, device=device)
+    out[:, : codes.shape[1]] = codes
+    threads = _step_threads(model, text.shape[0], device) if use_cache else contextlib.nullcontext()
     try:
-        step = _cached_steps(model, text, codes) if use_cache else _uncached_steps(model, text, codes)
-        logits = next(step)
-        while True:
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cond_scale * (cond - uncond)
-            new = _sample(logits.float(), temperature, top_k, top_p, generator)
-            if guided:
-                new = torch.cat([new, new])
-            codes = torch.cat([codes, new[:, None]], dim=1)
-            if codes.shape[1] == model.num_codes:
-                break
-            logits = step.send(new)
+        with threads:
+            step = _cached_steps(model, text, codes) if use_cache else _uncached_steps(model, text, codes)
+            logits = next(step)
+            for index in range(codes.shape[1], model.num_codes):
+                if guided:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + cond_scale * (cond - uncond)
+                new = _sample(logits.float(), temperature, top_k, top_p, generator)
+                if guided:
+                    new = torch.cat([new, new])
+                out[:, index] = new
+                if index + 1 < model.num_codes:
+                    logits = step.send(new)
     finally:
         model.train(was_training)
-    return codes[: codes.shape[0] // 2] if guided else codes
+    return out[: out.shape[0] // 2] if guided else out
+
+
+# Below this many floating-point operations per cached step (all layers, all rows), steps run on one
+# CPU thread; see the module's docstring.
+SMALL_STEP_FLOPS = 1e8
+
+
+@contextlib.contextmanager
+def _step_threads(model: DalleTransformer, rows: int, device: torch.device) -> Iterator[None]:
+    """One intra-op thread on CPU while the cached steps are small; the caller's setting otherwise."""
+    step_flops = 2 * rows * sum(p.numel() for p in model.blocks.parameters())
+    before = torch.get_num_threads()
+    if device.type != "cpu" or step_flops >= SMALL_STEP_FLOPS or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:

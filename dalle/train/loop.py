@@ -135,9 +135,31 @@ class MetricsLog:
             self.last_flush = time.monotonic()
 
 
+# Dense bf16 peak FLOP/s of one device, by a piece of its CUDA name (vendors' data sheets; no sparsity).
+KNOWN_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> tuple[float | None, str]:
+    """The device's peak FLOP/s for the MFU, and where it comes from (or why there is none)."""
+    if cfg.peak_flops is not None:
+        return cfg.peak_flops, "the configured peak_flops"
+    if device.type != "cuda":
+        return None, f"no peak FLOP/s is known for {device.type}; set peak_flops of the model's train section"
+    name = torch.cuda.get_device_name(device)
+    if not _bf16(cfg, device):
+        return None, f"the known peaks are bf16 ones and this run is {cfg.precision}; set peak_flops"
+    for key, flops in KNOWN_BF16_PEAK_FLOPS.items():
+        if key in name:
+            return flops, f"{key} bf16 dense"
+    return None, f"no peak FLOP/s is known for {name}; set peak_flops of the model's train section"
+
+
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(cfg, device))
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
@@ -153,6 +175,14 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _utilisation(flops_per_sample: float | None, samples_per_s: float, peak: float | None) -> dict:
+    """model_flops_per_s (of one process) and mfu (null without a known peak) for a metrics record."""
+    if flops_per_sample is None:
+        return {}
+    achieved = flops_per_sample * samples_per_s
+    return {"model_flops_per_s": achieved, "mfu": achieved / peak if peak else None}
 
 
 def _weights_checksum(state: dict[str, torch.Tensor]) -> str:
@@ -265,6 +295,16 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
 
     autocast = _autocast(cfg, info.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    # Model FLOPs utilisation, where the model can count its FLOPs (dalle.models.transformer) and the
+    # device's peak is known; the achieved model FLOP/s is logged either way.
+    flops_per_sample = model.flops_per_sample() if hasattr(model, "flops_per_sample") else None
+    peak, peak_source = peak_flops(cfg, info.device)
+    if info.is_main and flops_per_sample is not None:
+        log(
+            f"{task.name}: mfu against {peak:.3g} FLOP/s ({peak_source})"
+            if peak
+            else f"{task.name}: no mfu: {peak_source}"
+        )
     bad_in_row, last_saved = 0, step
     window_start, window_steps, sums = time.perf_counter(), 0, {}
 
@@ -370,6 +410,7 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": samples / elapsed,
                     "tokens_per_s": samples * task.tokens_per_sample / elapsed,
+                    **_utilisation(flops_per_sample, samples / elapsed / info.world_size, peak),
                     "skipped_steps": bad_total,
                     "time": time.time(),
                 }
