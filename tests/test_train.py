@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dalle.config import ConfigError, TrainConfig, config_from_dict, dump_config
-from dalle.models.weights import CheckpointMismatch, load_dvae, load_model
+from dalle.models.weights import CheckpointMismatch, load_dvae, load_model, load_model_state
 from dalle.runroot import (
     CURATED_DIR,
     FILTER_TABLE,
@@ -410,3 +410,44 @@ def test_a_missing_bucket_is_named_before_any_work(s3_endpoint):
 
     with pytest.raises(StorageError, match="check that the bucket exists"):
         run_config(Storage("s3://no-such-bucket-here/run"), SETTINGS)
+
+
+def test_a_compiled_model_trains_like_the_eager_one_and_its_checkpoints_are_the_same_kind(
+    tmp_path, monkeypatch
+):
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    # Inductor draws random numbers (the dVAE's Gumbel noise) from its own generator unless told to
+    # use eager's: with the same draws, the compiled steps must compute the eager ones.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+
+    def run(name: str, compiled: bool) -> tuple[list[float], dict, list[str]]:
+        storage, cfg = make_run(str(tmp_path / name))
+        tcfg = cfg.train_dvae.model_copy(update={"max_steps": 4, "checkpoint_every": 4, "compile": compiled})
+        messages: list[str] = []
+        train(DVAETraining(storage, cfg), storage, cfg, tcfg, log=messages.append)
+        state, _ = load_model_state(storage, checkpoint_dir("dvae", 4))
+        return [m["loss"] for m in metric_lines(storage, "dvae")], state, messages
+
+    counters.clear()
+    eager_losses, eager_state, eager_log = run("eager", False)
+    assert not counters["stats"]["unique_graphs"]
+    compiled_losses, compiled_state, compiled_log = run("compiled", True)
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile captured no graph"
+    assert any("torch.compile" in m for m in compiled_log) and not any(
+        "torch.compile" in m for m in eager_log
+    )
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
+    assert compiled_state.keys() == eager_state.keys()  # no _orig_mod. prefixes: one kind of checkpoint
+    for key, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-4)
+
+
+def test_compiling_on_a_cpu_without_a_cxx_compiler_says_what_to_install(tmp_path, monkeypatch):
+    storage, cfg = make_run(str(tmp_path / "run"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CXX", raising=False)
+    tcfg = cfg.train_dvae.model_copy(update={"max_steps": 2, "compile": True})
+    with pytest.raises(ConfigError, match="no C\\+\\+ compiler was found.*compile: false"):
+        train(DVAETraining(storage, cfg), storage, cfg, tcfg, log=lambda m: None)

@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -30,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import IterableDataset
 
-from dalle.config import RunConfig, TrainConfig, dump_config
+from dalle.config import ConfigError, RunConfig, TrainConfig, dump_config
 from dalle.errors import UserError
 from dalle.models.weights import (
     FILES_SHA256,
@@ -177,6 +179,20 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def _compile(model: nn.Module, device: torch.device, name: str, log) -> None:
+    """torch.compile of the (wrapped) model's forward, in place: the state dict keeps its keys, so
+    checkpoints of compiled and eager runs are interchangeable."""
+    if device.type == "cpu" and not any(
+        shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c
+    ):
+        raise ConfigError(
+            f"train_{name}.compile is set and the device is the CPU, where torch.compile generates C++: "
+            "no C++ compiler was found (CXX, g++ or clang++); install one, or set compile: false"
+        )
+    model.compile()
+    log(f"{name}: the model's forward is compiled with torch.compile (the first steps include the compile)")
+
+
 def _utilisation(flops_per_sample: float | None, samples_per_s: float, peak: float | None) -> dict:
     """model_flops_per_s (of one process) and mfu (null without a known peak) for a metrics record."""
     if flops_per_sample is None:
@@ -272,6 +288,8 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
 
     # Every rank starts from identical weights (seeded); the noise of each step differs per rank.
     wrapped = _wrap(model, cfg, info)
+    if cfg.compile:
+        _compile(wrapped, info.device, task.name, log if info.is_main else (lambda m: None))
     groups = task.optimizer_groups(model, cfg.weight_decay)
     fused = not cfg.fsdp and info.device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
