@@ -1,7 +1,10 @@
-"""The benchmarks' own argument checks (their figures are measured by running them, not here)."""
+"""The benchmarks' own argument checks, and the GPU check's CPU fallback (figures are measured by running
+the benchmarks, not here)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +81,17 @@ def test_models_benchmark_names_a_missing_peer_interpreter_before_any_work(tmp_p
     done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode != 0
     assert "does not exist" in done.stderr and "dalle_pytorch_runner.py" in done.stderr
+
+
+def test_the_gpu_check_without_a_gpu_says_so_and_runs_the_cpu_path():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    command = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--steps", "4"]
+    done = subprocess.run(
+        command, check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA device here" in done.stderr and "not GPU figures" in done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["fallback"] is True and result["device"] == "cpu" and result["steps"] == 4
+    assert result["train_tokens_per_s"] > 0 and result["sample_images_per_s"] > 0
+    assert result["model_flops_per_s"] > 0 and result["mfu"] is None and "peak_flops" in result["mfu_basis"]

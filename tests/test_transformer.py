@@ -146,7 +146,9 @@ def test_loss_weights_text_and_image():
     model = tiny(text_loss_weight=0.125)
     text, codes = batch()
     out = model(text, codes)
-    assert out.loss.item() == pytest.approx(0.125 * out.text_loss + 0.875 * out.image_loss, rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        0.125 * out.text_loss.item() + 0.875 * out.image_loss.item(), rel=1e-5
+    )
 
 
 def test_bad_tokens_and_codes_are_named():
@@ -253,9 +255,11 @@ def test_dropped_text_makes_the_image_loss_independent_of_the_caption():
     model = tiny(cond_drop_prob=0.999).train()
     text, codes = batch()
     torch.manual_seed(1)
-    first = model(text, codes).image_loss
+    first = model(text, codes).image_loss.item()
     torch.manual_seed(1)
-    assert model(torch.randint(1, TEXT_VOCAB, text.shape), codes).image_loss == pytest.approx(first, abs=1e-6)
+    assert model(torch.randint(1, TEXT_VOCAB, text.shape), codes).image_loss.item() == pytest.approx(
+        first, abs=1e-6
+    )
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -134,8 +134,10 @@ class Block(nn.Module):
 @dataclass
 class TransformerLoss:
     loss: torch.Tensor
-    text_loss: float
-    image_loss: float
+    # Detached tensors, not floats: reading a value waits for the device and, inside torch.compile,
+    # splits the graph; the training loop reads them once per step, after the backward pass is queued.
+    text_loss: torch.Tensor
+    image_loss: torch.Tensor
 
 
 class DalleTransformer(nn.Module):
@@ -275,8 +277,8 @@ class DalleTransformer(nn.Module):
         weight = self.cfg.text_loss_weight
         return TransformerLoss(
             loss=weight * text_loss + (1 - weight) * image_loss,
-            text_loss=float(text_loss.detach()),
-            image_loss=float(image_loss.detach()),
+            text_loss=text_loss.detach(),
+            image_loss=image_loss.detach(),
         )
 
     # ----- sampling support

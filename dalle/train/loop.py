@@ -86,7 +86,11 @@ class ModelTraining(Protocol):
         """An endless stream of batches for this rank, starting after its first `start_batch`."""
         ...
 
-    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(
+        self, model: nn.Module, batch: dict, step: int
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """The loss to minimise and named parts to log (floats, or 0-d tensors read after the backward)."""
+        ...
 
     def optimizer_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
 
@@ -395,7 +399,7 @@ def _train(task, storage, run_cfg, cfg, info, resume, on_checkpoint, log, on_met
                     (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
                 for key, value in parts.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg.grad_accum
+                    step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / cfg.grad_accum
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
             if not all_agree(math.isfinite(loss_sum) and math.isfinite(grad_norm), info):
                 bad_in_row += 1
