@@ -66,3 +66,14 @@ def test_sampling_benchmark_names_a_folder_that_is_no_run(tmp_path):
     ]
     done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode != 0 and "is not a run root" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("hosts", "message"),
+    [("0", "each host count must be 1..1000"), ("1,x", "expected host counts like 1,64"), ("", "expected")],
+)
+def test_crawl_benchmark_names_a_bad_host_count_before_any_work(hosts, message):
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_crawl.py"), "--hosts", hosts]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"argument --hosts: {message}" in done.stderr

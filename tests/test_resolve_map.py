@@ -156,9 +156,12 @@ def test_the_connection_guard_and_storage_endpoints_use_the_map(fence, monkeypat
         assert netguard._checked_peer(sock, ("alpha.crawl.test", 8080)) == ("127.0.0.1", 8080)
         with pytest.raises(netguard.BlockedAddress, match=f"10.0.0.1 is a private address .*{MAPPED}"):
             netguard._checked_peer(sock, ("inner.crawl.test", 8080))
+    # A storage endpoint is exempt at the address its client finds with DNS, and at its mapped address
+    # where the map names it (the fence's DNS answers no name: only the mapped address is left).
     assert netguard._endpoint_addresses(policy, "http://alpha.crawl.test:9000") == {("127.0.0.1", 9000)}
-    # An exempt storage endpoint by a mapped name is exempt at its mapped address.
-    assert netguard._endpoint_addresses(policy, "https://inner.crawl.test") == {("10.0.0.1", 443)}
+    assert fence.read_text().split()[1:] == ["dns", "'alpha.crawl.test'"]
+    fence.unlink()  # the storage client's own lookup, not the crawler's
+    assert netguard._endpoint_addresses(policy, "http://127.0.0.7:9000") == {("127.0.0.7", 9000)}
 
 
 # --- the crawl stage, with img2dataset's worker processes -------------------------------------------

@@ -371,12 +371,19 @@ def _endpoint_addresses(policy: AddressPolicy, endpoint: str) -> set[tuple[str, 
     if not parts.hostname:
         return set()
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        # Resolved as the connection will be: a name of the host map means its mapped address.
-        infos = policy.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return set()  # an endpoint that does not resolve is not reached either way
-    return {(info[4][0], port) for info in infos}
+    addresses: set[tuple[str, int]] = set()
+    # The storage client resolves its endpoint itself, with DNS; a connection by a name of the host
+    # map goes to the mapped address. Either is the operator's endpoint.
+    lookups = [socket.getaddrinfo]
+    if policy.mapped(parts.hostname) is not None:
+        lookups.append(policy.getaddrinfo)
+    for lookup in lookups:
+        try:
+            infos = lookup(parts.hostname, port, type=socket.SOCK_STREAM)
+        except OSError:
+            continue  # an endpoint that does not resolve is not reached either way
+        addresses |= {(info[4][0], port) for info in infos}
+    return addresses
 
 
 def guard_connections(policy: AddressPolicy, exempt_endpoints: Sequence[str] = ()) -> None:
