@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from dalle.curate.netguard import host_map
 from dalle.errors import UserError
 
 
@@ -84,6 +85,12 @@ class CrawlConfig(_Section):
     allow_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs of non-public networks the crawler may connect to (e.g. 127.0.0.0/8); public ones always may.",
+    )
+    resolve: dict[str, str] = Field(
+        default_factory=dict,
+        description="Static host map, like curl's --resolve HOST:IP: host name -> IP address used instead "
+        "of DNS for that name (robots.txt and image fetches; URL, Host header and TLS keep the name). A "
+        "mapped address is still checked: one in a non-public network needs allow_networks.",
     )
     processes: int = Field(2, ge=1, description="img2dataset worker processes.")
     threads: int = Field(32, ge=1, description="Download threads per worker process.")
@@ -160,6 +167,18 @@ class CrawlConfig(_Section):
                     f"allow_networks entry {cidr!r} is not a CIDR like 127.0.0.0/8: {err}"
                 ) from None
         return value
+
+    @field_validator("resolve", mode="before")
+    @classmethod
+    def _host_map(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(  # noqa: TRY004 - pydantic reports ValueError, not TypeError
+                "resolve maps host names to IP addresses, e.g. {site1.crawl.test: 127.0.0.5}; "
+                f"got {type(value).__name__}"
+            )
+        return host_map(value)
 
     @field_validator("column_names")
     @classmethod

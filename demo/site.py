@@ -133,7 +133,7 @@ class DemoServer:
     """The demo site over loopback HTTP in a daemon thread; `routes`, when given, answers first.
 
     Use as a context manager; `requests` counts request paths (without query) so a test can
-    assert that an address was never contacted.
+    assert that an address was never contacted, and `host_headers` counts the Host headers sent.
     """
 
     def __init__(
@@ -149,6 +149,7 @@ class DemoServer:
         self.routes = routes
         self._lock = threading.Lock()
         self._requests: Counter[str] = Counter()
+        self._host_headers: Counter[str | None] = Counter()
         self._httpd = _QuietServer((host, port), self._handler_class())
         self.host, self.port = self._httpd.server_address[:2]
         self.base_url = f"http://{self.host}:{self.port}"
@@ -167,6 +168,12 @@ class DemoServer:
         """A snapshot of request counts by path, e.g. requests["/img/000001.png"]."""
         with self._lock:
             return Counter(self._requests)
+
+    @property
+    def host_headers(self) -> Counter[str | None]:
+        """A snapshot of request counts by Host header (None: a request without one)."""
+        with self._lock:
+            return Counter(self._host_headers)
 
     def count(self, path: str) -> int:
         """How many requests reached `path` (with or without the leading '/', query ignored)."""
@@ -187,9 +194,10 @@ class DemoServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _count(self, path: str) -> None:
+    def _count(self, path: str, host: str | None = None) -> None:
         with self._lock:
             self._requests[path] += 1
+            self._host_headers[host] += 1
 
     def _respond(self, path: str, query: dict[str, list[str]]) -> Response:
         if self.routes is not None:
@@ -211,7 +219,7 @@ class DemoServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def _serve(self, with_body: bool) -> None:
                 parts = urlsplit(self.path)
-                server._count(parts.path)
+                server._count(parts.path, self.headers.get("Host"))
                 status, headers, body = server._respond(parts.path, parse_qs(parts.query))
                 self.send_response(status)
                 for name, value in headers.items():

@@ -95,3 +95,14 @@ def test_the_gpu_check_without_a_gpu_says_so_and_runs_the_cpu_path():
     assert result["fallback"] is True and result["device"] == "cpu" and result["steps"] == 4
     assert result["train_tokens_per_s"] > 0 and result["sample_images_per_s"] > 0
     assert result["model_flops_per_s"] > 0 and result["mfu"] is None and "peak_flops" in result["mfu_basis"]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "message"),
+    [("0", "each host count must be 1..1000"), ("1,x", "expected host counts like 1,64"), ("", "expected")],
+)
+def test_crawl_benchmark_names_a_bad_host_count_before_any_work(hosts, message):
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_crawl.py"), "--hosts", hosts]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"argument --hosts: {message}" in done.stderr

@@ -5,9 +5,10 @@ URLs that must never be fetched (bad scheme, repeated URL, robots.txt) and write
 the normalised list under `raw/_input/`. `run_crawl` hands that list to
 `img2dataset.download` in a child process, with the network guard installed in
 img2dataset's workers so that no connection reaches a non-public address that the
-config does not allow-list, redirects included. img2dataset's incremental mode
-makes a re-run skip finished shards; a shard counts as finished once its
-`NNNNN_stats.json` exists, and only finished shards are ever read.
+config does not allow-list, redirects included (names of the static host map
+`crawl.resolve` get their mapped address in both steps, checked the same way).
+img2dataset's incremental mode makes a re-run skip finished shards; a shard counts
+as finished once its `NNNNN_stats.json` exists, and only finished shards are ever read.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def _input_fingerprint(urls_uri: str, cfg: CrawlConfig) -> str:
             "user_agent_token",
         }
     )
+    if cfg.resolve:
+        # robots.txt is read at the mapped addresses. Left out when empty, so earlier roots keep their fingerprints.
+        settings["resolve"] = cfg.resolve
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -273,7 +277,7 @@ class _Preparing:
         self.robots_refused: Counter = Counter()
         self.checker = (
             _RememberingRobots(
-                AddressPolicy(cfg.allow_networks),
+                AddressPolicy(cfg.allow_networks, cfg.resolve),
                 cfg.user_agent_token,
                 cfg.robots_timeout_s,
                 keep=ROBOTS_ORIGINS_KEPT,
@@ -433,6 +437,7 @@ def run_crawl(
         spec = {
             "download": img2dataset_arguments(storage, cfg, batch),
             "allow_networks": list(cfg.allow_networks),
+            "resolve": dict(cfg.resolve),
             "limits": fetch_limits(cfg),
         }
         # A child process: img2dataset's spawn-based workers re-import the caller's __main__,
@@ -540,7 +545,9 @@ def _child_main(spec_json: str) -> None:
     from dalle.curate.fetch import FetchLimits, use_guard_in_img2dataset
 
     spec = json.loads(spec_json)
-    with use_guard_in_img2dataset(spec["allow_networks"], FetchLimits(**spec["limits"])):
+    with use_guard_in_img2dataset(
+        spec["allow_networks"], FetchLimits(**spec["limits"]), resolve=spec.get("resolve")
+    ):
         img2dataset.download(**spec["download"])
 
 

@@ -6,7 +6,8 @@ spawned workers, where each URL goes through the module function `downloader.dow
 with an `ImageFetcher` and guards every connection of the process (`netguard.guard_connections`), so a
 call form that skips our opener is still held. The fetcher:
 
-- opens http(s) only, through `guarded_opener` (every redirect hop checked, no proxies);
+- opens http(s) only, through `guarded_opener` (every redirect hop checked, no proxies; names of the
+  static host map `crawl.resolve` get their mapped address, checked like a DNS answer);
 - stops a body past `max_image_bytes` (announced or streamed), and a response that takes longer than
   `max_download_s` in all (a server that drips a byte at a time never trips the per-read timeout);
 - spaces requests to one host by `host_interval_s`, and after HTTP 429 or 503 with `Retry-After`
@@ -28,7 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 # img2dataset imports albumentations, which otherwise asks pypi.org for a newer version on import, in
 # this process and in every spawned worker: a crawler that promises to reach only what it is allowed to
@@ -186,16 +187,22 @@ class GuardedDownloader(Downloader):
     with `ImageFetcher`'s limits."""
 
     def __init__(
-        self, *args, allow_networks: Sequence[str] = (), limits: FetchLimits | None = None, **kwargs
+        self,
+        *args,
+        allow_networks: Sequence[str] = (),
+        limits: FetchLimits | None = None,
+        resolve: Mapping[str, str] | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         # Plain values, so the instance pickles into img2dataset's spawned workers.
         self.allow_networks = tuple(allow_networks)
+        self.resolve = dict(resolve or {})
         self.limits = limits or FetchLimits(max_image_bytes=16 * 2**20, max_download_s=60.0)
         self.exempt_endpoints = tuple(storage_endpoints())
 
     def __call__(self, row):
-        policy = AddressPolicy(self.allow_networks)
+        policy = AddressPolicy(self.allow_networks, self.resolve)
         guard_connections(policy, self.exempt_endpoints)
         if not isinstance(_img2dataset_downloader.download_image, ImageFetcher):
             check_patch_point()
@@ -205,15 +212,18 @@ class GuardedDownloader(Downloader):
 
 @contextlib.contextmanager
 def use_guard_in_img2dataset(
-    allow_networks: Sequence[str], limits: FetchLimits | None = None
+    allow_networks: Sequence[str],
+    limits: FetchLimits | None = None,
+    resolve: Mapping[str, str] | None = None,
 ) -> Iterator[None]:
-    """Within the block, `img2dataset.download` builds `GuardedDownloader`s (which run in its workers)."""
+    """Within the block, `img2dataset.download` builds `GuardedDownloader`s (which run in its workers);
+    `resolve` is the static host map (crawl.resolve) their guard consults before DNS."""
     check_patch_point()
-    policy = AddressPolicy(allow_networks)  # bad CIDRs fail here, not inside a worker
+    policy = AddressPolicy(allow_networks, resolve)  # bad CIDRs or map entries fail here, not in a worker
     original = _img2dataset_main.Downloader
     # A partial of a module-level class pickles by reference; a class made here would not.
     _img2dataset_main.Downloader = functools.partial(
-        GuardedDownloader, allow_networks=policy.allow_networks, limits=limits
+        GuardedDownloader, allow_networks=policy.allow_networks, limits=limits, resolve=policy.resolve
     )
     try:
         yield

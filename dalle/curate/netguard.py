@@ -12,6 +12,11 @@ process pass the same policy, so a library that builds its own opener (`urlopen(
 `build_opener().open`, a redirect to ftp:, a proxy from the environment) is still held. The crawl's
 worker processes get both (`dalle.curate.fetch`). `RobotsChecker` reads each site's robots.txt
 through the opener.
+
+A static host map (`crawl.resolve`, like curl's `--resolve HOST:IP`) gives some names a fixed address:
+`AddressPolicy.getaddrinfo`, the guard's one resolver, answers those names from the map without a DNS
+query, and the address is then checked like any DNS answer. URLs and Host headers keep the name (TLS
+too: SNI and the certificate check use it); only the address lookup changes.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import functools
 import http.client
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from protego import Protego
@@ -50,14 +56,68 @@ _REASON_PHRASES = {
     "non_public": "a non-public",
 }
 
+# A host name as RFC 1123 spells it: dot-separated labels of letters, digits and inner hyphens.
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def _host_key(host: object) -> str | None:
+    """The form a host name is looked up in the host map by: lower case, without a final dot."""
+    if isinstance(host, bytes):
+        host = host.decode("ascii", errors="replace")
+    return host.lower().rstrip(".") if isinstance(host, str) else None
+
+
+def host_map(mapping: Mapping[str, str] | None) -> dict[str, str]:
+    """A static host map, checked and normalised: each key a host name (lower case, no final dot),
+    each value an IP address literal (in its canonical spelling). ValueError says which entry is wrong."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"resolve must map host names to IP addresses, not {type(mapping).__name__}")
+    checked: dict[str, str] = {}
+    for name, address in mapping.items():
+        key = _host_key(name)
+        try:
+            ipaddress.ip_address(key or "")
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"resolve key {name!r} is an IP address; the map gives host names an address")
+        labels = key.split(".") if key else []
+        if (
+            not labels
+            or len(key) > 253
+            or not all(_HOST_LABEL.match(label) for label in labels)
+            or labels[-1].isdigit()  # 127.1 or 2130706433: an address in another spelling, not a name
+        ):
+            raise ValueError(
+                f"resolve key {name!r} is not a host name (letters, digits and '-' in dot-separated "
+                "labels, e.g. site17.crawl.test)"
+            )
+        try:
+            if not isinstance(address, str):
+                raise TypeError(address)
+            ip = ipaddress.ip_address(address.strip())
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"resolve[{name!r}] = {address!r} is not an IP address like 127.0.0.5 or ::1 "
+                "(a name cannot be mapped to another name)"
+            ) from None
+        if key in checked and checked[key] != str(ip):
+            raise ValueError(f"resolve maps {key!r} twice ({checked[key]} and {ip}); give one address")
+        checked[key] = str(ip)
+    return dict(sorted(checked.items()))
+
+
 # NAT64's well-known prefix: 64:ff9b::a.b.c.d is a.b.c.d, reached through a translator.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 class AddressPolicy:
-    """Which IP addresses the crawler may connect to: public ones, plus the allow-listed networks."""
+    """Which IP addresses the crawler may connect to: public ones, plus the allow-listed networks; and
+    which address a name of the static host map `resolve` stands for (no DNS for those names)."""
 
-    def __init__(self, allow_networks: Sequence[str] = ()) -> None:
+    def __init__(self, allow_networks: Sequence[str] = (), resolve: Mapping[str, str] | None = None) -> None:
         if isinstance(allow_networks, str):
             raise TypeError(f"allow_networks must be a list of CIDRs, not the string {allow_networks!r}")
         networks = []
@@ -70,6 +130,19 @@ class AddressPolicy:
                 ) from None
         self.allow_networks = tuple(str(network) for network in networks)
         self._networks = tuple(networks)
+        self.resolve = host_map(resolve)
+
+    def mapped(self, host: object) -> str | None:
+        """The address the host map gives `host`; None for a name it does not list (DNS answers it)."""
+        return self.resolve.get(_host_key(host) or "") if self.resolve else None
+
+    def getaddrinfo(self, host, port, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0):
+        """socket.getaddrinfo, except that a name of the host map gets its mapped address, with no DNS
+        query (AI_NUMERICHOST). The answer is not checked here: callers check every address."""
+        mapped = self.mapped(host)
+        if mapped is None:
+            return socket.getaddrinfo(host, port, family, type, proto, flags)
+        return socket.getaddrinfo(mapped, port, family, type, proto, flags | socket.AI_NUMERICHOST)
 
     def refusal(self, ip: str) -> str | None:
         """None when `ip` may be connected to; otherwise why not, as one word ("loopback", "private", ...)."""
@@ -100,13 +173,18 @@ class AddressPolicy:
         return None
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, AddressPolicy) and self._networks == other._networks
+        return (
+            isinstance(other, AddressPolicy)
+            and self._networks == other._networks
+            and self.resolve == other.resolve
+        )
 
     def __hash__(self) -> int:
-        return hash(self._networks)
+        return hash((self._networks, tuple(self.resolve.items())))
 
     def __repr__(self) -> str:
-        return f"AddressPolicy(allow_networks={list(self.allow_networks)!r})"
+        shown = f", resolve={self.resolve!r}" if self.resolve else ""
+        return f"AddressPolicy(allow_networks={list(self.allow_networks)!r}{shown})"
 
 
 def _effective_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -122,17 +200,19 @@ def _effective_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address):
 class BlockedAddress(OSError):
     """A connection the guard refused; str() starts with BLOCKED_MARKER and says how to allow it."""
 
-    def __init__(self, ip: str, reason: str, host: str) -> None:
+    def __init__(self, ip: str, reason: str, host: str, mapped: bool = False) -> None:
         self.ip = ip
         self.reason = reason
         self.host = host
+        self.mapped = mapped  # the address came from the host map (crawl.resolve), not from DNS
+        source = ", mapped by crawl.resolve" if mapped else ""
         super().__init__(
-            f"{BLOCKED_MARKER} {ip} is {_REASON_PHRASES.get(reason, 'a refused')} address (host {host}); "
+            f"{BLOCKED_MARKER} {ip} is {_REASON_PHRASES.get(reason, 'a refused')} address (host {host}{source}); "
             "allow its network with crawl.allow_networks or --allow-network"
         )
 
     def __reduce__(self):
-        return type(self), (self.ip, self.reason, self.host)
+        return type(self), (self.ip, self.reason, self.host, self.mapped)
 
 
 def _connect_checked(
@@ -140,13 +220,13 @@ def _connect_checked(
 ):
     """Resolve the host once, refuse it if any address is refused, else connect to a checked address."""
     host, port = address[0], address[1]
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = policy.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     # One bad address refuses the host: a resolver could hand out a public and a private address and
     # let the connection fall through to the private one.
     for *_, sockaddr in infos:
         reason = policy.refusal(sockaddr[0])
         if reason is not None:
-            raise BlockedAddress(sockaddr[0], reason, host)
+            raise BlockedAddress(sockaddr[0], reason, host, mapped=policy.mapped(host) is not None)
     last_error: OSError | None = None
     for family, kind, proto, _, sockaddr in infos:
         sock = socket.socket(family, kind, proto)
@@ -264,13 +344,13 @@ def _checked_peer(sock: socket.socket, address):
         ipaddress.ip_address(host)
         candidates = [address]
     except ValueError:  # a name: resolve it here, so that what is checked is what is connected to
-        candidates = [info[4] for info in socket.getaddrinfo(host, port, sock.family, sock.type)]
+        candidates = [info[4] for info in policy.getaddrinfo(host, port, sock.family, sock.type)]
     for candidate in candidates:
         if (candidate[0], port) in exempt:
             continue
         reason = policy.refusal(candidate[0])
         if reason is not None:
-            raise BlockedAddress(candidate[0], reason, str(host))
+            raise BlockedAddress(candidate[0], reason, str(host), mapped=policy.mapped(host) is not None)
     return candidates[0]
 
 
@@ -286,16 +366,24 @@ def _scheme_refused(self, req):
     raise urllib.error.URLError(f"unknown url type: {req.type} (the crawler fetches http and https only)")
 
 
-def _endpoint_addresses(endpoint: str) -> set[tuple[str, int]]:
+def _endpoint_addresses(policy: AddressPolicy, endpoint: str) -> set[tuple[str, int]]:
     parts = urllib.parse.urlsplit(endpoint)
     if not parts.hostname:
         return set()
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return set()  # an endpoint that does not resolve is not reached either way
-    return {(info[4][0], port) for info in infos}
+    addresses: set[tuple[str, int]] = set()
+    # The storage client resolves its endpoint itself, with DNS; a connection by a name of the host
+    # map goes to the mapped address. Either is the operator's endpoint.
+    lookups = [socket.getaddrinfo]
+    if policy.mapped(parts.hostname) is not None:
+        lookups.append(policy.getaddrinfo)
+    for lookup in lookups:
+        try:
+            infos = lookup(parts.hostname, port, type=socket.SOCK_STREAM)
+        except OSError:
+            continue  # an endpoint that does not resolve is not reached either way
+        addresses |= {(info[4][0], port) for info in infos}
+    return addresses
 
 
 def guard_connections(policy: AddressPolicy, exempt_endpoints: Sequence[str] = ()) -> None:
@@ -306,7 +394,7 @@ def guard_connections(policy: AddressPolicy, exempt_endpoints: Sequence[str] = (
     global _connection_guard
     exempt: set[tuple[str, int]] = set()
     for endpoint in exempt_endpoints:
-        exempt |= _endpoint_addresses(endpoint)
+        exempt |= _endpoint_addresses(policy, endpoint)
     for name in list(os.environ):
         if name.lower() in _PROXY_VARIABLES:
             del os.environ[name]
