@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -27,7 +28,6 @@ from pydantic import (
     model_validator,
 )
 
-from dalle.curate.netguard import host_map
 from dalle.errors import UserError
 
 
@@ -65,6 +65,59 @@ class SourceConfig(_Section):
         description="URL list (local path or s3://; Parquet, CSV, TSV, JSONL or TXT, read per the crawl "
         "section) for `dalle pipeline` to crawl. A plug-in such as the demo may set it for its own source.",
     )
+
+
+# A host name as RFC 1123 spells it: dot-separated labels of letters, digits and inner hyphens.
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def host_key(host: object) -> str | None:
+    """The form a host name is looked up in the host map by: lower case, without a final dot."""
+    if isinstance(host, bytes):
+        host = host.decode("ascii", errors="replace")
+    return host.lower().rstrip(".") if isinstance(host, str) else None
+
+
+def host_map(mapping: Mapping[str, str] | None) -> dict[str, str]:
+    """A static host map, checked and normalised: each key a host name (lower case, no final dot),
+    each value an IP address literal (in its canonical spelling). ValueError says which entry is wrong."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"resolve must map host names to IP addresses, not {type(mapping).__name__}")
+    checked: dict[str, str] = {}
+    for name, address in mapping.items():
+        key = host_key(name)
+        try:
+            ipaddress.ip_address(key or "")
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"resolve key {name!r} is an IP address; the map gives host names an address")
+        labels = key.split(".") if key else []
+        if (
+            not labels
+            or len(key) > 253
+            or not all(_HOST_LABEL.match(label) for label in labels)
+            or labels[-1].isdigit()  # 127.1 or 2130706433: an address in another spelling, not a name
+        ):
+            raise ValueError(
+                f"resolve key {name!r} is not a host name (letters, digits and '-' in dot-separated "
+                "labels, e.g. site17.crawl.test)"
+            )
+        try:
+            if not isinstance(address, str):
+                raise TypeError(address)
+            ip = ipaddress.ip_address(address.strip())
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"resolve[{name!r}] = {address!r} is not an IP address like 127.0.0.5 or ::1 "
+                "(a name cannot be mapped to another name)"
+            ) from None
+        if key in checked and checked[key] != str(ip):
+            raise ValueError(f"resolve maps {key!r} twice ({checked[key]} and {ip}); give one address")
+        checked[key] = str(ip)
+    return dict(sorted(checked.items()))
 
 
 class CrawlConfig(_Section):

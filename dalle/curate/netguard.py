@@ -25,7 +25,6 @@ import functools
 import http.client
 import ipaddress
 import os
-import re
 import socket
 import ssl
 import threading
@@ -36,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from protego import Protego
+
+from dalle.config import host_key, host_map
 
 BLOCKED_MARKER = "blocked_address:"
 """Prefix of every refusal message; urllib wraps it ("<urlopen error blocked_address: ...>"), so match with `in`."""
@@ -55,59 +56,6 @@ _REASON_PHRASES = {
     "unspecified": "an unspecified",
     "non_public": "a non-public",
 }
-
-# A host name as RFC 1123 spells it: dot-separated labels of letters, digits and inner hyphens.
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-
-
-def _host_key(host: object) -> str | None:
-    """The form a host name is looked up in the host map by: lower case, without a final dot."""
-    if isinstance(host, bytes):
-        host = host.decode("ascii", errors="replace")
-    return host.lower().rstrip(".") if isinstance(host, str) else None
-
-
-def host_map(mapping: Mapping[str, str] | None) -> dict[str, str]:
-    """A static host map, checked and normalised: each key a host name (lower case, no final dot),
-    each value an IP address literal (in its canonical spelling). ValueError says which entry is wrong."""
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"resolve must map host names to IP addresses, not {type(mapping).__name__}")
-    checked: dict[str, str] = {}
-    for name, address in mapping.items():
-        key = _host_key(name)
-        try:
-            ipaddress.ip_address(key or "")
-        except ValueError:
-            pass
-        else:
-            raise ValueError(f"resolve key {name!r} is an IP address; the map gives host names an address")
-        labels = key.split(".") if key else []
-        if (
-            not labels
-            or len(key) > 253
-            or not all(_HOST_LABEL.match(label) for label in labels)
-            or labels[-1].isdigit()  # 127.1 or 2130706433: an address in another spelling, not a name
-        ):
-            raise ValueError(
-                f"resolve key {name!r} is not a host name (letters, digits and '-' in dot-separated "
-                "labels, e.g. site17.crawl.test)"
-            )
-        try:
-            if not isinstance(address, str):
-                raise TypeError(address)
-            ip = ipaddress.ip_address(address.strip())
-        except (ValueError, TypeError):
-            raise ValueError(
-                f"resolve[{name!r}] = {address!r} is not an IP address like 127.0.0.5 or ::1 "
-                "(a name cannot be mapped to another name)"
-            ) from None
-        if key in checked and checked[key] != str(ip):
-            raise ValueError(f"resolve maps {key!r} twice ({checked[key]} and {ip}); give one address")
-        checked[key] = str(ip)
-    return dict(sorted(checked.items()))
-
 
 # NAT64's well-known prefix: 64:ff9b::a.b.c.d is a.b.c.d, reached through a translator.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
@@ -134,7 +82,7 @@ class AddressPolicy:
 
     def mapped(self, host: object) -> str | None:
         """The address the host map gives `host`; None for a name it does not list (DNS answers it)."""
-        return self.resolve.get(_host_key(host) or "") if self.resolve else None
+        return self.resolve.get(host_key(host) or "") if self.resolve else None
 
     def getaddrinfo(self, host, port, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0):
         """socket.getaddrinfo, except that a name of the host map gets its mapped address, with no DNS
