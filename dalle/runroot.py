@@ -63,6 +63,8 @@ CURATE_WORK_DIR = f"{CURATED_DIR}/_stages"  # joined into reports/samples.parque
 FILTER_TABLE = f"{CURATE_WORK_DIR}/filter.parquet"
 SCORES_TABLE = f"{CURATE_WORK_DIR}/clip.parquet"
 DEDUP_TABLE = f"{CURATE_WORK_DIR}/dedup.parquet"
+# Dedup's clusters stored for the workers that search them (orchestration.dask_address), while they do.
+DEDUP_BATCHES_DIR = f"{CURATE_WORK_DIR}/dedup_clusters"
 
 EMBEDDINGS_DIR = "embeddings"
 

@@ -2,11 +2,15 @@
 
 Each part file carries the identity of the CLIP that made it (schema metadata). A re-run
 with the same CLIP embeds only the uids it has not stored yet and adds one part for them;
-parts made by another CLIP are ignored, never mixed in and never deleted.
+parts made by another CLIP are ignored, never mixed in and never deleted. The stage in one
+process adds a numbered part (part-NNNNN.parquet); a raw shard embedded on its own (`embed_shard`,
+a Dask worker's unit of work) adds a part named after its CLIP and uids (shard-<sha>.parquet), so
+that workers writing at once never pick the same name and a retried shard rewrites the same file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections import Counter
@@ -48,6 +52,7 @@ class ClipEncoder(Protocol):
 
 
 _PART_NAME = re.compile(r"part-(\d+)\.parquet$")
+_SHARD_PART_NAME = re.compile(r"shard-[0-9a-f]{24}\.parquet$")
 
 # Where embed_stage takes the images it embeds: a sequence (one per uid), or a function that, given the
 # indices of the uids it needs, yields their images in that order, in chunks (so that a run's images
@@ -140,7 +145,7 @@ def _read_stored(storage: Storage, wanted: set[str], schema: pa.Schema) -> list[
     for rel in storage.list(EMBEDDINGS_DIR, ".parquet"):
         if not remaining:
             break
-        if not _PART_NAME.search(rel):
+        if not (_PART_NAME.search(rel) or _SHARD_PART_NAME.search(rel)):
             continue
         with storage.fs.open(storage.path(rel), "rb") as handle:
             part = pq.ParquetFile(handle)
@@ -180,6 +185,14 @@ def _next_part(storage: Storage) -> str:
     return f"{EMBEDDINGS_DIR}/part-{max(numbers, default=-1) + 1:05d}.parquet"
 
 
+def _own_part(clip: ClipEncoder, uids: Sequence[str]) -> str:
+    """A part named after its CLIP and uids: writers at once never share a name, a rewrite keeps it."""
+    digest = hashlib.sha256(clip.identity.encode())
+    for uid in uids:
+        digest.update(b"\n" + uid.encode())
+    return f"{EMBEDDINGS_DIR}/shard-{digest.hexdigest()[:24]}.parquet"
+
+
 def embed_stage(
     storage: Storage,
     uids: Sequence[str],
@@ -187,10 +200,12 @@ def embed_stage(
     captions: Sequence[str],
     clip: ClipEncoder,
     batch_size: int,
+    own_part: bool = False,
 ) -> pa.Table:
     """Embeddings of `uids` in the given order, embedding (and storing, as one new part) only those not
     yet stored for this CLIP. `images`: one per uid, or a function that yields those of given indices
-    (ImageChunks), so that only the images to embed are read, a chunk at a time."""
+    (ImageChunks), so that only the images to embed are read, a chunk at a time. `own_part`: name the
+    new part after its CLIP and uids instead of numbering it, for writers that run at once."""
     if not len(uids) == len(captions) or not (callable(images) or len(images) == len(uids)):
         raise ValueError(
             f"embed_stage needs one image and one caption per uid, got {len(uids)} uids, "
@@ -221,7 +236,7 @@ def embed_stage(
             [f"image of uid {uid}" for uid in new_uids],
         )
         new = _to_table(schema, new_uids, image_emb, text_emb, clip_score)
-        storage.write_table(_next_part(storage), new)
+        storage.write_table(_own_part(clip, new_uids) if own_part else _next_part(storage), new)
         tables.append(new)
 
     if not tables:
@@ -232,17 +247,37 @@ def embed_stage(
 
 
 # --- the stage: CLIP scores and the CLIP-score filter ------------------------------------------
-def score_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict[str, int]:
-    """Embed the passing pairs (cached by uid under embeddings/) and apply the CLIP-score filter."""
-    rows = passing_rows(storage)
-
+def _embed_rows(
+    storage: Storage, rows: list[dict], clip: ClipEncoder, batch_size: int, own_part: bool = False
+) -> pa.Table:
     def images(indices: list[int]) -> Iterable[list[bytes]]:
         # Streamed from raw/ a chunk at a time, only for the pairs not embedded yet.
         return (chunk for _, chunk in iter_images(storage, [rows[i] for i in indices]))
 
-    table = embed_stage(
-        storage, [r["uid"] for r in rows], images, [r["caption"] for r in rows], clip, cfg.clip.batch_size
-    )
+    uids, captions = [r["uid"] for r in rows], [r["caption"] for r in rows]
+    return embed_stage(storage, uids, images, captions, clip, batch_size, own_part=own_part)
+
+
+def shards_to_embed(storage: Storage) -> list[str]:
+    """The raw shards that hold pairs which passed the rule filters, in the order the stage meets them."""
+    return list(dict.fromkeys(r["raw_shard"] for r in passing_rows(storage)))
+
+
+def embed_shard(storage: Storage, cfg: RunConfig, clip: ClipEncoder, rel: str) -> int:
+    """Embed the passing pairs of the raw shard `rel` that this CLIP has not stored yet, as one part of
+    their own written whole or not at all; returns how many pairs the shard has. The unit of work a Dask
+    worker takes (orchestration.dask_address): it needs the run root, the CLIP and the shard's path.
+    `score_stage` afterwards finds every vector stored and only reads them."""
+    rows = [r for r in passing_rows(storage) if r["raw_shard"] == rel]
+    _embed_rows(storage, rows, clip, cfg.clip.batch_size, own_part=True)
+    return len(rows)
+
+
+def score_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict[str, int]:
+    """Embed the passing pairs (cached by uid under embeddings/; every one of them, when `embed_shard`
+    ran for each of `shards_to_embed` first) and apply the CLIP-score filter."""
+    rows = passing_rows(storage)
+    table = _embed_rows(storage, rows, clip, cfg.clip.batch_size)
     scores = table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float32)
     cutoff = clip_score_cutoff(scores, cfg.filter)
     out = []
