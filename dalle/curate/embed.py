@@ -4,8 +4,10 @@ Each part file carries the identity of the CLIP that made it (schema metadata). 
 with the same CLIP embeds only the uids it has not stored yet and adds one part for them;
 parts made by another CLIP are ignored, never mixed in and never deleted. The stage in one
 process adds a numbered part (part-NNNNN.parquet); a raw shard embedded on its own (`embed_shard`,
-a Dask worker's unit of work) adds a part named after its CLIP and uids (shard-<sha>.parquet), so
-that workers writing at once never pick the same name and a retried shard rewrites the same file.
+a Dask worker's unit of work) adds a part named after its CLIP and shard, then its uids
+(shard-<sha16>-<sha16>.parquet), so that workers writing at once never pick the same name, a retried
+shard rewrites the same file, and a shard looks for its stored vectors in the numbered parts and
+its own, not in every other shard's.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class ClipEncoder(Protocol):
 
 
 _PART_NAME = re.compile(r"part-(\d+)\.parquet$")
-_SHARD_PART_NAME = re.compile(r"shard-[0-9a-f]{24}\.parquet$")
+_SHARD_PART_NAME = re.compile(r"shard-([0-9a-f]{16})-[0-9a-f]{16}\.parquet$")
 
 # Where embed_stage takes the images it embeds: a sequence (one per uid), or a function that, given the
 # indices of the uids it needs, yields their images in that order, in chunks (so that a run's images
@@ -137,15 +139,19 @@ def _to_table(schema: pa.Schema, uids: Sequence[str], image_emb, text_emb, clip_
     )
 
 
-def _read_stored(storage: Storage, wanted: set[str], schema: pa.Schema) -> list[pa.Table]:
-    """Rows of `wanted` uids from parts tagged with the same CLIP, reading only the row groups that hold them."""
+def _read_stored(
+    storage: Storage, wanted: set[str], schema: pa.Schema, scope: str | None = None
+) -> list[pa.Table]:
+    """Rows of `wanted` uids from parts tagged with the same CLIP, reading only the row groups that hold
+    them; with a `scope` (_scope_key), only from the numbered parts and that scope's."""
     identity = schema.metadata[CLIP_MODEL_KEY]
     found: list[pa.Table] = []
     remaining = set(wanted)
     for rel in storage.list(EMBEDDINGS_DIR, ".parquet"):
         if not remaining:
             break
-        if not (_PART_NAME.search(rel) or _SHARD_PART_NAME.search(rel)):
+        shard_part = _SHARD_PART_NAME.search(rel)
+        if not (_PART_NAME.search(rel) or (shard_part and scope in (None, shard_part.group(1)))):
             continue
         with storage.fs.open(storage.path(rel), "rb") as handle:
             part = pq.ParquetFile(handle)
@@ -185,12 +191,15 @@ def _next_part(storage: Storage) -> str:
     return f"{EMBEDDINGS_DIR}/part-{max(numbers, default=-1) + 1:05d}.parquet"
 
 
-def _own_part(clip: ClipEncoder, uids: Sequence[str]) -> str:
-    """A part named after its CLIP and uids: writers at once never share a name, a rewrite keeps it."""
-    digest = hashlib.sha256(clip.identity.encode())
-    for uid in uids:
-        digest.update(b"\n" + uid.encode())
-    return f"{EMBEDDINGS_DIR}/shard-{digest.hexdigest()[:24]}.parquet"
+def _scope_key(clip: ClipEncoder, scope: str) -> str:
+    return hashlib.sha256(f"{clip.identity}\n{scope}".encode()).hexdigest()[:16]
+
+
+def _scope_part(scope_key: str, uids: Sequence[str]) -> str:
+    """A part named after its scope (CLIP and shard) and uids: writers at once never share a name, a
+    rewrite of the same vectors keeps it."""
+    digest = hashlib.sha256("\n".join(uids).encode())
+    return f"{EMBEDDINGS_DIR}/shard-{scope_key}-{digest.hexdigest()[:16]}.parquet"
 
 
 def embed_stage(
@@ -200,12 +209,14 @@ def embed_stage(
     captions: Sequence[str],
     clip: ClipEncoder,
     batch_size: int,
-    own_part: bool = False,
+    part_scope: str | None = None,
 ) -> pa.Table:
     """Embeddings of `uids` in the given order, embedding (and storing, as one new part) only those not
     yet stored for this CLIP. `images`: one per uid, or a function that yields those of given indices
-    (ImageChunks), so that only the images to embed are read, a chunk at a time. `own_part`: name the
-    new part after its CLIP and uids instead of numbering it, for writers that run at once."""
+    (ImageChunks), so that only the images to embed are read, a chunk at a time. `part_scope`, for
+    writers that run at once, one per scope (embed_shard: the raw shard's path): the new part is named
+    after the CLIP, the scope and its uids instead of numbered, and stored vectors are looked for only
+    in the numbered parts and the scope's own."""
     if not len(uids) == len(captions) or not (callable(images) or len(images) == len(uids)):
         raise ValueError(
             f"embed_stage needs one image and one caption per uid, got {len(uids)} uids, "
@@ -215,7 +226,8 @@ def embed_stage(
     first_index = {}
     for i, uid in enumerate(uids):
         first_index.setdefault(uid, i)
-    tables = _read_stored(storage, set(first_index), schema)
+    scope = None if part_scope is None else _scope_key(clip, part_scope)
+    tables = _read_stored(storage, set(first_index), schema, scope)
     stored = {uid for table in tables for uid in table.column("uid").to_pylist()}
 
     missing = [i for uid, i in first_index.items() if uid not in stored]
@@ -236,7 +248,7 @@ def embed_stage(
             [f"image of uid {uid}" for uid in new_uids],
         )
         new = _to_table(schema, new_uids, image_emb, text_emb, clip_score)
-        storage.write_table(_own_part(clip, new_uids) if own_part else _next_part(storage), new)
+        storage.write_table(_next_part(storage) if scope is None else _scope_part(scope, new_uids), new)
         tables.append(new)
 
     if not tables:
@@ -248,14 +260,14 @@ def embed_stage(
 
 # --- the stage: CLIP scores and the CLIP-score filter ------------------------------------------
 def _embed_rows(
-    storage: Storage, rows: list[dict], clip: ClipEncoder, batch_size: int, own_part: bool = False
+    storage: Storage, rows: list[dict], clip: ClipEncoder, batch_size: int, part_scope: str | None = None
 ) -> pa.Table:
     def images(indices: list[int]) -> Iterable[list[bytes]]:
         # Streamed from raw/ a chunk at a time, only for the pairs not embedded yet.
         return (chunk for _, chunk in iter_images(storage, [rows[i] for i in indices]))
 
     uids, captions = [r["uid"] for r in rows], [r["caption"] for r in rows]
-    return embed_stage(storage, uids, images, captions, clip, batch_size, own_part=own_part)
+    return embed_stage(storage, uids, images, captions, clip, batch_size, part_scope=part_scope)
 
 
 def shards_to_embed(storage: Storage) -> list[str]:
@@ -269,7 +281,7 @@ def embed_shard(storage: Storage, cfg: RunConfig, clip: ClipEncoder, rel: str) -
     worker takes (orchestration.dask_address): it needs the run root, the CLIP and the shard's path.
     `score_stage` afterwards finds every vector stored and only reads them."""
     rows = [r for r in passing_rows(storage) if r["raw_shard"] == rel]
-    _embed_rows(storage, rows, clip, cfg.clip.batch_size, own_part=True)
+    _embed_rows(storage, rows, clip, cfg.clip.batch_size, part_scope=rel)
     return len(rows)
 
 
