@@ -372,6 +372,12 @@ class DedupConfig(_Section):
     max_clusters_per_vector: int = Field(
         3, ge=1, le=16, description="partition clusters: the most clusters one vector is searched in."
     )
+    cluster_task_vectors: int = Field(
+        50_000,
+        ge=1,
+        description="partition clusters with orchestration.dask_address: consecutive clusters are searched "
+        "on the Dask workers in tasks of at least this many member vectors (the last may hold fewer).",
+    )
     ivf_nlist: int | None = Field(
         None, ge=1, description="IVF cells (partition: ivf); default about 4*sqrt(N)."
     )

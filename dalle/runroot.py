@@ -6,6 +6,7 @@ where each model's checkpoints are. Stages name these constants, never string li
     raw/_input/                      the crawl's input: accepted URLs, refused URLs, manifest
     raw/NNNNN.parquet                img2dataset's shards (every URL's download status)
     curated/_stages/                 each curation stage's per-sample decisions
+    curated/_stages/dedup_clusters/  dedup's clusters while Dask workers search them (orchestration.dask_address)
     curated/NNNNN-<sha12>.parquet    the curated pairs, with _manifest.json written last (see shard_file)
     embeddings/                      CLIP vectors, cached by sample uid and CLIP identity
     shards/NNNNN-<run>-<sha12>.parquet  token shards for the transformer, with _manifest.json
@@ -63,6 +64,8 @@ CURATE_WORK_DIR = f"{CURATED_DIR}/_stages"  # joined into reports/samples.parque
 FILTER_TABLE = f"{CURATE_WORK_DIR}/filter.parquet"
 SCORES_TABLE = f"{CURATE_WORK_DIR}/clip.parquet"
 DEDUP_TABLE = f"{CURATE_WORK_DIR}/dedup.parquet"
+# Dedup's clusters stored for the workers that search them (orchestration.dask_address), while they do.
+DEDUP_BATCHES_DIR = f"{CURATE_WORK_DIR}/dedup_clusters"
 
 EMBEDDINGS_DIR = "embeddings"
 

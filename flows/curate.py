@@ -8,13 +8,15 @@ ledger and the funnel, then fails with one line that says why (`fates.TooFewPair
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from dalle.config import Location, RunConfig, as_config, with_changes
+from dalle.config import ClipConfig, Location, RunConfig, as_config, with_changes
 from dalle.curate import crawl as crawl_lib
 from dalle.curate import dedup, embed, fates, filters, ledger
 from dalle.curate.crawl import finished_shards
@@ -74,14 +76,18 @@ def filter_on_dask(root: str, cfg: RunConfig) -> dict:
     return counts
 
 
+def _on_dask(subflow, cfg: RunConfig):
+    """`subflow` with its tasks on the Dask cluster of orchestration.dask_address."""
+    from prefect_dask import DaskTaskRunner  # only runs that use a cluster import Dask
+
+    return subflow.with_options(task_runner=DaskTaskRunner(address=cfg.orchestration.dask_address))
+
+
 def run_filters(root: str, cfg: RunConfig, shards: list[str]) -> dict:
     """The filter stage here, or on the Dask cluster of orchestration.dask_address."""
     if not cfg.orchestration.dask_address:
         return apply_filters(root, cfg, shards)
-    from prefect_dask import DaskTaskRunner  # only runs that use a cluster import Dask
-
-    runner = DaskTaskRunner(address=cfg.orchestration.dask_address)
-    return filter_on_dask.with_options(task_runner=runner)(root, cfg)
+    return _on_dask(filter_on_dask, cfg)(root, cfg)
 
 
 def pairs_needed(cfg: RunConfig) -> int:
@@ -117,6 +123,12 @@ def open_clip_model(cfg: RunConfig, checkpoint_uri: str | None) -> ClipModel:
     return load_clip(with_changes(cfg.clip, "clip", checkpoint=checkpoint_uri))
 
 
+@functools.lru_cache(maxsize=1)
+def _worker_clip(clip_json: str, checkpoint_uri: str | None) -> ClipModel:
+    """The CLIP on a Dask worker, loaded once for all the shards the worker embeds."""
+    return open_clip_model(RunConfig(clip=ClipConfig.model_validate_json(clip_json)), checkpoint_uri)
+
+
 @task
 @timed("score")
 def score(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
@@ -125,12 +137,72 @@ def score(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
     return counts
 
 
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+def embed_shard(root: str, cfg: RunConfig, clip_uri: str | None, rel: str) -> int:
+    """One raw shard's passing pairs embedded and stored, on whichever worker the task runner picks."""
+    return embed.embed_shard(Storage(root), cfg, _worker_clip(cfg.clip.model_dump_json(), clip_uri), rel)
+
+
+@flow(name="score-on-dask")
+def score_on_dask(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
+    """The CLIP embedding with each raw shard a task on the flow's task runner (a DaskTaskRunner at
+    orchestration.dask_address), then the CLIP-score filter here over the stored vectors, as the
+    in-process stage does."""
+    storage = Storage(root)
+    with timed_stage(storage, "score"):
+        futures = embed_shard.map(root, unmapped(cfg), unmapped(clip_uri), embed.shards_to_embed(storage))
+        pairs = sum(future.result() for future in futures)
+        counts = embed.score_stage(storage, cfg, open_clip_model(cfg, clip_uri))
+    _log(f"CLIP-score filter, {pairs} pairs embedded on {cfg.orchestration.dask_address}: {counts}")
+    return counts
+
+
+def run_score(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
+    """The embed stage and CLIP-score filter here, or the embedding on the Dask cluster of
+    orchestration.dask_address."""
+    if not cfg.orchestration.dask_address:
+        return score(root, cfg, clip_uri)
+    return _on_dask(score_on_dask, cfg)(root, cfg, clip_uri)
+
+
 @task
 @timed("dedup")
 def deduplicate(root: str, cfg: RunConfig, clip_uri: str | None, scored: dict) -> dict:
     report = dedup.dedup_stage(Storage(root), cfg, open_clip_model(cfg, clip_uri))
     _log(f"dedup: {report['duplicates_exact']} exact, {report['duplicates_near']} near duplicates")
     return report
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+def search_clusters(root: str, rel: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The near-duplicate pairs of a batch of dedup's clusters, on whichever worker the runner picks."""
+    return dedup.search_stored_batch(Storage(root), rel, threshold)
+
+
+@flow(name="dedup-on-dask")
+def dedup_on_dask(root: str, cfg: RunConfig, clip_uri: str | None) -> dict:
+    """Dedup here, with the range searches of `partition: clusters` as tasks on the flow's task runner
+    (a DaskTaskRunner at orchestration.dask_address), each reading its batch of clusters from the run root."""
+    storage = Storage(root)
+
+    def submit(rel: str, threshold: float):
+        return search_clusters.submit(root, rel, threshold).result
+
+    with timed_stage(storage, "dedup"):
+        search = dedup.search_through_storage(storage, submit)
+        report = dedup.dedup_stage(storage, cfg, open_clip_model(cfg, clip_uri), search)
+    _log(
+        f"dedup, clusters searched on {cfg.orchestration.dask_address}: {report['duplicates_exact']} exact, "
+        f"{report['duplicates_near']} near duplicates"
+    )
+    return report
+
+
+def run_dedup(root: str, cfg: RunConfig, clip_uri: str | None, scored: dict) -> dict:
+    """Dedup here, or with its clusters searched on the Dask cluster of orchestration.dask_address."""
+    if not cfg.orchestration.dask_address:
+        return deduplicate(root, cfg, clip_uri, scored)
+    return _on_dask(dedup_on_dask, cfg)(root, cfg, clip_uri)
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
@@ -208,9 +280,9 @@ def _curate(urls: str, root: str, cfg: RunConfig) -> dict:
         raise fates.too_few_pairs(Storage(root), passed, pairs_needed(cfg) if passed else None)
     clip_uri = train_clip(root, cfg, filtered)
     progress.update(4, stages)
-    scored = score(root, cfg, clip_uri)
+    scored = run_score(root, cfg, clip_uri)
     progress.update(5, stages)
-    dedup_report = deduplicate(root, cfg, clip_uri, scored)
+    dedup_report = run_dedup(root, cfg, clip_uri, scored)
     progress.update(6, stages)
     report = write_curated(root, cfg, clip_uri, dedup_report)
     progress.update(7, stages)

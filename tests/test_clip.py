@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -411,6 +412,51 @@ def test_embed_stage_ignores_vectors_of_another_clip(trained, tmp_path):
     identities = {_clip_of_part(storage, rel) for rel in parts}
     assert identities == {clip.identity.encode(), b"trained:another-model"}
     assert storage.read_table(parts[1]).num_rows == 5
+
+
+class _PixelMeans:
+    """A stand-in CLIP: an image's vector is its mean colour, a caption's its length; enough to store."""
+
+    identity = "test:pixel-means"
+    embed_dim = 3
+
+    def encode_images(self, images, batch_size=None):
+        return np.array([np.asarray(image, np.float32).mean(axis=(0, 1)) + 1 for image in images], np.float32)
+
+    def encode_texts(self, texts, batch_size=None):
+        return np.array([[len(text), 1.0, 1.0] for text in texts], np.float32)
+
+
+def test_embed_stage_in_a_part_scope_names_its_part_and_reads_only_its_own_and_the_numbered(tmp_path):
+    storage = Storage(tmp_path / "run")
+    clip = _PixelMeans()
+    images, captions, _ = make_shapes(8, seed=8)
+    encoded, uids = [png(image) for image in images], [f"u{i}" for i in range(8)]
+
+    def run(rows, scope=None):
+        pick = list(rows)
+        return embed_stage(
+            storage,
+            [uids[i] for i in pick],
+            [encoded[i] for i in pick],
+            [captions[i] for i in pick],
+            clip,
+            2,
+            scope,
+        )
+
+    first = run(range(4), "raw/00000.parquet")
+    (part,) = _parts(storage)
+    assert re.fullmatch(rf"{EMBEDDINGS_DIR}/shard-[0-9a-f]{{16}}-[0-9a-f]{{16}}\.parquet", part)
+    assert run(range(4), "raw/00000.parquet").equals(first) and _parts(storage) == [part]  # its own part
+    run(range(4), "raw/00001.parquet")  # another shard's scope does not read this one's parts
+    assert len(_parts(storage)) == 2
+    assert run(range(4)).equals(first) and len(_parts(storage)) == 2  # one process reads every part
+
+    run(range(4, 8))  # a numbered part, which every scope reads
+    assert f"{EMBEDDINGS_DIR}/part-00000.parquet" in _parts(storage)
+    run(range(8), "raw/00000.parquet")
+    assert len(_parts(storage)) == 3
 
 
 def test_embed_stage_names_an_undecodable_image(trained, tmp_path):

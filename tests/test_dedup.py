@@ -14,7 +14,11 @@ from dalle.curate.dedup import (
     measure_recall,
     near_duplicate_pairs,
     near_pairs,
+    search_stored_batch,
+    search_through_storage,
 )
+from dalle.runroot import DEDUP_BATCHES_DIR
+from dalle.storage import Storage
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -288,6 +292,50 @@ def test_clustered_search_at_its_defaults_keeps_recall_and_never_reports_a_pair_
     assert result.report["index"]["index"] == "clusters"
     assert result.report["recall"] is None or result.report["recall"] >= 0.99
     assert set(result.report["index"]["seconds"]) == {"kmeans", "assign", "search"}
+
+
+def test_clusters_searched_in_stored_batches_give_the_same_pairs_and_leave_no_file(tmp_path):
+    vectors, _, _, _ = clustered_with_pairs(4000, 32, 0.95, seed=7)
+    cfg = DedupConfig(near_threshold=0.95, clusters=20, partition_min_size=2, cluster_task_vectors=700)
+    here_i, here_j, here = clustered_pairs(vectors, 0.95, cfg)
+    storage = Storage(str(tmp_path / "run"))
+    batches = []
+
+    def submit(rel, threshold):  # as a worker would: read the stored batch, later
+        batch = storage.read_bytes(rel)
+        batches.append(len(batch))
+        return lambda: search_stored_batch(storage, rel, threshold)
+
+    i, j, stored = clustered_pairs(vectors, 0.95, cfg, search_through_storage(storage, submit))
+    np.testing.assert_array_equal(i, here_i)
+    np.testing.assert_array_equal(j, here_j)
+    assert len(here_i) > 100
+    assert {**stored, "seconds": None} == {**here, "seconds": None}
+    # Batches of at least 700 members: fewer tasks than clusters, more than one.
+    members = round(stored["clusters_per_vector"] * len(vectors))
+    assert 1 < len(batches) <= members // 700 + 1 < 20
+    assert storage.list(DEDUP_BATCHES_DIR) == []
+
+    uids, sha, scores = table(len(vectors), seed=7)
+    alone = deduplicate(uids, sha, vectors, scores, cfg)
+    searched = deduplicate(uids, sha, vectors, scores, cfg, search_through_storage(storage, submit))
+    assert searched.dup_of == alone.dup_of and searched.similarity == alone.similarity
+
+
+def test_a_failed_batch_search_leaves_no_stored_batch(tmp_path):
+    vectors, _, _, _ = clustered_with_pairs(2000, 32, 0.95, seed=8)
+    storage = Storage(str(tmp_path / "run"))
+
+    def submit(rel, threshold):
+        def wait():
+            raise RuntimeError("the worker died")
+
+        return wait
+
+    cfg = DedupConfig(near_threshold=0.95, clusters=10, partition_min_size=2, cluster_task_vectors=100)
+    with pytest.raises(RuntimeError, match="the worker died"):
+        clustered_pairs(vectors, 0.95, cfg, search_through_storage(storage, submit))
+    assert storage.list(DEDUP_BATCHES_DIR) == []
 
 
 @pytest.mark.parametrize(

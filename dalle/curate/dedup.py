@@ -13,9 +13,11 @@ visible as rows whose similarity is below the threshold.
 
 from __future__ import annotations
 
+import io
 import math
+import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ from dalle.config import DedupConfig, RunConfig, with_changes
 from dalle.curate.embed import ClipEncoder, embed_stage
 from dalle.curate.embed import vectors as embedding_matrix
 from dalle.curate.fates import PASS, decode_rgb, iter_images, passing_rows
-from dalle.runroot import DEDUP_REPORT, DEDUP_TABLE, SCORES_TABLE
+from dalle.runroot import DEDUP_BATCHES_DIR, DEDUP_REPORT, DEDUP_TABLE, SCORES_TABLE
 from dalle.schemas import DEDUP_DECISIONS_SCHEMA
 from dalle.storage import Storage
 
@@ -164,21 +166,85 @@ def near_pairs(
 
 
 def near_duplicate_pairs(
-    vectors: np.ndarray, threshold: float, cfg: DedupConfig
+    vectors: np.ndarray, threshold: float, cfg: DedupConfig, search: ClusterSearch | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Pairs (i < j) of unit vectors with inner product >= threshold, by the search cfg chooses for
-    their number: exact all against all below cfg.partition_min_size, else part by part."""
+    their number: exact all against all below cfg.partition_min_size, else part by part. `search`:
+    where the clusters of `partition: clusters` are searched (default: here, one after another)."""
     if len(vectors) < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64), {"index": "flat", "nlist": None, "nprobe": None}
     if len(vectors) >= cfg.partition_min_size and cfg.partition == "clusters":
-        return clustered_pairs(vectors, threshold, cfg)
+        return clustered_pairs(vectors, threshold, cfg, search)
     index, description = build_index(vectors, cfg)
     pair_i, pair_j, _ = near_pairs(index, vectors, threshold)
     return pair_i, pair_j, description
 
 
+@dataclass(frozen=True)
+class ClusterBatch:
+    """Consecutive clusters of `clustered_pairs`, the unit of its search: `rows`, the members' row
+    numbers in the searched set, cluster after cluster (ascending within a cluster); `bounds`, where
+    each cluster starts in `rows`, then where the last ends; `vectors`, one unit vector per entry of
+    `rows` (a vector in several clusters is there once for each)."""
+
+    rows: np.ndarray
+    bounds: np.ndarray
+    vectors: np.ndarray
+
+
+# Where clustered_pairs searches its clusters: given the batches (made as the search takes them) and
+# the threshold, the (i, j) pairs of each batch (search_cluster_batch), in any order. The default searches
+# them here one after another; search_through_storage hands each to a worker that reads the run root.
+ClusterSearch = Callable[[Iterator[ClusterBatch], float], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def search_cluster_batch(batch: ClusterBatch, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) of rows with inner product >= threshold inside each cluster of the batch, by an
+    exact range search; a pair found in two clusters is listed twice."""
+    found_i, found_j = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    dim = batch.vectors.shape[1]
+    for c in range(len(batch.bounds) - 1):
+        start, stop = int(batch.bounds[c]), int(batch.bounds[c + 1])
+        if stop - start < 2:
+            continue
+        rows, part = batch.rows[start:stop], batch.vectors[start:stop]
+        index = faiss.IndexFlatIP(dim)
+        index.add(part)
+        for queries in _chunks(len(rows), 8192):
+            q, ids, _ = range_neighbours(index, part[queries], threshold)
+            q = q + queries.start
+            keep = q < ids  # each pair once per cluster, never a vector with itself
+            found_i.append(rows[q[keep]].astype(np.int64))
+            found_j.append(rows[ids[keep]].astype(np.int64))
+    return np.concatenate(found_i), np.concatenate(found_j)
+
+
+def search_here(batches: Iterator[ClusterBatch], threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The default ClusterSearch: each batch in this process, as the batches are made."""
+    return (search_cluster_batch(batch, threshold) for batch in batches)
+
+
+def _cluster_batches(
+    vectors: np.ndarray, member_rows: np.ndarray, bounds: np.ndarray, min_members: int
+) -> Iterator[ClusterBatch]:
+    """The clusters of two members or more, in order, as batches of at least `min_members` members each
+    (the last may hold fewer); each batch's vectors are copied only when it is taken."""
+    sizes = np.diff(bounds)
+    batch: list[int] = []
+    members = 0
+    for c in np.flatnonzero(sizes >= 2).tolist() + [None]:
+        if c is not None:
+            batch.append(c)
+            members += int(sizes[c])
+        if batch and (members >= min_members or c is None):
+            rows = np.concatenate([member_rows[bounds[k] : bounds[k + 1]] for k in batch])
+            starts = np.concatenate([[0], np.cumsum(sizes[batch])])
+            yield ClusterBatch(rows, starts, vectors[rows])
+            batch, members = [], 0
+
+
 def clustered_pairs(
-    vectors: np.ndarray, threshold: float, cfg: DedupConfig
+    vectors: np.ndarray, threshold: float, cfg: DedupConfig, search: ClusterSearch | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Near-duplicate pairs by clusters, as SemDeDup partitions: spherical k-means on a sample, each
     vector in its nearest cluster and in those nearly as near, then an exact range search inside
@@ -189,6 +255,10 @@ def clustered_pairs(
     shares a cluster with each of its near duplicates. `boundary_margin` scales the bound (1: the
     whole bound, within the `max_clusters_per_vector` nearest clusters); what the smaller default
     misses is measured by the recall sample (dedup.json) and in benchmarks/bench_dedup.py.
+
+    The clusters' searches are independent: `search` (a ClusterSearch) may run them elsewhere, in
+    batches of about cfg.cluster_task_vectors members; without it they run here one cluster at a time.
+    The pairs are the same either way.
     """
     vectors = _unit_vectors(vectors)
     n, dim = vectors.shape
@@ -225,22 +295,13 @@ def clustered_pairs(
     bounds = np.searchsorted(member_cluster, np.arange(k + 1))
     assigned = time.perf_counter()
 
-    found_i, found_j = [], []
-    for c in range(k):
-        rows = member_rows[bounds[c] : bounds[c + 1]]
-        if len(rows) < 2:
-            continue
-        part = vectors[rows]
-        index = faiss.IndexFlatIP(dim)
-        index.add(part)
-        for queries in _chunks(len(rows), 8192):
-            q, ids, _ = range_neighbours(index, part[queries], threshold)
-            q = q + queries.start
-            keep = q < ids  # each pair once per cluster, never a vector with itself
-            found_i.append(rows[q[keep]])
-            found_j.append(rows[ids[keep]])
-    if found_i:
-        i, j = np.concatenate(found_i), np.concatenate(found_j)
+    batches = _cluster_batches(
+        vectors, member_rows, bounds, 1 if search is None else cfg.cluster_task_vectors
+    )
+    found = list((search or search_here)(batches, threshold))
+    i = np.concatenate([np.empty(0, np.int64)] + [pair[0] for pair in found])
+    j = np.concatenate([np.empty(0, np.int64)] + [pair[1] for pair in found])
+    if len(i):
         low, high = np.minimum(i, j), np.maximum(i, j)
         keys = np.unique(low.astype(np.int64) * n + high)  # a pair found in two clusters is one pair
         pair_i, pair_j = keys // n, keys % n
@@ -265,6 +326,44 @@ def clustered_pairs(
             },
         },
     )
+
+
+# --- the clusters' search on workers that read the run root -------------------------------------
+def write_cluster_batch(storage: Storage, rel: str, batch: ClusterBatch) -> str:
+    """Store a batch for a worker (an .npz of rows, bounds and vectors, written whole); returns `rel`."""
+    buffer = io.BytesIO()
+    np.savez(buffer, rows=batch.rows, bounds=batch.bounds, vectors=batch.vectors)
+    storage.write_bytes(rel, buffer.getvalue())
+    return rel
+
+
+def search_stored_batch(storage: Storage, rel: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """`search_cluster_batch` of a batch that `write_cluster_batch` stored: a Dask worker's unit of work."""
+    with np.load(io.BytesIO(storage.read_bytes(rel)), allow_pickle=False) as stored:
+        batch = ClusterBatch(stored["rows"], stored["bounds"], stored["vectors"])
+    return search_cluster_batch(batch, threshold)
+
+
+def search_through_storage(
+    storage: Storage, submit: Callable[[str, float], Callable[[], tuple[np.ndarray, np.ndarray]]]
+) -> ClusterSearch:
+    """A ClusterSearch that stores each batch under the run root's DEDUP_BATCHES_DIR as it is made and
+    hands its path to `submit`, which starts `search_stored_batch` of it where the run root can be read (a
+    Dask worker) and returns a function that waits for its pairs. The batches' files are deleted once the
+    pairs are all back, or the search failed."""
+
+    def search(batches: Iterator[ClusterBatch], threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        folder = f"{DEDUP_BATCHES_DIR}/{secrets.token_hex(8)}"  # this run's; another may search at once
+        try:
+            waits = [
+                submit(write_cluster_batch(storage, f"{folder}/batch-{number:05d}.npz", batch), threshold)
+                for number, batch in enumerate(batches)
+            ]
+            return [wait() for wait in waits]
+        finally:
+            storage.delete(folder)
+
+    return search
 
 
 def _query_sample(n: int, sample_size: int, seed: int) -> np.ndarray:
@@ -359,12 +458,15 @@ def deduplicate(
     vectors: np.ndarray,
     clip_scores: Sequence[float],
     cfg: DedupConfig,
+    search: ClusterSearch | None = None,
 ) -> DedupResult:
     """Mark exact, then near duplicates; one survivor per group, every other member gets `dup_of`.
 
     `dup_of` always names the group's final survivor. `kind` is "exact" when the row has the
     survivor's sha256 and "near" otherwise; `similarity` is 1.0 for exact and the cosine
     similarity to the survivor for near duplicates. A missing (NaN) CLIP score never wins.
+    `search`: where the clusters of `partition: clusters` are searched (clustered_pairs); the result
+    does not depend on it.
     """
     if cfg.near_threshold is None:
         raise ValueError(
@@ -402,7 +504,7 @@ def deduplicate(
     # Near stage over the exact survivors.
     t0 = time.perf_counter()
     searched = vectors[reps] if len(reps) < n else vectors
-    pair_i, pair_j, description = near_duplicate_pairs(searched, cfg.near_threshold, cfg)
+    pair_i, pair_j, description = near_duplicate_pairs(searched, cfg.near_threshold, cfg, search)
     timings["search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -490,8 +592,12 @@ def _token_vectors(clip: ClipEncoder, chunks: Iterable[list[bytes]], batch_size:
     return (tokens / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict:
-    """Exact (sha256) then near (CLIP image vectors, FAISS) duplicates among the scored survivors."""
+def dedup_stage(
+    storage: Storage, cfg: RunConfig, clip: ClipEncoder, search: ClusterSearch | None = None
+) -> dict:
+    """Exact (sha256) then near (CLIP image vectors, FAISS) duplicates among the scored survivors.
+    `search`: where the clusters of `partition: clusters` are searched (flows.curate passes
+    `search_through_storage` with Dask workers at orchestration.dask_address); the same result anywhere."""
     scored = {r["uid"]: r for r in storage.read_table(SCORES_TABLE).to_pylist() if r["fate"] == PASS}
     rows = [r for r in passing_rows(storage) if r["uid"] in scored]
     uids = [r["uid"] for r in rows]
@@ -503,7 +609,7 @@ def dedup_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict:
         stored = embed_stage(storage, uids, [None] * len(uids), [r["caption"] for r in rows], clip, 1)
         vectors = embedding_matrix(stored, "image_embedding")
     scores = np.asarray([scored[u]["clip_score"] for u in uids], dtype=np.float32)
-    result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, dedup_settings(cfg))
+    result = deduplicate(uids, [r["sha256"] for r in rows], vectors, scores, dedup_settings(cfg), search)
     out = []
     for uid in uids:
         if uid in result.dup_of:

@@ -2,11 +2,17 @@
 
 Each part file carries the identity of the CLIP that made it (schema metadata). A re-run
 with the same CLIP embeds only the uids it has not stored yet and adds one part for them;
-parts made by another CLIP are ignored, never mixed in and never deleted.
+parts made by another CLIP are ignored, never mixed in and never deleted. The stage in one
+process adds a numbered part (part-NNNNN.parquet); a raw shard embedded on its own (`embed_shard`,
+a Dask worker's unit of work) adds a part named after its CLIP and shard, then its uids
+(shard-<sha16>-<sha16>.parquet), so that workers writing at once never pick the same name, a retried
+shard rewrites the same file, and a shard looks for its stored vectors in the numbered parts and
+its own, not in every other shard's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections import Counter
@@ -22,7 +28,7 @@ import pyarrow.parquet as pq
 from dalle.config import RunConfig
 from dalle.curate.fates import IMAGE_CHUNK_ROWS, PASS, fate_record, iter_images, passing_rows
 from dalle.curate.filters import clip_decision, clip_score_cutoff
-from dalle.runroot import EMBEDDINGS_DIR, SCORES_TABLE
+from dalle.runroot import EMBEDDINGS_DIR, FILTER_TABLE, SCORES_TABLE
 from dalle.schemas import SCORE_DECISIONS_SCHEMA, SchemaError, check_schema, embeddings_schema
 from dalle.storage import Storage
 
@@ -48,6 +54,7 @@ class ClipEncoder(Protocol):
 
 
 _PART_NAME = re.compile(r"part-(\d+)\.parquet$")
+_SHARD_PART_NAME = re.compile(r"shard-([0-9a-f]{16})-[0-9a-f]{16}\.parquet$")
 
 # Where embed_stage takes the images it embeds: a sequence (one per uid), or a function that, given the
 # indices of the uids it needs, yields their images in that order, in chunks (so that a run's images
@@ -132,15 +139,19 @@ def _to_table(schema: pa.Schema, uids: Sequence[str], image_emb, text_emb, clip_
     )
 
 
-def _read_stored(storage: Storage, wanted: set[str], schema: pa.Schema) -> list[pa.Table]:
-    """Rows of `wanted` uids from parts tagged with the same CLIP, reading only the row groups that hold them."""
+def _read_stored(
+    storage: Storage, wanted: set[str], schema: pa.Schema, scope: str | None = None
+) -> list[pa.Table]:
+    """Rows of `wanted` uids from parts tagged with the same CLIP, reading only the row groups that hold
+    them; with a `scope` (_scope_key), only from the numbered parts and that scope's."""
     identity = schema.metadata[CLIP_MODEL_KEY]
     found: list[pa.Table] = []
     remaining = set(wanted)
     for rel in storage.list(EMBEDDINGS_DIR, ".parquet"):
         if not remaining:
             break
-        if not _PART_NAME.search(rel):
+        shard_part = _SHARD_PART_NAME.search(rel)
+        if not (_PART_NAME.search(rel) or (shard_part and scope in (None, shard_part.group(1)))):
             continue
         with storage.fs.open(storage.path(rel), "rb") as handle:
             part = pq.ParquetFile(handle)
@@ -180,6 +191,17 @@ def _next_part(storage: Storage) -> str:
     return f"{EMBEDDINGS_DIR}/part-{max(numbers, default=-1) + 1:05d}.parquet"
 
 
+def _scope_key(clip: ClipEncoder, scope: str) -> str:
+    return hashlib.sha256(f"{clip.identity}\n{scope}".encode()).hexdigest()[:16]
+
+
+def _scope_part(scope_key: str, uids: Sequence[str]) -> str:
+    """A part named after its scope (CLIP and shard) and uids: writers at once never share a name, a
+    rewrite of the same vectors keeps it."""
+    digest = hashlib.sha256("\n".join(uids).encode())
+    return f"{EMBEDDINGS_DIR}/shard-{scope_key}-{digest.hexdigest()[:16]}.parquet"
+
+
 def embed_stage(
     storage: Storage,
     uids: Sequence[str],
@@ -187,10 +209,14 @@ def embed_stage(
     captions: Sequence[str],
     clip: ClipEncoder,
     batch_size: int,
+    part_scope: str | None = None,
 ) -> pa.Table:
     """Embeddings of `uids` in the given order, embedding (and storing, as one new part) only those not
     yet stored for this CLIP. `images`: one per uid, or a function that yields those of given indices
-    (ImageChunks), so that only the images to embed are read, a chunk at a time."""
+    (ImageChunks), so that only the images to embed are read, a chunk at a time. `part_scope`, for
+    writers that run at once, one per scope (embed_shard: the raw shard's path): the new part is named
+    after the CLIP, the scope and its uids instead of numbered, and stored vectors are looked for only
+    in the numbered parts and the scope's own."""
     if not len(uids) == len(captions) or not (callable(images) or len(images) == len(uids)):
         raise ValueError(
             f"embed_stage needs one image and one caption per uid, got {len(uids)} uids, "
@@ -200,7 +226,8 @@ def embed_stage(
     first_index = {}
     for i, uid in enumerate(uids):
         first_index.setdefault(uid, i)
-    tables = _read_stored(storage, set(first_index), schema)
+    scope = None if part_scope is None else _scope_key(clip, part_scope)
+    tables = _read_stored(storage, set(first_index), schema, scope)
     stored = {uid for table in tables for uid in table.column("uid").to_pylist()}
 
     missing = [i for uid, i in first_index.items() if uid not in stored]
@@ -221,7 +248,7 @@ def embed_stage(
             [f"image of uid {uid}" for uid in new_uids],
         )
         new = _to_table(schema, new_uids, image_emb, text_emb, clip_score)
-        storage.write_table(_next_part(storage), new)
+        storage.write_table(_next_part(storage) if scope is None else _scope_part(scope, new_uids), new)
         tables.append(new)
 
     if not tables:
@@ -232,17 +259,44 @@ def embed_stage(
 
 
 # --- the stage: CLIP scores and the CLIP-score filter ------------------------------------------
-def score_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict[str, int]:
-    """Embed the passing pairs (cached by uid under embeddings/) and apply the CLIP-score filter."""
-    rows = passing_rows(storage)
-
+def _embed_rows(
+    storage: Storage, rows: list[dict], clip: ClipEncoder, batch_size: int, part_scope: str | None = None
+) -> pa.Table:
     def images(indices: list[int]) -> Iterable[list[bytes]]:
         # Streamed from raw/ a chunk at a time, only for the pairs not embedded yet.
         return (chunk for _, chunk in iter_images(storage, [rows[i] for i in indices]))
 
-    table = embed_stage(
-        storage, [r["uid"] for r in rows], images, [r["caption"] for r in rows], clip, cfg.clip.batch_size
-    )
+    uids, captions = [r["uid"] for r in rows], [r["caption"] for r in rows]
+    return embed_stage(storage, uids, images, captions, clip, batch_size, part_scope=part_scope)
+
+
+def _passing(storage: Storage, columns: list[str]) -> pa.Table:
+    """`columns` of the pairs that passed the rule filters, in the filter table's order."""
+    table = storage.read_table(FILTER_TABLE, columns=sorted({*columns, "fate"}))
+    return table.filter(pc.equal(table.column("fate"), PASS)).select(columns)
+
+
+def shards_to_embed(storage: Storage) -> list[str]:
+    """The raw shards that hold pairs which passed the rule filters, in the order the stage meets them."""
+    return list(dict.fromkeys(_passing(storage, ["raw_shard"]).column("raw_shard").to_pylist()))
+
+
+def embed_shard(storage: Storage, cfg: RunConfig, clip: ClipEncoder, rel: str) -> int:
+    """Embed the passing pairs of the raw shard `rel` that this CLIP has not stored yet, as one part of
+    their own written whole or not at all; returns how many pairs the shard has. The unit of work a Dask
+    worker takes (orchestration.dask_address): it needs the run root, the CLIP and the shard's path.
+    `score_stage` afterwards finds every vector stored and only reads them."""
+    table = _passing(storage, ["uid", "caption", "raw_shard", "raw_key"])  # what embedding reads of a row
+    rows = table.filter(pc.equal(table.column("raw_shard"), rel)).to_pylist()
+    _embed_rows(storage, rows, clip, cfg.clip.batch_size, part_scope=rel)
+    return len(rows)
+
+
+def score_stage(storage: Storage, cfg: RunConfig, clip: ClipEncoder) -> dict[str, int]:
+    """Embed the passing pairs (cached by uid under embeddings/; every one of them, when `embed_shard`
+    ran for each of `shards_to_embed` first) and apply the CLIP-score filter."""
+    rows = passing_rows(storage)
+    table = _embed_rows(storage, rows, clip, cfg.clip.batch_size)
     scores = table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float32)
     cutoff = clip_score_cutoff(scores, cfg.filter)
     out = []
