@@ -16,7 +16,7 @@ TEST_WORKERS ?= 2
 LOCK_TOOLS ?= uv==0.13.9 packaging==26.4
 LOCK_CHECK_TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
 
-.PHONY: demo test test-paths install lint lock clean
+.PHONY: demo test test-paths bench install lint lock clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test: install
 
 test-paths: install
 	$(BIN)/python tests/kernel_paths.py
+
+# Every benchmark once, on an idle machine (about 40 minutes on 2 cores); one JSON line each.
+# PEER_PYTHON=/tmp/peer/bin/python adds the peer (see benchmarks/peers/dalle_pytorch_runner.py).
+bench: install
+	bash benchmarks/run_all.sh
 
 lint: install
 	$(BIN)/ruff check dalle flows demo tests benchmarks tools
