@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dalle.config import CrawlConfig
+from dalle.curate.engines import check_engine, engine_spec
 from dalle.curate.fetch import TOO_LARGE_MARKER, X_ROBOTS_MESSAGE
 from dalle.curate.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
 from dalle.curate.urls import URL_BATCH_ROWS, iter_url_list
@@ -373,6 +374,7 @@ def img2dataset_arguments(storage: Storage, cfg: CrawlConfig, batch: str = RAW_D
         "save_additional_columns": ["input_row", "caption_utf8"],
         "output_folder": storage.uri(batch),
         "output_format": "parquet",
+        "distributor": cfg.distributor,
         "processes_count": cfg.processes,
         "thread_count": cfg.threads,
         "timeout": cfg.timeout_s,
@@ -430,10 +432,12 @@ def run_crawl(
         want = expected_shards(manifest["to_crawl"], cfg)
         if len(finished_shards(storage, batch)) >= want:
             continue
+        check_engine(cfg)
         spec = {
             "download": img2dataset_arguments(storage, cfg, batch),
             "allow_networks": list(cfg.allow_networks),
             "limits": fetch_limits(cfg),
+            "engine": engine_spec(cfg),
         }
         # A child process: img2dataset's spawn-based workers re-import the caller's __main__,
         # which would re-run whatever script called us; `python -m dalle.curate.crawl` is safe.
@@ -537,10 +541,14 @@ def iter_raw_shard(
 def _child_main(spec_json: str) -> None:
     import img2dataset
 
+    from dalle.curate.engines import running_engine
     from dalle.curate.fetch import FetchLimits, use_guard_in_img2dataset
 
     spec = json.loads(spec_json)
-    with use_guard_in_img2dataset(spec["allow_networks"], FetchLimits(**spec["limits"])):
+    with (
+        running_engine(spec["engine"]),
+        use_guard_in_img2dataset(spec["allow_networks"], FetchLimits(**spec["limits"])),
+    ):
         img2dataset.download(**spec["download"])
 
 

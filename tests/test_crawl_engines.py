@@ -1,0 +1,164 @@
+"""img2dataset's own distributors (crawl.distributor): Ray and Spark in local mode with two workers crawl
+a loopback URL list to the same fates and uids as the multiprocessing run, and the network guard holds
+inside their workers: 127.0.0.1 is allow-listed, and a listener on 127.0.0.2 (a loopback address that is
+not) must receive nothing while its URLs get the blocked fate.
+
+An engine whose package (or Java, for Spark) is missing is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dalle.config import ConfigError, config_from_dict
+from dalle.curate import crawl as crawl_lib
+from dalle.curate import engines
+from dalle.curate.filters import filter_stage
+from dalle.runroot import FILTER_TABLE
+from dalle.storage import Storage
+from demo.site import DemoServer, build_site
+from demo.world import world_config
+from tests.test_netguard import CountingServer, _running
+
+CONFIG = {
+    "plugins": {"demo": {"num_images": 14, "image_size": 24}},
+    "crawl": {
+        "allow_networks": ["127.0.0.1/32"],
+        "processes": 2,
+        "threads": 4,
+        "samples_per_shard": 4,
+        # robots.txt of 127.0.0.2 would be refused before the crawl: the workers must meet that URL.
+        "respect_robots_txt": False,
+    },
+    "filter": {"min_side": 8, "min_image_bytes": 10},
+}
+BLOCKED_PATHS = ["/img/a.png", "/img/b.png"]
+ALLOWED_IMAGES = 14  # with the two blocked URLs: 16 rows, 4 shards
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The demo site on 127.0.0.1, a listener on 127.0.0.2, and a URL list that mixes them."""
+    cfg = config_from_dict(CONFIG)
+    site = build_site(world_config(cfg))
+    folder = tmp_path_factory.mktemp("engines")
+    forbidden_gen = _running(CountingServer("127.0.0.2"))
+    forbidden = next(forbidden_gen)
+    rows = [(path, caption) for path, caption in site.rows if path.startswith("img/")][:ALLOWED_IMAGES]
+    with DemoServer(site) as server:
+        urls = [server.url(path) for path, _ in rows] + [forbidden.url(p) for p in BLOCKED_PATHS]
+        captions = [caption for _, caption in rows] + ["a forbidden picture"] * len(BLOCKED_PATHS)
+        # The blocked URLs in the middle, so that they land in a shard with allowed ones.
+        order = list(range(6)) + [len(rows), len(rows) + 1] + list(range(6, len(rows)))
+        list_path = folder / "urls.parquet"
+        pq.write_table(
+            pa.table({"url": [urls[i] for i in order], "caption": [captions[i] for i in order]}), list_path
+        )
+        try:
+            yield cfg, str(list_path), folder, forbidden
+        finally:
+            forbidden_gen.close()
+
+
+def _crawl(world, distributor: str, name: str) -> tuple[list[tuple], list[str]]:
+    """Crawl the list with `distributor` into a run root of its own; each row's (input_row, url, uid,
+    fate, reason) from the filter stage, and the crawl's log."""
+    _, urls, folder, _ = world
+    cfg = config_from_dict({**CONFIG, "crawl": {**CONFIG["crawl"], "distributor": distributor}})
+    storage = Storage(str(folder / name))
+    prepared = crawl_lib.prepare_input(urls, storage, cfg.crawl)
+    lines: list[str] = []
+    shards = crawl_lib.run_crawl(storage, cfg.crawl, prepared, log=lines.append)
+    assert len(shards) == crawl_lib.expected_shards(prepared.to_crawl, cfg.crawl) == 4, lines[-30:]
+    filter_stage(storage, cfg)
+    rows = storage.read_table(FILTER_TABLE).to_pylist()
+    fates = sorted((r["input_row"], r["url"], r["uid"], r["fate"], r["reason"]) for r in rows)
+    return fates, lines
+
+
+@pytest.fixture(scope="module")
+def baseline(world):
+    """The multiprocessing run, which every engine must equal."""
+    fates, _ = _crawl(world, "multiprocessing", "multiprocessing")
+    return fates
+
+
+def _check_engine_run(world, baseline, distributor: str) -> list[str]:
+    _, _, _, forbidden = world
+    fates, lines = _crawl(world, distributor, distributor)
+    assert fates == baseline
+    blocked = [row for row in fates if "127.0.0.2" in row[1]]
+    assert len(blocked) == len(BLOCKED_PATHS)
+    assert all((fate, reason) == ("blocked", "blocked_address") for *_, fate, reason in blocked)
+    allowed = [row for row in fates if "127.0.0.1" in row[1]]
+    assert len(allowed) == ALLOWED_IMAGES
+    assert all(fate not in ("blocked", "download_failed") for *_, fate, _ in allowed), allowed
+    assert forbidden.connections == 0, "a worker reached the address it must never reach"
+    # Every shard reports from the worker that ran it (and the engine brought its output to the log).
+    assert len([line for line in lines if re.search(r"shard \d+ finished \(pid \d+\)", line)]) == 4, lines
+    return lines
+
+
+def _skip_without(distributor: str) -> None:
+    cfg = config_from_dict({**CONFIG, "crawl": {**CONFIG["crawl"], "distributor": distributor}}).crawl
+    try:
+        engines.check_engine(cfg)
+    except engines.EngineError as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.slow
+def test_ray_workers_crawl_like_multiprocessing_and_stay_guarded(world, baseline):
+    _skip_without("ray")
+    _check_engine_run(world, baseline, "ray")
+
+
+@pytest.mark.slow
+def test_spark_workers_crawl_like_multiprocessing_and_stay_guarded(world, baseline):
+    _skip_without("pyspark")
+    _check_engine_run(world, baseline, "pyspark")
+
+
+def test_engine_settings_are_validated():
+    crawl = config_from_dict({}).crawl
+    assert crawl.distributor == "multiprocessing"
+    assert engines.engine_spec(crawl) == {
+        "distributor": "multiprocessing",
+        "processes": 2,
+        "ray_address": None,
+        "spark_master": None,
+    }
+    with pytest.raises(ConfigError, match="distributor"):
+        config_from_dict({"crawl": {"distributor": "dask"}})
+    with pytest.raises(ConfigError, match="ray_address is set but distributor is 'multiprocessing'"):
+        config_from_dict({"crawl": {"ray_address": "auto"}})
+    with pytest.raises(ConfigError, match="spark_master is set but distributor is 'ray'"):
+        config_from_dict({"crawl": {"distributor": "ray", "spark_master": "local[2]"}})
+    with pytest.raises(ConfigError, match="blanks"):
+        config_from_dict({"crawl": {"distributor": "pyspark", "spark_master": " local[2]"}})
+    ok = config_from_dict({"crawl": {"distributor": "pyspark", "spark_master": "spark://head:7077"}})
+    assert ok.crawl.spark_master == "spark://head:7077"
+
+
+def test_a_missing_engine_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        engines.importlib.util, "find_spec", lambda name, *a: None if name in ("ray", "pyspark") else real(name, *a)
+    )
+    for distributor, extra in (("ray", "ray"), ("pyspark", "spark")):
+        crawl = config_from_dict({"crawl": {"distributor": distributor}}).crawl
+        with pytest.raises(engines.EngineError, match=re.escape(f"'.[{extra}]'")):
+            engines.check_engine(crawl)
+
+
+def test_spark_without_java_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(engines, "java_major_version", lambda: None)
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name, *a: object())
+    crawl = config_from_dict({"crawl": {"distributor": "pyspark"}}).crawl
+    with pytest.raises(engines.EngineError, match="default-jre-headless"):
+        engines.check_engine(crawl)
