@@ -1,7 +1,9 @@
 """img2dataset's own distributors (crawl.distributor): Ray and Spark in local mode with two workers crawl
 a loopback URL list to the same fates and uids as the multiprocessing run, and the network guard holds
-inside their workers: 127.0.0.1 is allow-listed, and a listener on 127.0.0.2 (a loopback address that is
-not) must receive nothing while its URLs get the blocked fate.
+inside their workers. Only 127.0.0.3/32, where the images are served, is allow-listed: a listener on
+127.0.0.2 must receive nothing while its URLs get the blocked fate, and the engines' own traffic on
+127.0.0.1 (Spark's Python workers talk to the JVM there) is not allow-listed either, as in a real crawl
+with an empty crawl.allow_networks.
 
 An engine whose package (or Java, for Spark) is missing is skipped with the reason.
 """
@@ -28,7 +30,7 @@ from tests.test_netguard import CountingServer, _running
 CONFIG = {
     "plugins": {"demo": {"num_images": 14, "image_size": 24}},
     "crawl": {
-        "allow_networks": ["127.0.0.1/32"],
+        "allow_networks": ["127.0.0.3/32"],
         "processes": 2,
         "threads": 4,
         "samples_per_shard": 4,
@@ -43,14 +45,14 @@ ALLOWED_IMAGES = 14  # with the two blocked URLs: 16 rows, 4 shards
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The demo site on 127.0.0.1, a listener on 127.0.0.2, and a URL list that mixes them."""
+    """The demo site on 127.0.0.3, a listener on 127.0.0.2, and a URL list that mixes them."""
     cfg = config_from_dict(CONFIG)
     site = build_site(world_config(cfg))
     folder = tmp_path_factory.mktemp("engines")
     forbidden_gen = _running(CountingServer("127.0.0.2"))
     forbidden = next(forbidden_gen)
     rows = [(path, caption) for path, caption in site.rows if path.startswith("img/")][:ALLOWED_IMAGES]
-    with DemoServer(site) as server:
+    with DemoServer(site, host="127.0.0.3") as server:
         urls = [server.url(path) for path, _ in rows] + [forbidden.url(p) for p in BLOCKED_PATHS]
         captions = [caption for _, caption in rows] + ["a forbidden picture"] * len(BLOCKED_PATHS)
         # The blocked URLs in the middle, so that they land in a shard with allowed ones.
@@ -95,7 +97,7 @@ def _check_engine_run(world, baseline, distributor: str) -> list[str]:
     blocked = [row for row in fates if "127.0.0.2" in row[1]]
     assert len(blocked) == len(BLOCKED_PATHS)
     assert all((fate, reason) == ("blocked", "blocked_address") for *_, fate, reason in blocked)
-    allowed = [row for row in fates if "127.0.0.1" in row[1]]
+    allowed = [row for row in fates if "127.0.0.3" in row[1]]
     assert len(allowed) == ALLOWED_IMAGES
     assert all(fate not in ("blocked", "download_failed") for *_, fate, _ in allowed), allowed
     assert forbidden.connections == 0, "a worker reached the address it must never reach"
@@ -148,7 +150,9 @@ def test_engine_settings_are_validated():
 def test_a_missing_engine_package_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        engines.importlib.util, "find_spec", lambda name, *a: None if name in ("ray", "pyspark") else real(name, *a)
+        engines.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("ray", "pyspark") else real(name, *a),
     )
     for distributor, extra in (("ray", "ray"), ("pyspark", "spark")):
         crawl = config_from_dict({"crawl": {"distributor": distributor}}).crawl

@@ -118,6 +118,7 @@ def _workers_import_this_dalle() -> None:
 def _ray(spec: dict) -> Iterator[None]:
     # Ray reports usage statistics to its makers unless told not to; the crawler phones no one.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the log is a file, not a terminal
     ray = _engine_module("ray")
     import img2dataset.distributor
 
@@ -150,7 +151,10 @@ def _spark(spec: dict) -> Iterator[None]:
         # The Python workers run this interpreter (pyspark's default is whatever python3 is on PATH),
         # and the driver listens on loopback only, without looking up this machine's name.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = builder.config("spark.driver.host", "127.0.0.1").config(
+            "spark.driver.bindAddress", "127.0.0.1"
+        )
     spark = builder.getOrCreate()
     try:
         yield
