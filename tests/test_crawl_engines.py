@@ -114,15 +114,24 @@ def _skip_without(distributor: str) -> None:
         pytest.skip(str(err))
 
 
-@pytest.mark.slow
-def test_ray_workers_crawl_like_multiprocessing_and_stay_guarded(world, baseline):
+# Module-scoped, and named before `world` and `baseline`, so that a missing engine skips before they run.
+@pytest.fixture(scope="module")
+def ray_engine():
     _skip_without("ray")
+
+
+@pytest.fixture(scope="module")
+def spark_engine():
+    _skip_without("pyspark")
+
+
+@pytest.mark.slow
+def test_ray_workers_crawl_like_multiprocessing_and_stay_guarded(ray_engine, world, baseline):
     _check_engine_run(world, baseline, "ray")
 
 
 @pytest.mark.slow
-def test_spark_workers_crawl_like_multiprocessing_and_stay_guarded(world, baseline):
-    _skip_without("pyspark")
+def test_spark_workers_crawl_like_multiprocessing_and_stay_guarded(spark_engine, world, baseline):
     _check_engine_run(world, baseline, "pyspark")
 
 
@@ -158,6 +167,40 @@ def test_a_missing_engine_package_names_the_extra(monkeypatch):
         crawl = config_from_dict({"crawl": {"distributor": distributor}}).crawl
         with pytest.raises(engines.EngineError, match=re.escape(f"'.[{extra}]'")):
             engines.check_engine(crawl)
+
+
+def test_a_crawl_with_a_missing_engine_stops_before_it_starts(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        engines.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    cfg = config_from_dict({**CONFIG, "crawl": {**CONFIG["crawl"], "distributor": "ray"}})
+    listener_gen = _running(CountingServer("127.0.0.2"))
+    listener = next(listener_gen)
+    try:
+        pq.write_table(
+            pa.table({"url": [listener.url("/img/a.png")], "caption": ["a"]}), tmp_path / "u.parquet"
+        )
+        storage = Storage(str(tmp_path / "run"))
+        prepared = crawl_lib.prepare_input(str(tmp_path / "u.parquet"), storage, cfg.crawl)
+        lines: list[str] = []
+        with pytest.raises(engines.EngineError, match=re.escape("'.[ray]'")):
+            crawl_lib.run_crawl(storage, cfg.crawl, prepared, log=lines.append)
+    finally:
+        listener_gen.close()
+    assert lines == [] and crawl_lib.finished_shards(storage) == [] and listener.connections == 0
+
+
+def test_java_version_is_read_from_java_home(tmp_path, monkeypatch):
+    for banner, major in (('openjdk version "17.0.15" 2025-04-15', 17), ('java version "1.8.0_402"', 8)):
+        java = tmp_path / str(major) / "bin" / "java"
+        java.parent.mkdir(parents=True)
+        java.write_text(f"#!/bin/sh\necho '{banner}' >&2\n")
+        java.chmod(0o755)
+        monkeypatch.setenv("JAVA_HOME", str(java.parent.parent))
+        assert engines.java_major_version() == major
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "none"))
+    assert engines.java_major_version() is None
 
 
 def test_spark_without_java_says_how_to_install_it(monkeypatch):
