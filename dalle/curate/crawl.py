@@ -8,6 +8,10 @@ img2dataset's workers so that no connection reaches a non-public address that th
 config does not allow-list, redirects included. img2dataset's incremental mode
 makes a re-run skip finished shards; a shard counts as finished once its
 `NNNNN_stats.json` exists, and only finished shards are ever read.
+
+img2dataset runs the shards on `crawl.distributor`: its own worker processes, or Ray or Spark, which
+the child process starts (or connects to) around the download and stops after
+(`dalle.curate.engines`); the guard travels with img2dataset's downloader to every worker.
 """
 
 from __future__ import annotations
@@ -427,7 +431,8 @@ def run_crawl(
     """Download every batch's prepared URLs (skipping finished shards; an earlier batch that was
     stopped is finished first); returns the finished shard paths of all batches.
     img2dataset's output goes to `log`; its process is stopped after cfg.max_crawl_s, or once it
-    has printed nothing for cfg.stall_s (a hung download)."""
+    has printed nothing for cfg.stall_s (a hung download). A distributor whose package (or Java) is
+    missing raises EngineError before anything starts."""
     for batch, manifest in batch_manifests(storage).items():
         want = expected_shards(manifest["to_crawl"], cfg)
         if len(finished_shards(storage, batch)) >= want:
