@@ -145,7 +145,32 @@ class CrawlConfig(_Section):
         "of DNS for that name (robots.txt and image fetches; URL, Host header and TLS keep the name). A "
         "mapped address is still checked: one in a non-public network needs allow_networks.",
     )
-    processes: int = Field(2, ge=1, description="img2dataset worker processes.")
+    distributor: Literal["multiprocessing", "ray", "pyspark"] = Field(
+        "multiprocessing",
+        description="img2dataset's engine for running shards: 'multiprocessing' (worker processes on this "
+        "machine), 'ray' (needs the ray extra) or 'pyspark' (needs the spark extra and Java 17+). The "
+        "network guard runs in every worker of each.",
+    )
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="distributor 'ray': the Ray cluster to connect to ('auto', 'HOST:PORT' or "
+        "'ray://HOST:PORT'); unset, a local Ray with `processes` CPUs is started for the crawl and "
+        "stopped after it.",
+    )
+    spark_master: str | None = Field(
+        None,
+        min_length=1,
+        description="distributor 'pyspark': the Spark master URL ('local[4]', 'spark://HOST:7077', "
+        "'yarn', 'k8s://...'); unset, 'local[processes]'. The session is started for the crawl and "
+        "stopped after it.",
+    )
+    processes: int = Field(
+        2,
+        ge=1,
+        description="img2dataset worker processes (for 'ray' and 'pyspark' without an address: the "
+        "local engine's CPUs).",
+    )
     threads: int = Field(32, ge=1, description="Download threads per worker process.")
     timeout_s: float = Field(10.0, gt=0, le=MAX_SECONDS, description="Per-request timeout in seconds.")
     retries: int = Field(0, ge=0, description="Download retries per URL after a failure.")
@@ -244,10 +269,27 @@ class CrawlConfig(_Section):
                 raise ValueError(f"column_names repeats {repeated}; give each column its own name")
         return value
 
+    @field_validator("ray_address", "spark_master")
+    @classmethod
+    def _no_blank_address(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value != value.strip()):
+            raise ValueError(f"{value!r} has blanks; give the address itself, or leave it unset")
+        return value
+
     @model_validator(mode="after")
     def _two_columns(self) -> CrawlConfig:
         if self.url_col == self.caption_col:
             raise ValueError(f"url_col and caption_col both name {self.url_col!r}; they are two columns")
+        return self
+
+    @model_validator(mode="after")
+    def _address_of_the_engine(self) -> CrawlConfig:
+        for name, engine in (("ray_address", "ray"), ("spark_master", "pyspark")):
+            if getattr(self, name) is not None and self.distributor != engine:
+                raise ValueError(
+                    f"{name} is set but distributor is {self.distributor!r}; it is used only with "
+                    f"distributor: {engine}"
+                )
         return self
 
 

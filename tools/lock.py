@@ -52,6 +52,12 @@ NOTES = {
     ),
 }
 
+# Packages published only as a source distribution, which the wheels-only check must let build; each is
+# pure Python (no compiler involved), with the reason it is in the dependency set.
+SOURCE_ONLY = {
+    "pyspark": "the crawl's Spark engine (crawl.distributor: pyspark, the `spark` and `dev` extras)",
+}
+
 CHECK_PYTHONS = ("3.10", "3.11", "3.12", "3.13", "3.14")
 CHECK_PLATFORMS = ("x86_64-manylinux_2_28", "aarch64-manylinux_2_28")
 INDEX = "https://pypi.org/simple"
@@ -169,7 +175,8 @@ def header(uv_version: str, command: list[str], torch_spec: str, check_spec: str
         "# then run `make install test` and commit this file. The resolution:",
         *(f"#   {part}" for part in command),
         f"# holding {torch_spec} (the Makefile's TORCH_SPEC). Checked: the pins also",
-        f"# resolve from wheels alone on x86-64 and arm64 Linux, Python {CHECK_PYTHONS[0]} to {CHECK_PYTHONS[-1]}, with",
+        f"# resolve from wheels alone ({', '.join(sorted(SOURCE_ONLY))} from source: no wheel is published) on",
+        f"# x86-64 and arm64 Linux, Python {CHECK_PYTHONS[0]} to {CHECK_PYTHONS[-1]}, with",
         f"# that TORCH_SPEC and with {check_spec} (the aarch64 one), and each pin's",
         "# Requires-Python allows every Python it is installed on.",
         "#",
@@ -254,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         failed = 0
         locked = {name for name, _, _ in blocks if name not in left_out}
         wanted: dict[tuple[str, str], set[str]] = {}
+        # Wheels only, but for SOURCE_ONLY's packages (uv's `:all:` admits no exception).
+        only_binary = [
+            option
+            for name in sorted(
+                ({name for name, _, _ in blocks} | {"torch", "torchvision"}) - set(SOURCE_ONLY)
+            )
+            for option in ("--only-binary", name)
+        ]
         for spec in (args.torch_spec, args.check_torch_spec):
             spec_file = Path(tmp, "torch-spec.txt")
             spec_file.write_text("\n".join(spec.split()) + "\n")
@@ -263,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     check = run([
                         args.uv, *base, "--python-version", python, "--python-platform", platform,
                         "--constraint", str(candidate), "--constraint", str(spec_file),
-                        "--only-binary", ":all:", "--no-header", "--no-annotate", "--quiet",
+                        *only_binary, "--no-header", "--no-annotate", "--quiet",
                         "--output-file", str(resolved),
                     ])  # fmt: skip
                     status = "ok" if check.returncode == 0 else "FAILED"

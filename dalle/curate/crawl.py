@@ -9,6 +9,10 @@ config does not allow-list, redirects included (names of the static host map
 `crawl.resolve` get their mapped address in both steps, checked the same way).
 img2dataset's incremental mode makes a re-run skip finished shards; a shard counts
 as finished once its `NNNNN_stats.json` exists, and only finished shards are ever read.
+
+img2dataset runs the shards on `crawl.distributor`: its own worker processes, or Ray or Spark, which
+the child process starts (or connects to) around the download and stops after
+(`dalle.curate.engines`); the guard travels with img2dataset's downloader to every worker.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dalle.config import CrawlConfig
+from dalle.curate.engines import check_engine, engine_spec
 from dalle.curate.fetch import TOO_LARGE_MARKER, X_ROBOTS_MESSAGE
 from dalle.curate.netguard import BLOCKED_MARKER, AddressPolicy, RobotsChecker, url_refusal
 from dalle.curate.urls import URL_BATCH_ROWS, iter_url_list
@@ -377,6 +382,7 @@ def img2dataset_arguments(storage: Storage, cfg: CrawlConfig, batch: str = RAW_D
         "save_additional_columns": ["input_row", "caption_utf8"],
         "output_folder": storage.uri(batch),
         "output_format": "parquet",
+        "distributor": cfg.distributor,
         "processes_count": cfg.processes,
         "thread_count": cfg.threads,
         "timeout": cfg.timeout_s,
@@ -429,16 +435,19 @@ def run_crawl(
     """Download every batch's prepared URLs (skipping finished shards; an earlier batch that was
     stopped is finished first); returns the finished shard paths of all batches.
     img2dataset's output goes to `log`; its process is stopped after cfg.max_crawl_s, or once it
-    has printed nothing for cfg.stall_s (a hung download)."""
+    has printed nothing for cfg.stall_s (a hung download). A distributor whose package (or Java) is
+    missing raises EngineError before anything starts."""
     for batch, manifest in batch_manifests(storage).items():
         want = expected_shards(manifest["to_crawl"], cfg)
         if len(finished_shards(storage, batch)) >= want:
             continue
+        check_engine(cfg)
         spec = {
             "download": img2dataset_arguments(storage, cfg, batch),
             "allow_networks": list(cfg.allow_networks),
             "resolve": dict(cfg.resolve),
             "limits": fetch_limits(cfg),
+            "engine": engine_spec(cfg),
         }
         # A child process: img2dataset's spawn-based workers re-import the caller's __main__,
         # which would re-run whatever script called us; `python -m dalle.curate.crawl` is safe.
@@ -542,11 +551,15 @@ def iter_raw_shard(
 def _child_main(spec_json: str) -> None:
     import img2dataset
 
+    from dalle.curate.engines import running_engine
     from dalle.curate.fetch import FetchLimits, use_guard_in_img2dataset
 
     spec = json.loads(spec_json)
-    with use_guard_in_img2dataset(
-        spec["allow_networks"], FetchLimits(**spec["limits"]), resolve=spec.get("resolve")
+    with (
+        running_engine(spec["engine"]),
+        use_guard_in_img2dataset(
+            spec["allow_networks"], FetchLimits(**spec["limits"]), resolve=spec.get("resolve")
+        ),
     ):
         img2dataset.download(**spec["download"])
 

@@ -207,7 +207,14 @@ class GuardedDownloader(Downloader):
         if not isinstance(_img2dataset_downloader.download_image, ImageFetcher):
             check_patch_point()
             _img2dataset_downloader.download_image = ImageFetcher(policy, self.limits)
-        return super().__call__(row)
+        status, done = super().__call__(row)
+        # A line per shard, from the worker: Ray's and Spark's distributors print no progress of their
+        # own, and the crawl's watcher stops a process that prints nothing for crawl.stall_s.
+        # One write of the whole line, so that workers sharing a pipe do not split each other's lines.
+        print(
+            f"shard {row[0]} {'finished' if status else 'failed'} (pid {os.getpid()})\n", end="", flush=True
+        )
+        return status, done
 
 
 @contextlib.contextmanager
