@@ -30,8 +30,9 @@ import torch
 
 from dalle.config import TransformerConfig
 from dalle.models.transformer import DalleTransformer
+from dalle.runroot import MANIFEST, SHARDS_DIR
 from dalle.schemas import SCHEMA_VERSION, token_shard_schema
-from dalle.storage import MANIFEST, SHARDS, Storage
+from dalle.storage import Storage
 from dalle.tokens.loader import ShardDataset, TokenBatch, make_loader
 
 TEXT_LEN = 32
@@ -60,18 +61,18 @@ def write_shards(root: str, rows: int, shards: int, seed: int = 0) -> None:
             },
             schema=token_shard_schema(GRID * GRID),
         )
-        path = f"{SHARDS}/{index:05d}.parquet"
+        path = f"{SHARDS_DIR}/{index:05d}.parquet"
         storage.write_table(path, table)
         digest = hashlib.sha256(storage.read_bytes(path)).hexdigest()
         entries.append({"path": path, "rows": count, "sha256": digest})
     storage.write_json(
-        f"{SHARDS}/{MANIFEST}", {"schema_version": SCHEMA_VERSION, "rows": rows, "shards": entries}
+        f"{SHARDS_DIR}/{MANIFEST}", {"schema_version": SCHEMA_VERSION, "rows": rows, "shards": entries}
     )
 
 
 def loader_samples_per_s(root: str, num_workers: int, batches: int) -> float:
     """Steady-state samples/s: the clock starts after the first batch (worker start, first read)."""
-    dataset = ShardDataset(root, SHARDS, TokenBatch(TEXT_LEN), batch_size=BATCH, seed=0)
+    dataset = ShardDataset(root, SHARDS_DIR, TokenBatch(TEXT_LEN), batch_size=BATCH, seed=0)
     stream = iter(make_loader(dataset, num_workers=num_workers))
     next(stream)
     start = time.perf_counter()
