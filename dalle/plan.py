@@ -50,9 +50,9 @@ THROUGHPUTS: dict[str, Figure] = {
     ),
     "url_row_bytes": Figure(150.0, "bytes per URL-list row", ASSUMED, "a URL and a caption, compressed"),
     "decode_images_per_core_s": Figure(
-        400.0, "images/s per CPU core (decode and resize for CLIP)", ASSUMED,
-        "a 256 px JPEG decoded and preprocessed by PIL on one core; benchmarks/bench_embed.py measured 209 on a "
-        "loaded machine, so an idle core's rate is assumed",
+        580.0, "images/s per CPU core (decode and resize for CLIP)", MEASURED,
+        "a 256 px JPEG decoded and preprocessed by PIL on one idle core of a 2-core AMD EPYC "
+        "(benchmarks/bench_embed.py)",
     ),
     "cpu_cores_per_gpu": Figure(12.0, "CPU cores per GPU", ASSUMED, "a typical 8-GPU node has 96-128 cores"),
     "gpu_peak_flops": Figure(
@@ -67,12 +67,12 @@ THROUGHPUTS: dict[str, Figure] = {
         "large-batch convolution and ViT inference in bf16; not yet measured on a GPU",
     ),
     "dedup_s_per_million": Figure(
-        121.0, "seconds per shard of 1M vectors on 2 cores", MEASURED,
-        "benchmarks/bench_dedup.py --sizes 1000000 (AMD EPYC, 2 cores): deduplicate in 121 s, recall 0.998",
+        98.5, "seconds per shard of 1M vectors on 2 cores", MEASURED,
+        "benchmarks/bench_dedup.py --sizes 1000000 (AMD EPYC, 2 cores, idle): deduplicate in 98.5 s, recall 0.998",
     ),
     "dedup_bytes_per_vector": Figure(
-        3325.0, "peak bytes per vector (dim 512, process included)", MEASURED,
-        "benchmarks/bench_dedup.py: 3,171 MiB peak resident at 1M x 512",
+        3367.0, "peak bytes per vector (dim 512, process included)", MEASURED,
+        "benchmarks/bench_dedup.py: 3,211 MiB peak resident at 1M x 512",
     ),
     "dedup_node_memory_bytes": Figure(
         256e9, "bytes of memory per dedup node", ASSUMED, "a large-memory CPU node",
