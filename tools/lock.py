@@ -52,11 +52,15 @@ NOTES = {
     ),
 }
 
-# Packages published only as a source distribution, which the wheels-only check must let build; each is
-# pure Python (no compiler involved), with the reason it is in the dependency set.
-SOURCE_ONLY = {
-    "pyspark": "the crawl's Spark engine (crawl.distributor: pyspark, the `spark` and `dev` extras)",
-}
+# Packages published only as a source distribution, which the wheels-only check must let build; each
+# pure Python (no compiler involved), with the reason it is in the dependency set. None today: pyspark
+# (the crawl's Spark engine) is one, and is left out of the `dev` extra that the lock resolves.
+SOURCE_ONLY: dict[str, str] = {}
+
+
+def _source_only_clause() -> str:
+    return f" ({', '.join(sorted(SOURCE_ONLY))} from source: no wheel is published)" if SOURCE_ONLY else ""
+
 
 CHECK_PYTHONS = ("3.10", "3.11", "3.12", "3.13", "3.14")
 CHECK_PLATFORMS = ("x86_64-manylinux_2_28", "aarch64-manylinux_2_28")
@@ -175,7 +179,7 @@ def header(uv_version: str, command: list[str], torch_spec: str, check_spec: str
         "# then run `make install test` and commit this file. The resolution:",
         *(f"#   {part}" for part in command),
         f"# holding {torch_spec} (the Makefile's TORCH_SPEC). Checked: the pins also",
-        f"# resolve from wheels alone ({', '.join(sorted(SOURCE_ONLY))} from source: no wheel is published) on",
+        f"# resolve from wheels alone{_source_only_clause()} on",
         f"# x86-64 and arm64 Linux, Python {CHECK_PYTHONS[0]} to {CHECK_PYTHONS[-1]}, with",
         f"# that TORCH_SPEC and with {check_spec} (the aarch64 one), and each pin's",
         "# Requires-Python allows every Python it is installed on.",
