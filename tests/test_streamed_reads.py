@@ -226,7 +226,9 @@ def test_the_filter_stage_holds_a_batch_of_a_raw_shard_not_the_shard(tmp_path):
     }
     print(json.dumps(figures))
     assert whole - floor > 2500 * IMAGE_BYTES / (1 << 20)  # the measurement sees a whole shard in memory
-    assert streamed_large - streamed_small < 0.2 * growth_mib  # 150 MB more shard, not 30 MB more memory
+    # 150 MB more shard: a whole read grows by all of it, a streamed one by the allocator's slack (measured
+    # 10-30 MB between runs, so the bound leaves room for that and still catches a whole read 2.5 times over).
+    assert streamed_large - streamed_small < 0.4 * growth_mib
     assert streamed_large - floor < 0.75 * (whole - floor)
 
 
