@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dalle.config import RunConfig
-from dalle.curate.fates import IMAGE_CHUNK_ROWS, PASS, fate_record, iter_images, passing_rows
+from dalle.curate.fates import IMAGE_CHUNK_ROWS, PASS, fate_record, iter_images, passing_rows, passing_table
 from dalle.curate.filters import clip_decision, clip_score_cutoff
-from dalle.runroot import EMBEDDINGS_DIR, FILTER_TABLE, SCORES_TABLE
+from dalle.runroot import EMBEDDINGS_DIR, SCORES_TABLE
 from dalle.schemas import SCORE_DECISIONS_SCHEMA, SchemaError, check_schema, embeddings_schema
 from dalle.storage import Storage
 
@@ -270,15 +270,9 @@ def _embed_rows(
     return embed_stage(storage, uids, images, captions, clip, batch_size, part_scope=part_scope)
 
 
-def _passing(storage: Storage, columns: list[str]) -> pa.Table:
-    """`columns` of the pairs that passed the rule filters, in the filter table's order."""
-    table = storage.read_table(FILTER_TABLE, columns=sorted({*columns, "fate"}))
-    return table.filter(pc.equal(table.column("fate"), PASS)).select(columns)
-
-
 def shards_to_embed(storage: Storage) -> list[str]:
     """The raw shards that hold pairs which passed the rule filters, in the order the stage meets them."""
-    return list(dict.fromkeys(_passing(storage, ["raw_shard"]).column("raw_shard").to_pylist()))
+    return list(dict.fromkeys(passing_table(storage, ["raw_shard"]).column("raw_shard").to_pylist()))
 
 
 def embed_shard(storage: Storage, cfg: RunConfig, clip: ClipEncoder, rel: str) -> int:
@@ -286,7 +280,9 @@ def embed_shard(storage: Storage, cfg: RunConfig, clip: ClipEncoder, rel: str) -
     their own written whole or not at all; returns how many pairs the shard has. The unit of work a Dask
     worker takes (orchestration.dask_address): it needs the run root, the CLIP and the shard's path.
     `score_stage` afterwards finds every vector stored and only reads them."""
-    table = _passing(storage, ["uid", "caption", "raw_shard", "raw_key"])  # what embedding reads of a row
+    table = passing_table(
+        storage, ["uid", "caption", "raw_shard", "raw_key"]
+    )  # what embedding reads of a row
     rows = table.filter(pc.equal(table.column("raw_shard"), rel)).to_pylist()
     _embed_rows(storage, rows, clip, cfg.clip.batch_size, part_scope=rel)
     return len(rows)

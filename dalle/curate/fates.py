@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from itertools import groupby
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from dalle.curate.crawl import RAW_IMAGE_COLUMN, CrawlError, iter_raw_shard
@@ -41,8 +42,15 @@ def fate_record(
     return {"fate": fate, "reason": reason, "detail": detail, "value": value, "threshold": threshold}
 
 
+def passing_table(storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """The filter table's rows that passed the rule filters, in its order: `columns` of them, or all."""
+    table = storage.read_table(FILTER_TABLE, columns=None if columns is None else sorted({*columns, "fate"}))
+    passed = table.filter(pc.equal(table.column("fate"), PASS))
+    return passed if columns is None else passed.select(columns)
+
+
 def passing_rows(storage: Storage) -> list[dict]:
-    return [r for r in storage.read_table(FILTER_TABLE).to_pylist() if r["fate"] == PASS]
+    return passing_table(storage).to_pylist()
 
 
 # Images a streamed read hands out at once (iter_images): memory holds about this many bodies (each at
