@@ -101,9 +101,15 @@ def _check_engine_run(world, baseline, distributor: str) -> list[str]:
     assert len(allowed) == ALLOWED_IMAGES
     assert all(fate not in ("blocked", "download_failed") for *_, fate, _ in allowed), allowed
     assert forbidden.connections == 0, "a worker reached the address it must never reach"
-    # Every shard reports from the worker that ran it (and the engine brought its output to the log).
-    # (findall: two workers' lines can meet on one line of the log.)
-    assert len(re.findall(r"shard \d+ finished \(pid \d+\)", "\n".join(lines))) == 4, lines
+    # The shards report from the workers that ran them, and the engine brings that output to the log.
+    # (findall: two workers' lines can meet on one line of the log.) Ray forwards its workers' output
+    # asynchronously and may drop the last lines when it shuts down (a CI run saw 3 of 4), so for Ray
+    # at least one line must arrive; the fates above are what proves every shard ran.
+    reported = re.findall(r"shard \d+ finished \(pid \d+\)", "\n".join(lines))
+    if distributor == "ray":
+        assert reported, lines
+    else:
+        assert len(reported) == 4, lines
     return lines
 
 

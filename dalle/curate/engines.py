@@ -116,12 +116,10 @@ def _workers_import_this_dalle() -> None:
 
 @contextlib.contextmanager
 def _ray(spec: dict) -> Iterator[None]:
-    # Ray reports usage statistics to its makers unless told not to; the crawler phones no one.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the log is a file, not a terminal
-    # Ray folds lines that several workers print alike into one "[repeated Nx across cluster]": every
-    # worker's "shard N finished" line must reach the log (the stall watchdog and the operator read it).
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray reads its settings from the environment when it is imported; dalle.curate.fetch sets them
+    # before img2dataset (which imports Ray) is loaded.
+    import dalle.curate.fetch  # noqa: F401
+
     ray = _engine_module("ray")
     import img2dataset.distributor
 

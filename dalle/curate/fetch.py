@@ -35,6 +35,13 @@ from collections.abc import Iterator, Mapping, Sequence
 # this process and in every spawned worker: a crawler that promises to reach only what it is allowed to
 # must not phone home. The variable is inherited by the workers.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# img2dataset also imports Ray where it is installed, and Ray reads these when it is imported: it reports
+# usage statistics to its makers unless told not to (the crawler phones no one), colours its log for a
+# terminal, and folds lines that several workers print alike into one "[repeated Nx across cluster]",
+# where every worker's "shard N finished" line should reach the log (the stall watchdog and the operator
+# read it).
+for _name in ("RAY_USAGE_STATS_ENABLED", "RAY_COLOR_PREFIX", "RAY_DEDUP_LOGS"):
+    os.environ.setdefault(_name, "0")
 
 import img2dataset.downloader as _img2dataset_downloader
 from img2dataset.downloader import Downloader
