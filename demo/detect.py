@@ -31,6 +31,8 @@ from scipy import ndimage
 from demo.world import (
     BACKGROUND,
     COLORS,
+    COUNT_WORDS,
+    PLURALS,
     RELATIONS,
     SHAPES,
     SIZE_BANDS,
@@ -235,12 +237,13 @@ def _nearest_shape(moments: np.ndarray, shapes: Sequence[str]) -> str:
 
 def detect_objects(
     image: ImageInput,
-    max_objects: int = 2,
+    max_objects: int | None = 2,
     colors: Sequence[str] | None = None,
     shapes: Sequence[str] | None = None,
     min_area_fraction: float = MIN_AREA_FRACTION,
 ) -> list[DetectedObject]:
-    """The `max_objects` largest objects, largest first, with colour, shape, centroid and area; [] when blank.
+    """The `max_objects` largest objects (None: all), largest first, with colour, shape, centroid and
+    area; [] when blank.
 
     `colors` and `shapes` restrict the answers to those names (default: every demo colour and shape).
     """
@@ -254,7 +257,7 @@ def detect_objects(
         for blob in _measure(_as_rgb(image), palette, min_area_fraction)
     ]
     found.sort(key=lambda obj: (-obj.area, obj.cy, obj.cx))
-    return found[:max_objects]
+    return found if max_objects is None else found[:max_objects]
 
 
 def relation_of(a: DetectedObject, b: DetectedObject) -> str:
@@ -274,75 +277,129 @@ _SIZE_BY_WORD = {word: size for size, word in SIZE_WORDS.items() if word} | {
     size: size for size in SIZE_BANDS
 }
 _RELATION_BY_PHRASE = {phrase: relation for relation, phrase in RELATIONS.items()}
+_COUNT_BY_WORD = {word: count for count, word in COUNT_WORDS.items() if count > 1}
+_SHAPE_BY_PLURAL = {plural: shape for shape, plural in PLURALS.items()}
 _OBJECT = (
     rf"an? (?:({_alternatives(list(_SIZE_BY_WORD))}) )?"
     rf"({_alternatives(list(COLORS))}) ({_alternatives(SHAPES)})"
 )
-_CAPTION = re.compile(rf"{_OBJECT}(?: ({_alternatives(list(_RELATION_BY_PHRASE))}) {_OBJECT})?")
+_CAPTION = re.compile(rf"{_OBJECT}(?: ({_alternatives(list(_RELATION_BY_PHRASE))}|and) {_OBJECT})?")
+_COUNT_CAPTION = re.compile(
+    rf"({_alternatives(list(_COUNT_BY_WORD))}) (?:({_alternatives(list(_SIZE_BY_WORD))}) )?"
+    rf"({_alternatives(list(COLORS))}) ({_alternatives(list(_SHAPE_BY_PLURAL))})"
+)
 
 
 def parse_prompt(caption: str) -> dict:
     """The objects and relation of a demo caption, the inverse of `caption_for`.
 
-    Returns {"objects": [{"color", "shape", "size"}], "relation": a RELATIONS key or None};
-    "size" is None when the caption has no size word (the demo draws those medium).
+    Returns {"kind": a SCENE_KINDS entry, "objects": [{"color", "shape", "size", "count"}], "relation":
+    a RELATIONS key or None}; "size" is None when the caption has no size word (the demo draws those
+    medium); "count" is how many copies ("three red circles": one entry, count 3).
     """
     text = " ".join(caption.lower().split()).rstrip(".")
+    counted = _COUNT_CAPTION.fullmatch(text)
+    if counted is not None:
+        word, size, color, plural = counted.groups()
+        objects = [{"color": color, "shape": _SHAPE_BY_PLURAL[plural], "size": _SIZE_BY_WORD.get(size or ""),
+                    "count": _COUNT_BY_WORD[word]}]  # fmt: skip
+        return {"kind": "count", "objects": objects, "relation": None}
     match = _CAPTION.fullmatch(text)
     if match is None:
         raise ValueError(
-            f"cannot parse {caption!r} as a demo caption; expected e.g. 'a small red circle' or "
-            f"'a red circle above a blue square', with colours {', '.join(COLORS)} "
-            f"and shapes {', '.join(SHAPES)}"
+            f"cannot parse {caption!r} as a demo caption; expected e.g. 'a small red circle', 'three red "
+            "circles', 'a red circle and a blue square' or 'a red circle above a blue square', with "
+            f"colours {', '.join(COLORS)} and shapes {', '.join(SHAPES)}"
         )
     size1, color1, shape1, phrase, size2, color2, shape2 = match.groups()
-    objects = [{"color": color1, "shape": shape1, "size": _SIZE_BY_WORD[size1] if size1 else None}]
+    objects = [
+        {"color": color1, "shape": shape1, "size": _SIZE_BY_WORD[size1] if size1 else None, "count": 1}
+    ]
     if phrase is None:
-        return {"objects": objects, "relation": None}
-    objects.append({"color": color2, "shape": shape2, "size": _SIZE_BY_WORD[size2] if size2 else None})
-    return {"objects": objects, "relation": _RELATION_BY_PHRASE[phrase]}
+        return {"kind": "single", "objects": objects, "relation": None}
+    objects.append(
+        {"color": color2, "shape": shape2, "size": _SIZE_BY_WORD[size2] if size2 else None, "count": 1}
+    )
+    if phrase == "and":
+        return {"kind": "two", "objects": objects, "relation": None}
+    return {"kind": "relation", "objects": objects, "relation": _RELATION_BY_PHRASE[phrase]}
+
+
+# GenEval's six task families, and the ones each kind of caption is judged on: a single-object prompt
+# ("a red circle") for the object and its colour, a "two" prompt ("a red circle and a blue square")
+# for both objects and for their colours bound to the right shapes.
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+TASKS_BY_KIND = {
+    "single": ("single_object", "colors"),
+    "count": ("counting",),
+    "two": ("two_object", "color_attr"),
+    "relation": ("position",),
+}
+
+
+def _match_pair(
+    found: list[DetectedObject], targets: list[dict]
+) -> tuple[DetectedObject, DetectedObject] | None:
+    """The two largest objects in the order of the targets, matched by shape (by colour too when that
+    decides it); None when their shapes are not the targets' shapes."""
+    if len(found) < 2:
+        return None
+    orders = [(found[0], found[1]), (found[1], found[0])]
+
+    def fit(order: tuple[DetectedObject, DetectedObject]) -> tuple[bool, int]:
+        shapes = all(det.shape == t["shape"] for det, t in zip(order, targets))
+        return shapes, sum(det.color == t["color"] for det, t in zip(order, targets))
+
+    fits = [fit(order) for order in orders]
+    best = max(range(2), key=lambda k: fits[k])
+    if not fits[best][0] or (fits[0] == fits[1] and orders[0][0].shape == orders[0][1].shape):
+        return None  # not these shapes, or two of one shape that the colours cannot tell apart
+    return orders[best]
 
 
 def judge(
     image: ImageInput, caption: str, colors: Sequence[str] | None = None, shapes: Sequence[str] | None = None
 ) -> dict:
-    """Whether the image shows what the demo caption says: {"color", "shape", "both", "relation"} as booleans.
+    """Whether the image shows what the demo caption says, per task of its kind, GenEval's way (right
+    only when every requirement holds): {"kind", "tasks": {task: bool}, "parts": {requirement: bool}}.
 
-    One object: the largest detected object's colour, shape and both; "relation" is None.
-    Two objects: each caption object matched by its own detected object (colours, shapes,
-    both), and "relation" right between the matched objects; it is False when the objects
-    cannot be told apart (both pairings fit equally well). `colors` and `shapes` are the
-    names the detector chooses among (default: every demo colour and shape), e.g. a run's
-    source vocabulary, so a blurred cross in a world without diamonds is not called a diamond.
+    single ("a red circle"): single_object, the largest object has the shape; colors, and the colour.
+    count ("three red circles"): counting, exactly that many objects, every one of the colour and shape
+      (parts: "count", the number alone; "kind", every object of the colour and shape).
+    two ("a red circle and a blue square"): two_object, the two largest objects have the two shapes;
+      color_attr, and each its own colour (a blue circle and a red square is wrong).
+    relation ("a red circle above a blue square"): position, the two largest objects have the two shapes
+      and the first stands in the relation to the second (judged along the dominant axis).
+    `colors` and `shapes` are the names the detector chooses among (default: every demo colour and shape),
+    e.g. a run's source vocabulary, so a blurred cross in a world without diamonds is not called a diamond.
     """
     wanted = parse_prompt(caption)
-    targets = wanted["objects"]
-    found = detect_objects(image, max_objects=len(targets), colors=colors, shapes=shapes)
-    if len(targets) == 1:
-        if not found:
-            return {"color": False, "shape": False, "both": False, "relation": None}
-        color = found[0].color == targets[0]["color"]
-        shape = found[0].shape == targets[0]["shape"]
-        return {"color": color, "shape": shape, "both": color and shape, "relation": None}
-    if len(found) < 2:
-        return {"color": False, "shape": False, "both": False, "relation": False}
-    pairings = [(found[0], found[1]), (found[1], found[0])]
-
-    def matches(pairing: tuple[DetectedObject, DetectedObject], key: str) -> bool:
-        return all(getattr(det, key) == target[key] for det, target in zip(pairing, targets))
-
-    def score(pairing: tuple[DetectedObject, DetectedObject]) -> tuple[int, int]:
-        pairs = list(zip(pairing, targets))
-        full = sum(det.color == t["color"] and det.shape == t["shape"] for det, t in pairs)
-        parts = sum((det.color == t["color"]) + (det.shape == t["shape"]) for det, t in pairs)
-        return full, parts
-
-    color = any(matches(p, "color") for p in pairings)
-    shape = any(matches(p, "shape") for p in pairings)
-    both = any(matches(p, "color") and matches(p, "shape") for p in pairings)
-    scores = [score(p) for p in pairings]
-    relation = False
-    if scores[0] != scores[1]:
-        first, second = pairings[0] if scores[0] > scores[1] else pairings[1]
-        relation = relation_of(first, second) == wanted["relation"]
-    return {"color": color, "shape": shape, "both": both, "relation": relation}
+    kind, targets = wanted["kind"], wanted["objects"]
+    found = detect_objects(image, max_objects=None, colors=colors, shapes=shapes)
+    parts: dict[str, bool] = {}
+    if kind == "single":
+        largest = found[0] if found else None
+        parts["shape"] = largest is not None and largest.shape == targets[0]["shape"]
+        parts["color"] = largest is not None and largest.color == targets[0]["color"]
+        tasks = {"single_object": parts["shape"], "colors": parts["shape"] and parts["color"]}
+    elif kind == "count":
+        target = targets[0]
+        parts["count"] = len(found) == target["count"]
+        parts["kind"] = bool(found) and all(
+            det.shape == target["shape"] and det.color == target["color"] for det in found
+        )
+        tasks = {"counting": parts["count"] and parts["kind"]}
+    elif kind == "two":
+        largest = found[:2]
+        parts["shapes"] = sorted(d.shape for d in largest) == sorted(t["shape"] for t in targets)
+        parts["colors"] = len(largest) == 2 and any(
+            all((d.color, d.shape) == (t["color"], t["shape"]) for d, t in zip(order, targets))
+            for order in (largest, largest[::-1])
+        )
+        tasks = {"two_object": parts["shapes"], "color_attr": parts["shapes"] and parts["colors"]}
+    else:
+        pair = _match_pair(found, targets)
+        parts["shapes"] = pair is not None
+        parts["relation"] = pair is not None and relation_of(*pair) == wanted["relation"]
+        tasks = {"position": parts["relation"]}
+    return {"kind": kind, "tasks": tasks, "parts": parts}

@@ -1,9 +1,18 @@
 """The captioned-shapes world: coloured shapes on a plain light background, with captions.
 
-`generate_samples` draws them and captions them ("a small red circle", "a blue square to the
-left of an orange cross"); colour-shape combinations listed in `WorldConfig.heldout` never
-appear, so the gallery can prompt them for the zero-shot test. Everything is deterministic
-for `WorldConfig.seed`.
+`generate_samples` draws four kinds of scene and captions them:
+
+    single     "a small red circle"
+    count      "three red circles"                      (2 to `max_count` copies of one object)
+    two        "a red circle and a blue square"          (two different objects, anywhere)
+    relation   "a blue square to the left of an orange cross"
+
+Three kinds of composition are held out, so that the evaluation can prompt what no training
+image shows (demo/suite.py): (a) colour-shape combinations (`heldout`: no image has a red
+square), (b) pairings of seen objects (`heldout_pairings`: red circles and blue squares abound,
+never together, or never in one relation), (c) counts of a seen object (`heldout_counts`: yellow
+crosses and "three ..." are seen, three yellow crosses never). Everything is deterministic for
+`WorldConfig.seed`.
 """
 
 from __future__ import annotations
@@ -45,11 +54,47 @@ class WorldConfig(BaseModel):
         default_factory=lambda: ["red square", "blue triangle", "green circle", "yellow cross"],
         description="'colour shape' combinations never shown in training images; prompted later for zero-shot.",
     )
+    heldout_pairings: list[str] = Field(
+        default_factory=lambda: [
+            "red circle + blue square",
+            "yellow triangle + purple circle",
+            "green square + orange triangle",
+            "purple cross + yellow square",
+        ],
+        description="Pairings of seen objects never shown together: 'red circle + blue square' (in no "
+        "image together), or 'red circle above blue square' (never in that relation, either way round; "
+        "nor in a 'two' scene, whose layout is free).",
+    )
+    heldout_counts: list[str] = Field(
+        default_factory=lambda: ["3 purple square", "2 orange circle", "3 blue cross"],
+        description="'<count> <colour> <shape>' (count 2 or more): that many copies of a seen object are "
+        "never shown together, while the object and the count are.",
+    )
     pair_fraction: float = Field(
         0.2,
         ge=0,
         le=1,
         description="Share of images with two objects and a relation ('a red circle above ...').",
+    )
+    two_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of images with two different objects: 'a red circle and a blue square'.",
+    )
+    count_fraction: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="Share of images with 2 to max_count copies of one object: 'three red circles'.",
+    )
+    max_count: int = Field(4, ge=2, le=4, description="The most copies of one object a count scene shows.")
+    suite_prompts_per_kind: int = Field(
+        4, ge=1, description="The evaluation suite's prompts per level and kind of scene (demo/suite.py)."
+    )
+    suite_counts: list[int] = Field(
+        default_factory=lambda: [1, 2, 3],
+        description="The counts the suite's counting prompts ask for, in turn (1 to max_count).",
     )
     exact_duplicates: int = Field(
         30, ge=0, description="Planted exact duplicates: the same bytes at another URL."
@@ -67,7 +112,87 @@ class WorldConfig(BaseModel):
                     f"held-out combination {combo!r} must be '<colour> <shape>' with a colour from "
                     f"{self.colors} and a shape from {self.shapes}"
                 )
+        self.pairings()  # each raises ValueError naming the entry
+        if not self.suite_counts or not all(1 <= n <= self.max_count for n in self.suite_counts):
+            raise ValueError(f"suite_counts must list counts from 1 to max_count ({self.max_count})")
+        self.counts_held_out()
+        if self.pair_fraction + self.two_fraction + self.count_fraction > 1:
+            raise ValueError(
+                "pair_fraction + two_fraction + count_fraction must be at most 1 (the rest are single objects)"
+            )
         return self
+
+    def _seen_combo(self, words: list[str], entry: str, field: str) -> tuple[str, str]:
+        combo = tuple(words)
+        if len(combo) != 2 or combo[0] not in self.colors or combo[1] not in self.shapes:
+            raise ValueError(
+                f"{field} entry {entry!r}: {' '.join(words)!r} must be '<colour> <shape>' with a colour from "
+                f"{self.colors} and a shape from {self.shapes}"
+            )
+        if " ".join(combo) in self.heldout:
+            raise ValueError(
+                f"{field} entry {entry!r}: {' '.join(combo)!r} is held out as a combination already "
+                "(heldout); a pairing or count holds out seen objects only"
+            )
+        return combo[0], combo[1]
+
+    def pairings(self) -> list[HeldOutPairing]:
+        """The held-out pairings, parsed."""
+        parsed = []
+        for entry in self.heldout_pairings:
+            words = entry.split()
+            relation, split_at = None, None
+            if "+" in words:
+                split_at, width = words.index("+"), 1
+            else:
+                for key, phrase in sorted(RELATIONS.items(), key=lambda kv: -len(kv[1])):
+                    for form in (phrase.split(), key.split()):
+                        for i in range(len(words) - len(form) + 1):
+                            if words[i : i + len(form)] == form and split_at is None:
+                                relation, split_at, width = key, i, len(form)
+            if split_at is None:
+                raise ValueError(
+                    f"heldout_pairings entry {entry!r} must be '<colour> <shape> + <colour> <shape>' or "
+                    f"'<colour> <shape> <relation> <colour> <shape>' with a relation from {list(RELATIONS)}"
+                )
+            first = self._seen_combo(words[:split_at], entry, "heldout_pairings")
+            second = self._seen_combo(words[split_at + width :], entry, "heldout_pairings")
+            if first == second:
+                raise ValueError(f"heldout_pairings entry {entry!r} pairs an object with itself")
+            parsed.append(HeldOutPairing(first, second, relation))
+        return parsed
+
+    def counts_held_out(self) -> set[tuple[int, str, str]]:
+        """The held-out counts, parsed: {(count, colour, shape)}."""
+        parsed = set()
+        for entry in self.heldout_counts:
+            words = entry.split()
+            if not words or not words[0].isdigit() or not 2 <= int(words[0]) <= self.max_count:
+                raise ValueError(
+                    f"heldout_counts entry {entry!r} must be '<count> <colour> <shape>' with a count from 2 "
+                    f"to max_count ({self.max_count})"
+                )
+            parsed.add((int(words[0]), *self._seen_combo(words[1:], entry, "heldout_counts")))
+        return parsed
+
+
+@dataclass(frozen=True)
+class HeldOutPairing:
+    """Two seen objects never shown together (relation None), or never with `first` `relation` `second`."""
+
+    first: tuple[str, str]  # (colour, shape)
+    second: tuple[str, str]
+    relation: str | None = None
+
+    def forbids(self, a: tuple[str, str], b: tuple[str, str], relation: str | None) -> bool:
+        """Whether a scene of `a` `relation` `b` (relation None: a 'two' scene, free layout) is held out."""
+        if {a, b} != {self.first, self.second}:
+            return False
+        if self.relation is None or relation is None:
+            return True
+        if a == self.first:
+            return relation == self.relation
+        return relation == INVERSE_RELATIONS[self.relation]
 
 
 def world_config(cfg: RunConfig) -> WorldConfig:
@@ -110,8 +235,16 @@ RELATIONS: dict[str, str] = {
     "left of": "to the left of",
     "right of": "to the right of",
 }
+INVERSE_RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses",
+           "diamond": "diamonds"}  # fmt: skip
+SCENE_KINDS = ("single", "count", "two", "relation")
 _MARGIN = 0.02  # of the side, between an object and the image border
 _GAP = 0.04  # of the side, between the two objects of a pair
+_SCATTER_GAP = (
+    0.06  # of the side, between objects placed freely (counts, 'two' scenes): countable when blurred
+)
 _SUPERSAMPLE = 4
 
 
@@ -141,6 +274,7 @@ class DemoSample:
     objects: list[ShapeObject]
     relation: str | None
     image: bytes  # PNG
+    kind: str = "single"  # a SCENE_KINDS entry
 
 
 def validate_source(cfg: WorldConfig) -> None:
@@ -181,12 +315,28 @@ def describe(obj: ShapeObject) -> str:
     return f"{_article(words)} {words}"
 
 
+def count_phrase(count: int, color: str, shape: str) -> str:
+    """ "three red circles"; "a red circle" for one."""
+    if count == 1:
+        return f"{_article(color)} {color} {shape}"
+    if count not in COUNT_WORDS:
+        raise ValueError(f"counts are 1 to {max(COUNT_WORDS)}, got {count}")
+    return f"{COUNT_WORDS[count]} {color} {PLURALS[shape]}"
+
+
 def caption_for(objects: list[ShapeObject], relation: str | None = None) -> str:
-    """Caption of one object, or of two objects where objects[0] is `relation` objects[1]."""
+    """The caption of a scene: one object; copies of one object ("three red circles"); two different
+    objects ("a red circle and a blue square"); or two where objects[0] is `relation` objects[1]."""
     if relation is None:
-        if len(objects) != 1:
-            raise ValueError(f"a caption without a relation describes one object, got {len(objects)}")
-        return describe(objects[0])
+        if not objects:
+            raise ValueError("a caption describes at least one object")
+        if len(objects) == 1:
+            return describe(objects[0])
+        if len({(o.color, o.shape) for o in objects}) == 1:
+            return count_phrase(len(objects), objects[0].color, objects[0].shape)
+        if len(objects) == 2:
+            return f"{describe(objects[0])} and {describe(objects[1])}"
+        raise ValueError(f"a caption describes copies of one object or two objects, got {len(objects)}")
     if relation not in RELATIONS or len(objects) != 2:
         raise ValueError(
             f"a relation caption needs two objects and one of {list(RELATIONS)}, got {relation!r}"
@@ -263,14 +413,13 @@ def _single(rng: np.random.Generator, combo: tuple[str, str], side: int) -> Shap
 
 
 def _pair(
-    rng: np.random.Generator, combos: list[tuple[str, str]], relation: str, side: int
+    rng: np.random.Generator, combos: tuple[tuple[str, str], ...], relation: str, side: int
 ) -> tuple[ShapeObject, ShapeObject]:
-    """Two non-overlapping objects with objects[0] `relation` objects[1].
+    """Two non-overlapping objects, combos[0] `relation` combos[1].
 
     Along the relation's axis the boxes are separated by a gap; across it the centres
     differ by at most half the separation, so the relation is the dominant one.
     """
-    picks = rng.choice(len(combos), size=2, replace=False) if len(combos) > 1 else [0, 0]
     sizes = [str(rng.choice(["small", "medium"])) for _ in range(2)]
     radii = [_radius(rng, s, side, cap=PAIR_MAX_RADIUS) for s in sizes]
     margin, gap = _MARGIN * side, _GAP * side
@@ -289,30 +438,116 @@ def _pair(
     objects = []
     for i in range(2):
         cx, cy = (across[i], along[i]) if vertical else (along[i], across[i])
-        color, shape = combos[int(picks[i])]
+        color, shape = combos[i]
         objects.append(ShapeObject(color, shape, sizes[i], cx, cy, radii[i]))
     return objects[0], objects[1]
 
 
+def _scatter(rng: np.random.Generator, radii: list[float], side: int) -> list[tuple[float, float]]:
+    """Centres for objects of these radii, their boxes apart by _SCATTER_GAP of the side: drawn at random,
+    or, when that keeps failing (four objects on a small canvas), jittered in the cells of a 2x2 grid."""
+    margin, gap = _MARGIN * side, _SCATTER_GAP * side
+    for _ in range(200):
+        centres: list[tuple[float, float]] = []
+        for r in radii:
+            x, y = (float(v) for v in rng.uniform(margin + r, side - margin - r, size=2))
+            # Apart as boxes, not discs: the corners of squares and crosses reach the box.
+            if all(max(abs(x - a), abs(y - b)) >= r + q + gap for (a, b), q in zip(centres, radii)):
+                centres.append((x, y))
+            else:
+                break
+        if len(centres) == len(radii):
+            return centres
+    cells = rng.permutation(4)[: len(radii)]
+    half = side / 2
+    centres = []
+    for cell, r in zip(cells, radii):
+        slack = max(0.0, half / 2 - r - max(margin, gap / 2))
+        x0, y0 = (cell % 2 + 0.5) * half, (cell // 2 + 0.5) * half
+        centres.append((x0 + float(rng.uniform(-slack, slack)), y0 + float(rng.uniform(-slack, slack))))
+    return centres
+
+
+def _count(rng: np.random.Generator, combo: tuple[str, str], count: int, side: int) -> list[ShapeObject]:
+    """`count` copies of one object, apart; small ones from three on, so that four fit."""
+    sizes = ["small"] * count if count >= 3 else [str(rng.choice(["small", "medium"]))] * count
+    radii = [_radius(rng, size, side, cap=PAIR_MAX_RADIUS) for size in sizes]
+    return [
+        ShapeObject(combo[0], combo[1], size, x, y, r)
+        for (x, y), size, r in zip(_scatter(rng, radii, side), sizes, radii)
+    ]
+
+
+def _two(rng: np.random.Generator, combos: tuple[tuple[str, str], ...], side: int) -> list[ShapeObject]:
+    """Two different objects anywhere, apart."""
+    sizes = [str(rng.choice(["small", "medium"])) for _ in range(2)]
+    radii = [_radius(rng, size, side, cap=PAIR_MAX_RADIUS) for size in sizes]
+    return [
+        ShapeObject(combo[0], combo[1], size, x, y, r)
+        for (x, y), combo, size, r in zip(_scatter(rng, radii, side), combos, sizes, radii)
+    ]
+
+
+def _pick_two(
+    rng: np.random.Generator, combos: list[tuple[str, str]], relation: str | None, held: list[HeldOutPairing]
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Two different objects that may be shown together (in `relation`; None: a 'two' scene)."""
+    while True:
+        picks = rng.choice(len(combos), size=2, replace=False)
+        a, b = combos[int(picks[0])], combos[int(picks[1])]
+        if not any(pairing.forbids(a, b, relation) for pairing in held):
+            return a, b
+
+
+def scene_kinds(cfg: WorldConfig, rng: np.random.Generator) -> list[str]:
+    """The kind of each image: round(num_images * fraction) of each multi-object kind, placed at random."""
+    kinds = np.array(["single"] * cfg.num_images, dtype=object)
+    order = rng.permutation(cfg.num_images)
+    start = 0
+    for kind, fraction in (
+        ("relation", cfg.pair_fraction),
+        ("two", cfg.two_fraction),
+        ("count", cfg.count_fraction),
+    ):
+        n = round(cfg.num_images * fraction)
+        kinds[order[start : start + n]] = kind
+        start += n
+    return [str(kind) for kind in kinds]
+
+
 def generate_samples(cfg: WorldConfig) -> list[DemoSample]:
-    """cfg.num_images distinct captioned images, round(num_images * pair_fraction) of them pairs; same seed, same bytes."""
+    """cfg.num_images distinct captioned images, each scene kind in its share; same seed, same bytes.
+    No image shows a held-out combination, pairing or count."""
     combos = allowed_combinations(cfg)
+    if len(combos) < 2 and (cfg.pair_fraction or cfg.two_fraction):
+        raise ValueError(
+            "two-object scenes need at least two colour-shape combinations that are not held out"
+        )
+    held_pairings = cfg.pairings()
+    held_counts = cfg.counts_held_out()
     rng = seeded_rng(cfg.seed, 0)
     side = cfg.image_size
-    n_pairs = round(cfg.num_images * cfg.pair_fraction)
-    is_pair = np.zeros(cfg.num_images, dtype=bool)
-    is_pair[rng.permutation(cfg.num_images)[:n_pairs]] = True
+    kinds = scene_kinds(cfg, rng)
     relations = list(RELATIONS)
     seen: set[bytes] = set()
     samples = []
-    for index in range(cfg.num_images):
+    for index, kind in enumerate(kinds):
         # Redraw on the (rare) identical image so that planted duplicates are the only exact ones.
         while True:
-            if is_pair[index]:
+            relation = None
+            if kind == "relation":
                 relation = relations[int(rng.integers(len(relations)))]
-                objects = list(_pair(rng, combos, relation, side))
+                objects = list(_pair(rng, _pick_two(rng, combos, relation, held_pairings), relation, side))
+            elif kind == "two":
+                objects = _two(rng, _pick_two(rng, combos, None, held_pairings), side)
+            elif kind == "count":
+                while True:
+                    combo = combos[int(rng.integers(len(combos)))]
+                    count = int(rng.integers(2, cfg.max_count + 1))
+                    if (count, *combo) not in held_counts:
+                        break
+                objects = _count(rng, combo, count, side)
             else:
-                relation = None
                 objects = [_single(rng, combos[int(rng.integers(len(combos)))], side)]
             png = png_bytes(render(objects, side))
             digest = hashlib.sha256(png).digest()
@@ -320,6 +555,6 @@ def generate_samples(cfg: WorldConfig) -> list[DemoSample]:
                 seen.add(digest)
                 break
         samples.append(
-            DemoSample(f"img/{index:06d}.png", caption_for(objects, relation), objects, relation, png)
+            DemoSample(f"img/{index:06d}.png", caption_for(objects, relation), objects, relation, png, kind)
         )
     return samples
