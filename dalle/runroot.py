@@ -15,7 +15,7 @@ where each model's checkpoints are. Stages name these constants, never string li
     models/<model>/step_XXXXXXXX/    checkpoints of clip, dvae and transformer
     models/<model>/latest.json       the newest complete checkpoint (written last)
     galleries/step_XXXXXXXX/         a transformer checkpoint's gallery; galleries/index.html
-    reports/                         samples.parquet, curate.json, dedup.json, eval.json, timings.json
+    reports/                         samples.parquet, curate.json, dedup.json, eval.json, eval_prompts.jsonl, timings.json
     reports/metrics/<model>/         the training metrics: one file per trainer run (see metrics_file)
 """
 
@@ -113,6 +113,7 @@ SAMPLES_REPORT = f"{REPORTS_DIR}/samples.parquet"
 CURATE_REPORT = f"{REPORTS_DIR}/curate.json"
 DEDUP_REPORT = f"{REPORTS_DIR}/dedup.json"
 EVAL_REPORT = f"{REPORTS_DIR}/eval.json"
+EVAL_PROMPTS = f"{REPORTS_DIR}/eval_prompts.jsonl"  # the evaluator's prompts, one JSON object per line
 TIMINGS_REPORT = f"{REPORTS_DIR}/timings.json"  # wall time per stage, from TIMINGS_DIR (dalle/timings.py)
 TIMINGS_DIR = f"{REPORTS_DIR}/timings"  # one file per stage, its runs
 

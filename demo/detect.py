@@ -373,7 +373,14 @@ def judge(
     `colors` and `shapes` are the names the detector chooses among (default: every demo colour and shape),
     e.g. a run's source vocabulary, so a blurred cross in a world without diamonds is not called a diamond.
     """
-    wanted = parse_prompt(caption)
+    return judge_scene(image, parse_prompt(caption), colors=colors, shapes=shapes)
+
+
+def judge_scene(
+    image: ImageInput, wanted: dict, colors: Sequence[str] | None = None, shapes: Sequence[str] | None = None
+) -> dict:
+    """`judge` for a request in `parse_prompt`'s form ({"kind", "objects", "relation"}); a "count"
+    request of one copy is judged as counting (exactly one object)."""
     kind, targets = wanted["kind"], wanted["objects"]
     found = detect_objects(image, max_objects=None, colors=colors, shapes=shapes)
     parts: dict[str, bool] = {}

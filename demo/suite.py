@@ -1,6 +1,6 @@
 """The demo's composition suite, GenEval's way (Ghosh et al. 2023) in the captioned-shapes world.
 
-Six task families, each judged per image by the detector (demo/detect.py `judge`): single object,
+Six task families, each judged per image by the detector (demo/detect.py `judge_scene`): single object,
 two objects, counting, colours, position and colour attribution. A prompt-image pair is right only
 when every requirement of the task holds; a task's score is the share of right images, and a
 level's overall score the mean of its task scores. One prompt serves the tasks of its kind: "a red
@@ -26,7 +26,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from demo.detect import TASKS, TASKS_BY_KIND, ImageInput, judge
+from demo.detect import TASKS, TASKS_BY_KIND, ImageInput, judge_scene
 from demo.world import (
     RELATIONS,
     ShapeObject,
@@ -201,7 +201,12 @@ def judge_prompt(
     shapes: Sequence[str] | None = None,
 ) -> JudgedPrompt:
     """Judge every image of one prompt; `kept` (default: all) are the reranked top's indices."""
-    judgments = [judge(image, prompt.prompt, colors=colors, shapes=shapes) for image in images]
+    wanted = {
+        "kind": prompt.kind,
+        "objects": [{"color": c, "shape": s, "count": n} for c, s, n in prompt.objects],
+        "relation": prompt.relation,
+    }
+    judgments = [judge_scene(image, wanted, colors=colors, shapes=shapes) for image in images]
     return JudgedPrompt(prompt, judgments, list(range(len(images))) if kept is None else list(kept))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +113,18 @@ class WorldConfig(BaseModel):
                     f"held-out combination {combo!r} must be '<colour> <shape>' with a colour from "
                     f"{self.colors} and a shape from {self.shapes}"
                 )
+        # A default pairing or count that this world cannot show (a colour or shape it lacks, a combination
+        # held out above) gives way; one given is checked.
+        for name, parse in (("heldout_pairings", self.pairings), ("heldout_counts", self.counts_held_out)):
+            if name not in self.model_fields_set:
+                kept = []
+                for entry in getattr(self, name):
+                    try:
+                        parse([entry])
+                    except ValueError:
+                        continue
+                    kept.append(entry)
+                setattr(self, name, kept)
         self.pairings()  # each raises ValueError naming the entry
         if not self.suite_counts or not all(1 <= n <= self.max_count for n in self.suite_counts):
             raise ValueError(f"suite_counts must list counts from 1 to max_count ({self.max_count})")
@@ -136,10 +149,10 @@ class WorldConfig(BaseModel):
             )
         return combo[0], combo[1]
 
-    def pairings(self) -> list[HeldOutPairing]:
-        """The held-out pairings, parsed."""
+    def pairings(self, entries: list[str] | None = None) -> list[HeldOutPairing]:
+        """The held-out pairings (or these entries), parsed."""
         parsed = []
-        for entry in self.heldout_pairings:
+        for entry in self.heldout_pairings if entries is None else entries:
             words = entry.split()
             relation, split_at = None, None
             if "+" in words:
@@ -162,10 +175,10 @@ class WorldConfig(BaseModel):
             parsed.append(HeldOutPairing(first, second, relation))
         return parsed
 
-    def counts_held_out(self) -> set[tuple[int, str, str]]:
-        """The held-out counts, parsed: {(count, colour, shape)}."""
+    def counts_held_out(self, entries: list[str] | None = None) -> set[tuple[int, str, str]]:
+        """The held-out counts (or these entries), parsed: {(count, colour, shape)}."""
         parsed = set()
-        for entry in self.heldout_counts:
+        for entry in self.heldout_counts if entries is None else entries:
             words = entry.split()
             if not words or not words[0].isdigit() or not 2 <= int(words[0]) <= self.max_count:
                 raise ValueError(
@@ -499,6 +512,30 @@ def _pick_two(
             return a, b
 
 
+def compose(
+    rng: np.random.Generator,
+    kind: str,
+    combos: Sequence[tuple[str, str]],
+    side: int,
+    relation: str | None = None,
+    count: int = 1,
+) -> list[ShapeObject]:
+    """The objects of one scene of `kind` (a SCENE_KINDS entry) on a canvas of side `side`: one (colour,
+    shape) combination for "single" and "count" (`count` copies), two for "two" and "relation"."""
+    wanted = 1 if kind in ("single", "count") else 2
+    if kind not in SCENE_KINDS or len(combos) != wanted:
+        raise ValueError(f"a {kind!r} scene takes {wanted} colour-shape combination(s), got {list(combos)}")
+    if kind == "relation":
+        if relation not in RELATIONS:
+            raise ValueError(f"a relation scene needs one of {list(RELATIONS)}, got {relation!r}")
+        return list(_pair(rng, tuple(combos), relation, side))
+    if kind == "two":
+        return _two(rng, tuple(combos), side)
+    if kind == "count" and count > 1:
+        return _count(rng, combos[0], count, side)
+    return [_single(rng, combos[0], side)]
+
+
 def scene_kinds(cfg: WorldConfig, rng: np.random.Generator) -> list[str]:
     """The kind of each image: round(num_images * fraction) of each multi-object kind, placed at random."""
     kinds = np.array(["single"] * cfg.num_images, dtype=object)
@@ -534,21 +571,21 @@ def generate_samples(cfg: WorldConfig) -> list[DemoSample]:
     for index, kind in enumerate(kinds):
         # Redraw on the (rare) identical image so that planted duplicates are the only exact ones.
         while True:
-            relation = None
+            relation, count = None, 1
             if kind == "relation":
                 relation = relations[int(rng.integers(len(relations)))]
-                objects = list(_pair(rng, _pick_two(rng, combos, relation, held_pairings), relation, side))
+                chosen = _pick_two(rng, combos, relation, held_pairings)
             elif kind == "two":
-                objects = _two(rng, _pick_two(rng, combos, None, held_pairings), side)
+                chosen = _pick_two(rng, combos, None, held_pairings)
             elif kind == "count":
                 while True:
-                    combo = combos[int(rng.integers(len(combos)))]
+                    chosen = (combos[int(rng.integers(len(combos)))],)
                     count = int(rng.integers(2, cfg.max_count + 1))
-                    if (count, *combo) not in held_counts:
+                    if (count, *chosen[0]) not in held_counts:
                         break
-                objects = _count(rng, combo, count, side)
             else:
-                objects = [_single(rng, combos[int(rng.integers(len(combos)))], side)]
+                chosen = (combos[int(rng.integers(len(combos)))],)
+            objects = compose(rng, kind, chosen, side, relation=relation, count=count)
             png = png_bytes(render(objects, side))
             digest = hashlib.sha256(png).digest()
             if digest not in seen:

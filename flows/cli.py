@@ -70,20 +70,16 @@ def show_pipeline_result(result: dict) -> None:
 
 
 def _eval_text(evaluation: dict | None) -> str:
-    if not evaluation:
+    from dalle.sample.evaluation import scorecard_text
+
+    table = scorecard_text(evaluation or {})
+    if not table:
         return ""
-    lines = [f"\n\nzero-shot evaluation (step {evaluation.get('step')}; reports/eval.json):"]
-    for group in ("heldout", "seen", "heldout_pairs"):
-        figures = evaluation.get(group)
-        if not figures:
-            continue
-        shown = "  ".join(
-            f"{name} {figures[name]:.2f}"
-            for name in ("color_acc", "shape_acc", "both_acc", "color_acc_reranked", "shape_acc_reranked",
-                         "both_acc_reranked", "relation_acc", "relation_acc_reranked")
-            if name in figures
-        )  # fmt: skip
-        lines.append(f"  {group:14s} {shown}")
+    heading = (
+        f"\n\nevaluation (step {evaluation.get('step')}; reports/eval.json), "
+        "each task's share right before/after reranking:"
+    )
+    lines = [heading, table]
     if evaluation.get("sampling"):
         from dalle.sample.rerank import describe_sampling
 

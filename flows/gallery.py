@@ -16,6 +16,7 @@ from dalle.runroot import (
     gallery_dir,
     run_config,
 )
+from dalle.sample.evaluation import scorecard_rows
 from dalle.sample.gallery import draw_gallery
 from dalle.sample.page import write_standalone_page
 from dalle.sample.rerank import describe_sampling
@@ -78,11 +79,15 @@ def gallery_flow(root: Location, checkpoint: Location, config: dict[str, Any] | 
         description=f"CLIP scores per prompt at step {summary['step']}",
     )
     lines = [f"### Gallery, step {summary['step']}", "", f"Page: {literal_markdown(result['uri'])}", ""]
-    for group, figures in (summary.get("evaluation") or {}).items():
-        if isinstance(figures, dict):
-            # The evaluator plug-in's own names, not the user's or the web's text.
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))
-            lines.append(f"- **{group}**: {shown}")
+    columns, rows = scorecard_rows(summary.get("evaluation") or {})
+    for level, cells in rows:
+        # The evaluator plug-in's own names, not the user's or the web's text.
+        shown = ", ".join(
+            f"{column} {cell['before']:.2f}/{cell['after']:.2f}"
+            for column, cell in zip(columns, cells)
+            if cell
+        )
+        lines.append(f"- **{level}** (before/after reranking): {shown}")
     if summary.get("sampling"):
         lines += ["", f"Sampled with {describe_sampling(summary['sampling'])}."]
     create_markdown_artifact(key="gallery-summary", markdown="\n".join(lines), description="gallery summary")

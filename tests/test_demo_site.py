@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import itertools
 import socket
 import threading
 import time
@@ -114,11 +115,33 @@ def test_heldout_prompts_use_articles():
 def test_captions_name_colour_shape_and_size(site):
     for sample in site.samples:
         for obj in sample.objects:
-            assert f"{obj.color} {obj.shape}" in sample.caption
+            assert f"{obj.color} {obj.shape}" in sample.caption  # "red cross" in "three red crosses" too
             lo, hi = SIZE_BANDS[obj.size]
             assert lo * 64 - 1e-6 <= obj.radius <= hi * 64 + 1e-6
-            if obj.size in ("small", "large"):
+            if obj.size in ("small", "large") and sample.kind != "count":
                 assert f"{obj.size} {obj.color} {obj.shape}" in sample.caption
+
+
+def test_every_kind_of_scene_in_its_share_with_objects_apart(cfg, site):
+    from collections import Counter
+
+    kinds = Counter(s.kind for s in site.samples)
+    assert kinds["relation"] == round(cfg.num_images * cfg.pair_fraction)
+    assert kinds["two"] == round(cfg.num_images * cfg.two_fraction)
+    assert kinds["count"] == round(cfg.num_images * cfg.count_fraction)
+    for sample in site.samples:
+        if sample.kind == "count":
+            assert 2 <= len(sample.objects) <= cfg.max_count
+            assert len({(o.color, o.shape) for o in sample.objects}) == 1
+        if sample.kind in ("count", "two"):
+            for a, b in itertools.combinations(sample.objects, 2):
+                # Their boxes apart by a gap: a detector can count them.
+                assert max(abs(a.cx - b.cx), abs(a.cy - b.cy)) >= a.radius + b.radius + 0.05 * cfg.image_size
+            for o in sample.objects:
+                assert (
+                    o.radius <= o.cx <= cfg.image_size - o.radius
+                    and o.radius <= o.cy <= cfg.image_size - o.radius
+                )
 
 
 def test_pairs_share_and_relation_matches_geometry(cfg, site):

@@ -50,7 +50,16 @@ def test_gallery_pages_images_and_scores(run_root):
         completions=[
             Completion("a green cross", PIL.Image.new("RGB", (8, 8)), [PIL.Image.new("RGB", (8, 8))] * 2, 4)
         ],
-        evaluation={"heldout": {"color_acc": 0.5, "both_acc_reranked": 0.75, "num_prompts": 2}},
+        evaluation={
+            "tasks": ["colors", "position"],
+            "levels": {
+                "heldout": {
+                    "title": "<b>held out</b>",
+                    "tasks": {"colors": {"before": 0.5, "after": 0.75}},
+                    "overall": {"before": 0.5, "after": 0.75},
+                }
+            },
+        },
         sampling=SamplingSettings(num_samples=5, top=3, cond_scale=2.0).described(),
     )
     uri = write_gallery_page(storage, page)
@@ -77,6 +86,9 @@ def test_gallery_pages_images_and_scores(run_root):
     index = storage.read_bytes(GALLERY_INDEX).decode()
     assert "href='step_00000002/index.html'" in index
     assert storage.exists("galleries/loss.png") and storage.exists("galleries/eval.png")
+    # The scorecard as a table: a task the level lacks shows "-", titles are escaped.
+    assert "<td>0.50 / 0.75</td><td>-</td><td>0.50 / 0.75</td>" in text
+    assert "&lt;b&gt;held out&lt;/b&gt;" in text
 
     # The link the Prefect UI shows opens in a browser: one self-contained page (images inlined),
     # a presigned HTTPS URL for S3 (fetched here from the S3 endpoint) or a file:// URL.

@@ -140,7 +140,13 @@ def test_gallery_in_headless_chromium(tmp_path, chromium):
                 Section("held-out", [_samples(HOSTILE, step), _samples("a blue square", step + 1)], top=4)
             ],
             evaluation={
-                "heldout": {"color_acc": 0.5, "both_acc_reranked": 0.5 + step / 100, "num_prompts": 2}
+                "tasks": ["colors"],
+                "levels": {
+                    "heldout": {
+                        "tasks": {"colors": {"before": 0.5, "after": 0.5 + step / 100}},
+                        "overall": {"before": 0.5, "after": 0.5 + step / 100},
+                    }
+                },
             },
         )
         write_gallery_page(storage, page)

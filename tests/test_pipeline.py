@@ -19,7 +19,7 @@ import yaml
 
 from dalle.config import config_from_dict, load_config
 from dalle.curate.crawl import CrawlError
-from dalle.runroot import CURATED_DIR, EVAL_REPORT, GALLERY_INDEX, SOURCE_DIR
+from dalle.runroot import CURATED_DIR, EVAL_PROMPTS, EVAL_REPORT, GALLERY_INDEX, SOURCE_DIR
 from dalle.storage import Storage
 from dalle.tokens.loader import read_listed_shards
 from demo.site import DemoServer, build_site, url_table
@@ -29,7 +29,15 @@ from tests.test_cli import run_cli
 from tests.test_train import SETTINGS
 
 TINY = {
-    "plugins": {"demo": {"num_images": 120, "image_size": 48, "exact_duplicates": 4, "near_duplicates": 4}},
+    "plugins": {
+        "demo": {
+            "num_images": 120,
+            "image_size": 48,
+            "exact_duplicates": 4,
+            "near_duplicates": 4,
+            "suite_prompts_per_kind": 1,
+        }
+    },
     "crawl": {"processes": 1, "threads": 8, "timeout_s": 5, "samples_per_shard": 64},
     "filter": {"min_side": 24, "min_image_bytes": 20},
     "clip": {
@@ -92,14 +100,21 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     evaluation = storage.read_json(EVAL_REPORT)
     assert evaluation["step"] == 6
     assert evaluation["sampling"]["cond_scale"] == 2.0 and evaluation["sampling"]["samples_per_prompt"] == 4
-    for group in ("heldout", "seen", "heldout_pairs"):
-        figures = evaluation[group]
-        assert figures["samples_per_prompt"] == 4
-        for key in ("color_acc", "shape_acc", "both_acc", "both_acc_reranked"):
-            assert 0.0 <= figures[key] <= 1.0
-    assert "relation_acc_reranked" in evaluation["heldout_pairs"]
+    assert evaluation["samples_per_prompt"] == 4 and evaluation["reranked_top"] == 2
+    levels = evaluation["levels"]
+    assert list(levels) == ["seen", "heldout_combos", "heldout_pairings", "heldout_counts"]
+    assert list(levels["heldout_pairings"]["tasks"]) == ["two_object", "position", "color_attr"]
+    for figures in levels.values():
+        for cell in figures["tasks"].values():
+            assert cell["images"] == 4 * cell["prompts"] and cell["kept"] == 2 * cell["prompts"]
+            assert 0.0 <= cell["before"] <= 1.0 and 0.0 <= cell["after"] <= 1.0
+        assert 0.0 <= figures["overall"]["after"] <= 1.0
+    # The suite's prompts, one JSON object per line, to judge any model's images alike.
+    prompts = [json.loads(line) for line in storage.read_bytes(EVAL_PROMPTS).decode().splitlines()]
+    assert len(prompts) == 11 and {p["level"] for p in prompts} == set(levels)
     # The command ends with the figures and where the gallery is.
-    assert "zero-shot evaluation (step 6" in done.stdout
+    assert "evaluation (step 6" in done.stdout
+    assert re.search(r"^  heldout_pairings +- +[01]\.\d\d/[01]\.\d\d", done.stdout, re.MULTILINE)
     assert done.stdout.strip().splitlines()[-1] == f"gallery: {storage.uri(GALLERY_INDEX)}"
     assert "sampled with samples_per_prompt 4, top 2" in done.stdout
     # Every stage's wall time, in reports/timings.json and at the end of the output.
@@ -128,11 +143,16 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     assert [v["sampling"]["cond_scale"] for v in report["variants"]] == [1.0, 2.0]
     assert report["variants"][1]["sampling"]["top_k"] == 3
     for measured in [report["baseline"], *report["variants"]]:
-        assert set(measured["eval"]) == {"heldout", "seen", "heldout_pairs"}
-        assert all(0.0 <= v <= 1.0 for figures in measured["eval"].values() for v in figures.values())
+        assert set(measured["eval"]) == set(levels)
+        assert all(
+            0.0 <= v <= 1.0
+            for cells in measured["eval"].values()
+            for cell in cells.values()
+            for v in cell.values()
+        )
     # The baseline is the gallery's own sampling: the same figures as its eval.json.
-    assert report["baseline"]["eval"]["heldout"]["both_acc"] == pytest.approx(
-        evaluation["heldout"]["both_acc"], abs=1e-3
+    assert report["baseline"]["eval"]["heldout_combos"]["colors"]["before"] == pytest.approx(
+        levels["heldout_combos"]["tasks"]["colors"]["before"], abs=1e-3
     )
     assert sorted(p for p in root.rglob("*") if p.is_file()) == files_before
 
@@ -177,7 +197,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
         artifacts = client.read_artifacts()
     assert {"gallery-prompts", "gallery-summary", "gallery"} <= {a.key for a in artifacts}
     summaries = [a.data for a in artifacts if a.key == "gallery-summary"]
-    assert any("**heldout**" in text and "cond_scale 2.0" in text for text in summaries)
+    assert any("**heldout_combos**" in text and "cond_scale 2.0" in text for text in summaries)
 
     # A re-run trains nothing more, but redraws a gallery that is missing (a run stopped before it)
     # or was drawn with other gallery settings, and leaves a current one alone.
@@ -190,7 +210,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     for step in (3, 6):
         summary = storage.read_json(f"galleries/step_{step:08d}/summary.json")
         assert summary["sampling"]["samples_per_prompt"] == 3
-    assert storage.read_json(EVAL_REPORT)["heldout"]["samples_per_prompt"] == 3
+    assert storage.read_json(EVAL_REPORT)["samples_per_prompt"] == 3
     drawn_at = {p: p.stat().st_mtime_ns for p in (root / "galleries").rglob("summary.json")}
     assert run_cli("demo", "--out", str(root), "--config", config).returncode == 0
     assert {p: p.stat().st_mtime_ns for p in (root / "galleries").rglob("summary.json")} == drawn_at

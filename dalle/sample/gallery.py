@@ -10,6 +10,7 @@ import torch
 
 from dalle.config import RunConfig, config_from_dict
 from dalle.runroot import (
+    EVAL_PROMPTS,
     EVAL_REPORT,
     GALLERY_SUMMARY,
     SHARDS_DIR,
@@ -86,6 +87,9 @@ def draw_gallery(
     )
 
     prompt_groups: list[tuple[str, str, list[str]]] = []  # (title, eval group, prompts)
+    metadata = getattr(evaluator, "prompt_metadata", None)
+    if metadata is not None:
+        storage.write_bytes(EVAL_PROMPTS, metadata().encode())
     if evaluator is not None:
         prompt_groups += [
             (title, key, prompts) for key, title, prompts in evaluator.prompt_groups() if prompts

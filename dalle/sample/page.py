@@ -29,6 +29,7 @@ from dalle.runroot import (
     gallery_dir,
     read_metrics,
 )
+from dalle.sample.evaluation import scorecard_rows
 from dalle.sample.rerank import PromptSamples, describe_sampling
 from dalle.storage import Storage
 
@@ -91,19 +92,21 @@ def _page(title: str, body: str) -> str:
 
 
 def _eval_table(evaluation: dict) -> str:
-    groups = {k: v for k, v in evaluation.items() if isinstance(v, dict)}
-    columns = list(dict.fromkeys(name for figures in groups.values() for name in figures))
+    columns, rows = scorecard_rows(evaluation)
+    if not rows:
+        return ""
     header = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
-    rows = []
-    for group, figures in groups.items():
-        cells = "".join(
-            f"<td>{figures[n]:.3f}</td>"
-            if isinstance(figures.get(n), float)
-            else f"<td>{html.escape(str(figures.get(n, '')))}</td>"
-            for n in columns
+    body = []
+    for level, cells in rows:
+        shown = "".join(
+            f"<td>{cell['before']:.2f} / {cell['after']:.2f}</td>" if cell else "<td>-</td>" for cell in cells
         )
-        rows.append(f"<tr><th>{html.escape(group)}</th>{cells}</tr>")
-    return f"<h2>Zero-shot evaluation</h2><table><tr><th></th>{header}</tr>{''.join(rows)}</table>"
+        title = (evaluation["levels"][level] or {}).get("title", "")
+        body.append(f"<tr><th title='{html.escape(title)}'>{html.escape(level)}</th>{shown}</tr>")
+    return (
+        "<h2>Evaluation</h2><p>Share of images right per task, before / after reranking.</p>"
+        f"<table><tr><th></th>{header}</tr>{''.join(body)}</table>"
+    )
 
 
 def write_gallery_page(storage: Storage, page: GalleryPage, scale: int = 2) -> str:
@@ -230,13 +233,14 @@ def write_gallery_index(storage: Storage) -> str:
             parts.append("<img src='loss.png' alt='training loss'>")
     series: dict[str, tuple[list, list]] = {}
     for summary in summaries:
-        for group, figures in (summary.get("evaluation") or {}).items():
-            if isinstance(figures, dict) and "both_acc_reranked" in figures:
-                xs, ys = series.setdefault(f"{group} both (reranked)", ([], []))
+        _, rows = scorecard_rows(summary.get("evaluation") or {})
+        for level, cells in rows:
+            if cells[-1]:  # the level's overall
+                xs, ys = series.setdefault(f"{level} overall (reranked)", ([], []))
                 xs.append(summary["step"])
-                ys.append(figures["both_acc_reranked"])
+                ys.append(cells[-1]["after"])
     if series:
-        storage.write_bytes(f"{GALLERIES_DIR}/eval.png", _plot(series, "zero-shot accuracy", "share right"))
+        storage.write_bytes(f"{GALLERIES_DIR}/eval.png", _plot(series, "evaluation", "overall score"))
         parts.append("<img src='eval.png' alt='evaluation across checkpoints'>")
     items = "".join(
         f"<li><a href='step_{s['step']:08d}/index.html'>step {s['step']}</a></li>"
