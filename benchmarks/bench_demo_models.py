@@ -35,11 +35,11 @@ from dalle.runroot import (
     read_metrics,
     run_config,
 )
+from dalle.sample.evaluation import scorecard_figures
 from dalle.sample.gallery import draw_gallery
 from dalle.storage import Storage
 from dalle.tokens.shards import tokenize_stage
 from dalle.train.launch import launch
-from demo.evaluation import HELDOUT, HELDOUT_PAIRS, SEEN
 
 COPIED = (CURATED_DIR, f"{MODELS_DIR}/{CLIP}", SOURCE_DIR)
 
@@ -135,11 +135,7 @@ def main() -> None:
                 "transformer_tokens_per_s": round(last[TRANSFORMER]["tokens_per_s"], 1),
                 "transformer_loss": round(last[TRANSFORMER]["loss"], 4),
                 "sampling": evaluation["sampling"],
-                "eval": {
-                    group: {k: v for k, v in figures.items() if k.endswith(("_acc", "_reranked"))}
-                    for group, figures in evaluation.items()
-                    if group in (HELDOUT, SEEN, HELDOUT_PAIRS)
-                },
+                "eval": scorecard_figures(evaluation),
             }
         )
     )

@@ -21,7 +21,7 @@ import yaml
 
 from dalle.config import ConfigError, RunConfig
 from dalle.runroot import RUN_CONFIG, TRANSFORMER, checkpoint_dir, latest_checkpoint, run_config
-from dalle.sample.evaluation import STAGES, Evaluator, load_evaluator, scorecard_rows
+from dalle.sample.evaluation import Evaluator, load_evaluator, scorecard_figures
 from dalle.sample.gallery import draw_section, sampling_settings, with_sampling
 from dalle.sample.sampler import Sampler
 from dalle.storage import Storage
@@ -54,15 +54,7 @@ def measure(sampler: Sampler, evaluator: Evaluator, cfg: RunConfig) -> dict:
         for key, title, prompts in evaluator.prompt_groups()
     ]
     report = evaluator.evaluate(sections, sampler.clip)
-    columns, rows = scorecard_rows(report)
-    figures = {
-        level: {
-            column: {stage: round(cell[stage], 3) for stage in STAGES}
-            for column, cell in zip(columns, cells)
-            if cell
-        }
-        for level, cells in rows
-    }
+    figures = scorecard_figures(report)
     return {
         "sampling": settings.described(),
         "seconds": round(time.perf_counter() - start, 1),

@@ -367,6 +367,13 @@ class ClipConfig(_Section):
         default_factory=SmallClipConfig,
         description="Architecture of the small CLIP trained when neither is set (trained per train_clip).",
     )
+    hard_negatives: str | None = Field(
+        None,
+        description="Python module with hard_negatives(caption, rng) -> list of captions that are near "
+        "the true one but wrong (the relation turned, the colours swapped, another count): when the small "
+        "CLIP trains, one of them per pair joins the batch's captions as an extra negative (NegCLIP), so "
+        "that the reranker learns to tell them apart (e.g. demo.negatives); null: none.",
+    )
     batch_size: int = Field(128, ge=1, description="Images or captions per embedding batch.")
     device: str = Field(
         "auto", description="torch device for CLIP: 'auto' picks cuda when available, else cpu."

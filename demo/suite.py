@@ -218,8 +218,9 @@ def _share(judgments: list[dict], task: str, part: str | None = None) -> float |
 def scorecard(judged: Sequence[JudgedPrompt]) -> dict:
     """Task scores and the overall per level, before and after reranking, in the library's scorecard
     form (dalle.sample.evaluation): {"tasks": [...], "levels": {level: {"title", "tasks": {task: {"before",
-    "after", "prompts", "images", "kept", "parts": {requirement: {"before", "after"}}}}, "overall":
-    {"before", "after"}}}}. A level's overall is the mean of the task scores it has (GenEval's)."""
+    "after", "oracle_after", "prompts", "images", "kept", "parts": {requirement: {"before", "after"}}}},
+    "overall": {"before", "after"}}}}. A level's overall is the mean of the task scores it has (GenEval's);
+    "oracle_after" is what a perfect reranker would reach with the same samples (the sampler's ceiling)."""
     levels: dict = {}
     for level in LEVELS:
         rows = [j for j in judged if j.prompt.level == level]
@@ -231,9 +232,16 @@ def scorecard(judged: Sequence[JudgedPrompt]) -> dict:
             before = [judgment for j in with_task for judgment in j.judgments]
             after = [j.judgments[i] for j in with_task for i in j.kept]
             parts = sorted({part for judgment in before for part in judgment["parts"]})
+            # What a perfect reranker would keep from these samples: the sampler's ceiling for "after".
+            oracle = [
+                min(sum(judgment["tasks"][task] for judgment in j.judgments), len(j.kept)) / len(j.kept)
+                for j in with_task
+                if j.kept
+            ]
             tasks[task] = {
                 "before": _share(before, task),
                 "after": _share(after, task),
+                "oracle_after": sum(oracle) / len(oracle) if oracle else None,
                 "prompts": len(with_task),
                 "images": len(before),
                 "kept": len(after),

@@ -464,3 +464,50 @@ def test_embed_stage_names_an_undecodable_image(trained, tmp_path):
     with pytest.raises(ValueError, match="uid broken"):
         embed_stage(Storage(tmp_path), ["broken"], [b"not an image"], ["a red circle"], clip, batch_size=4)
     assert _parts(Storage(tmp_path)) == []
+
+
+# --- hard negatives (clip.hard_negatives) ------------------------------------------------
+
+
+def test_hard_negatives_join_the_batch_as_extra_captions(tmp_path):
+    """With demo.negatives, each pair caption brings one near miss into its batch; the loss then has the
+    images choose among the captions and those negatives, and the metrics say how many there were."""
+    from demo.world import WorldConfig, generate_samples
+
+    world = WorldConfig(num_images=60, image_size=32, pair_fraction=0.5, count_fraction=0.3, two_fraction=0.2)
+    samples = generate_samples(world)
+    images = [Image.open(io.BytesIO(s.image)).convert("RGB") for s in samples]
+    captions = [s.caption for s in samples]
+    storage = Storage(str(tmp_path))
+    training = TRAINING.model_copy(update={"max_steps": 3, "batch_size": 16})
+    run_cfg = RunConfig(
+        clip=ClipConfig(small=SMALL, device="cpu", hard_negatives="demo.negatives"), train_clip=training
+    )
+    task = ClipTraining.__new__(ClipTraining)
+    task.storage, task.cfg = storage, run_cfg
+    task.images, task.captions = [png(image) for image in images], captions
+    batch = next(iter(task.dataset(16, 0, 0, 0, 1)))
+    assert 0 < len(batch["negatives"]) <= 16 and batch["negatives"].shape[1] == batch["text"].shape[1]
+    train(task, storage, run_cfg, run_cfg.train_clip, log=lambda line: None)
+    records = [r for r in read_metrics(storage, CLIP) if "loss" in r]
+    assert all(r["hard_negatives"] > 0 and 0.0 <= r["hard_negative_wins"] <= 1.0 for r in records)
+
+
+def test_batch_negatives_never_push_away_a_caption_of_the_batch():
+    from dalle.train.clip import batch_negatives
+    from demo.negatives import hard_negatives
+
+    captions = ["a red circle above a blue square", "a red circle below a blue square", "two red circles"]
+    chosen = batch_negatives(captions, hard_negatives, random.Random(0))
+    assert len(chosen) == 3 and not {c.lower() for c in chosen} & {c.lower() for c in captions}
+    assert batch_negatives(["a red circle"], hard_negatives, random.Random(0)) == []
+
+
+def test_hard_negatives_module_is_checked():
+    from dalle.train.clip import load_hard_negatives
+
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        load_hard_negatives("no_such_module_here")
+    with pytest.raises(ConfigError, match="has no function hard_negatives"):
+        load_hard_negatives("demo.world")
+    assert load_hard_negatives(None) is None

@@ -174,6 +174,7 @@ def test_scores_before_and_after_reranking():
     assert tasks["two_object"]["before"] == 0.75 and tasks["two_object"]["after"] == 1.0
     assert tasks["color_attr"]["before"] == 0.5 and tasks["color_attr"]["after"] == 1.0
     assert tasks["color_attr"]["parts"]["colors"]["before"] == 0.5
+    assert tasks["color_attr"]["oracle_after"] == 1.0  # two right samples for a top of two
     assert tasks["two_object"]["images"] == 4 and tasks["two_object"]["kept"] == 2
     overall = card["levels"]["heldout_pairings"]["overall"]
     assert overall == {"before": 0.625, "after": 1.0}  # the mean of the level's two tasks

@@ -54,6 +54,19 @@ def scorecard_rows(evaluation: dict) -> tuple[list[str], list[tuple[str, list[di
     return columns, rows
 
 
+def scorecard_figures(evaluation: dict, digits: int = 3) -> dict[str, dict[str, dict[str, float]]]:
+    """{level: {task or "overall": {"before", "after"}}}, rounded: a scorecard's figures alone."""
+    columns, rows = scorecard_rows(evaluation)
+    return {
+        level: {
+            column: {stage: round(cell[stage], digits) for stage in STAGES}
+            for column, cell in zip(columns, cells)
+            if cell
+        }
+        for level, cells in rows
+    }
+
+
 def scorecard_text(evaluation: dict) -> str:
     """A scorecard as a plain-text table, "before/after" reranking in each cell."""
     columns, rows = scorecard_rows(evaluation)

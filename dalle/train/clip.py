@@ -9,10 +9,12 @@ dVAE and the transformer, under torchrun too.
 from __future__ import annotations
 
 import collections
+import importlib
 import io
 import json
 import math
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import open_clip
@@ -70,13 +72,32 @@ class ClipTraining:
     def dataset(self, batch_size, seed, start_batch, rank, world_size) -> IterableDataset:
         return PairBatches(
             self.images, self.captions, min(batch_size, len(self.captions)), self.cfg.clip.small,
-            seed, start_batch, rank,
+            seed, start_batch, rank, load_hard_negatives(self.cfg.clip.hard_negatives),
         )  # fmt: skip
 
     def loss(self, model, batch, step):
-        image_features, text_features, logit_scale = model(batch["images"], batch["text"])
-        loss = open_clip.ClipLoss()(image_features, text_features, logit_scale)
-        return loss, {"logit_scale": float(logit_scale.detach())}
+        images = batch["images"]
+        texts = batch["text"] if "negatives" not in batch else torch.cat([batch["text"], batch["negatives"]])
+        # One forward for the captions and the hard negatives: the captions come first.
+        image_features, text_features, logit_scale = model(images, texts)
+        if "negatives" not in batch:
+            loss = open_clip.ClipLoss()(image_features, text_features, logit_scale)
+            return loss, {"logit_scale": float(logit_scale.detach())}
+        # NegCLIP: each image chooses among the batch's captions and the hard negatives; each caption
+        # among the batch's images, as in CLIP.
+        count = len(images)
+        labels = torch.arange(count, device=images.device)
+        per_image = logit_scale * image_features @ text_features.T
+        per_text = logit_scale * text_features[:count] @ image_features.T
+        loss = (
+            nn.functional.cross_entropy(per_image, labels) + nn.functional.cross_entropy(per_text, labels)
+        ) / 2
+        hard = per_image[:, count:].max(dim=1).values > per_image.gather(1, labels[:, None])[:, 0]
+        return loss, {
+            "logit_scale": float(logit_scale.detach()),
+            "hard_negatives": len(texts) - count,
+            "hard_negative_wins": float(hard.float().mean()),
+        }
 
     def optimizer_groups(self, model, weight_decay):
         # Biases, norms, the logit scale and the class token are not decayed (open_clip's rule).
@@ -97,10 +118,11 @@ class PairBatches(IterableDataset):
     """
 
     def __init__(
-        self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank
-    ):
+        self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank,
+        hard_negatives: HardNegatives | None = None,
+    ):  # fmt: skip
         super().__init__()
-        self.images, self.captions = images, captions
+        self.images, self.captions, self.hard_negatives = images, captions, hard_negatives
         self.batch_size, self.seed, self.start_batch, self.rank = batch_size, seed, start_batch, rank
         self.image_size, self.context_length = small_cfg.image_size, small_cfg.context_length
 
@@ -111,9 +133,8 @@ class PairBatches(IterableDataset):
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         augment = image_transform(self.image_size, is_train=True, aug_cfg=_TRAIN_AUGMENTATION)
-        tokens = open_clip.get_tokenizer("", context_length=self.context_length)(
-            [str(c) for c in self.captions]
-        )
+        tokenizer = open_clip.get_tokenizer("", context_length=self.context_length)
+        tokens = tokenizer([str(c) for c in self.captions])
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
         batches = distinct_caption_batches(self.captions, self.batch_size, generator)
         number = 0
@@ -122,10 +143,46 @@ class PairBatches(IterableDataset):
             if number <= self.start_batch or (number - 1) % workers != worker_id:
                 continue
             images = [Image.open(io.BytesIO(self.images[int(i)])).convert("RGB") for i in index]
-            yield {
-                "images": torch.stack([augment(image) for image in images]),
-                "text": tokens[index],
-            }
+            batch = {"images": torch.stack([augment(image) for image in images]), "text": tokens[index]}
+            if self.hard_negatives is not None:
+                captions = [str(self.captions[int(i)]) for i in index]
+                negatives = batch_negatives(
+                    captions, self.hard_negatives, random.Random(self.seed * 1000003 + number)
+                )
+                if negatives:
+                    batch["negatives"] = tokenizer(negatives)
+            yield batch
+
+
+HardNegatives = Callable[[str, random.Random], list[str]]
+
+
+def load_hard_negatives(name: str | None) -> HardNegatives | None:
+    """The hard_negatives function of the module `clip.hard_negatives` names (None when unset)."""
+    if not name:
+        return None
+    try:
+        module = importlib.import_module(name)
+    except ImportError as err:
+        raise ConfigError(
+            f"clip.hard_negatives {name!r} cannot be imported ({err}); install it or set clip.hard_negatives: null"
+        ) from None
+    function = getattr(module, "hard_negatives", None)
+    if not callable(function):
+        raise ConfigError(f"clip.hard_negatives {name!r} has no function hard_negatives(caption, rng)")
+    return function
+
+
+def batch_negatives(captions: Sequence[str], hard_negatives: HardNegatives, rng: random.Random) -> list[str]:
+    """One hard negative per caption where the function offers one, none that is a caption of the batch
+    (a "negative" that is another pair's caption would be a positive pushed away)."""
+    taken = {caption.strip().lower() for caption in captions}
+    chosen = []
+    for caption in captions:
+        offered = [text for text in hard_negatives(caption, rng) if text.strip().lower() not in taken]
+        if offered:
+            chosen.append(rng.choice(offered))
+    return chosen
 
 
 def distinct_caption_batches(

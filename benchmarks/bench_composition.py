@@ -1,0 +1,131 @@
+"""Where composition is lost: the ceilings of a demo run's dVAE and CLIP on the evaluation suite.
+
+    python benchmarks/bench_composition.py --run runs/demo [--images 16]
+
+For every prompt of the suite (demo/suite.py), `--images` scenes are drawn as the prompt asks,
+at the dVAE's resolution, and
+
+  - judged as drawn (the detector's own error: 0 when it reads clean scenes right),
+  - judged after a round trip through the run's dVAE (encode to codes, decode): what the best
+    possible transformer could reach with this code grid, per level and task,
+  - set against a near miss by the run's CLIP (both round-tripped, as the reranker sees
+    samples): the relation turned over, the colours of two objects swapped, one copy too many,
+    or the other colour for one object. "clip_prefers_right" is the share of pairs where the CLIP
+    scores the right scene higher: 0.5 is a reranker that cannot tell them apart.
+
+With the run's eval.json (its model's scores, and "oracle_after", what a perfect reranker would
+have kept from the same samples), this says whether the grid, the sampler or the reranker loses a
+task. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from dalle.models.weights import load_dvae
+from dalle.runroot import EVAL_REPORT, run_config
+from dalle.sample.evaluation import scorecard_figures
+from dalle.sample.rerank import decode_codes
+from dalle.sample.sampler import run_clip
+from dalle.storage import Storage
+from demo.suite import SuitePrompt, score_images, suite_prompts
+from demo.world import INVERSE_RELATIONS, WorldConfig, compose, render, seeded_rng, world_config
+
+
+def scene(prompt: SuitePrompt, seed: int, side: int, miss: bool = False):
+    """A clean image of what the prompt asks for, or (miss) of its nearest mistake."""
+    combos = [(c, s) for c, s, _ in prompt.objects]
+    count, relation, kind = prompt.objects[0][2], prompt.relation, prompt.kind
+    if miss:
+        if kind == "relation":
+            relation = INVERSE_RELATIONS[relation]
+        elif kind == "two":
+            combos = [(combos[1][0], combos[0][1]), (combos[0][0], combos[1][1])]
+        elif kind == "count":
+            count += 1 if count < 4 else -1
+        else:
+            other = "blue" if combos[0][0] != "blue" else "red"
+            combos = [(other, combos[0][1])]
+    if kind in ("single", "count"):
+        kind = "count" if count > 1 else "single"
+    return render(compose(seeded_rng(seed, 17), kind, combos, side, relation=relation, count=count), side)
+
+
+def round_trip(dvae, images) -> list:
+    pixels = torch.tensor(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])).permute(
+        0, 3, 1, 2
+    )
+    device = next(dvae.parameters()).device
+    return decode_codes(dvae, dvae.encode(pixels.to(device)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="root of a demo run with a trained dVAE (and CLIP)")
+    parser.add_argument("--images", type=int, default=16, help="scenes drawn per prompt (default 16)")
+    args = parser.parse_args()
+
+    storage = Storage(args.run)
+    cfg = run_config(storage)
+    world: WorldConfig = world_config(cfg)
+    dvae, identity = load_dvae(storage)
+    dvae.eval()
+    clip = run_clip(storage, cfg)
+    side = dvae.cfg.image_size
+    prompts = suite_prompts(world)
+    vocabulary = {"colors": world.colors, "shapes": world.shapes}
+    start = time.perf_counter()
+
+    drawn = {p.prompt: [scene(p, seed, side) for seed in range(args.images)] for p in prompts}
+    missed = {p.prompt: [scene(p, seed, side, miss=True) for seed in range(args.images)] for p in prompts}
+    decoded = {text: round_trip(dvae, images) for text, images in drawn.items()}
+    report: dict = {
+        "run": storage.uri(),
+        "dvae": {"step": identity["step"], "image_size": side, "grid": dvae.grid},
+        "images_per_prompt": args.images,
+        "detector_on_clean_scenes": scorecard_figures(score_images(prompts, drawn, **vocabulary)),
+        "dvae_ceiling": scorecard_figures(score_images(prompts, decoded, **vocabulary)),
+    }
+    # The figures are the same before and after (nothing is reranked): keep one.
+    for key in ("detector_on_clean_scenes", "dvae_ceiling"):
+        report[key] = {
+            level: {task: cell["before"] for task, cell in cells.items()}
+            for level, cells in report[key].items()
+        }
+
+    if clip is not None:
+        preferences: dict = {}
+        for prompt in prompts:
+            right = decoded[prompt.prompt]
+            wrong = round_trip(dvae, missed[prompt.prompt])
+            texts = [prompt.prompt] * len(right)
+            better = clip.score(right, texts) > clip.score(wrong, texts)
+            preferences.setdefault(prompt.level, {}).setdefault(prompt.kind, []).extend(better.tolist())
+        report["clip"] = getattr(clip, "identity", None)
+        report["clip_prefers_right"] = {
+            level: {kind: round(float(np.mean(values)), 3) for kind, values in kinds.items()}
+            for level, kinds in preferences.items()
+        }
+    if storage.exists(EVAL_REPORT):
+        evaluation = storage.read_json(EVAL_REPORT)
+        report["model_step"] = evaluation.get("step")
+        report["model"] = scorecard_figures(evaluation)
+        report["model_oracle_after"] = {
+            level: {
+                task: round(cell["oracle_after"], 3)
+                for task, cell in figures["tasks"].items()
+                if cell.get("oracle_after") is not None
+            }
+            for level, figures in evaluation.get("levels", {}).items()
+        }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
