@@ -371,8 +371,11 @@ class ClipConfig(_Section):
         None,
         description="Python module with hard_negatives(caption, rng) -> list of captions that are near "
         "the true one but wrong (the relation turned, the colours swapped, another count): when the small "
-        "CLIP trains, one of them per pair joins the batch's captions as an extra negative (NegCLIP), so "
+        "CLIP trains, some of them (hard_negatives_per_caption) join the batch's captions as an extra negative (NegCLIP), so "
         "that the reranker learns to tell them apart (e.g. demo.negatives); null: none.",
+    )
+    hard_negatives_per_caption: int = Field(
+        1, ge=1, description="The most hard negatives a caption brings into its batch (chosen at random)."
     )
     batch_size: int = Field(128, ge=1, description="Images or captions per embedding batch.")
     device: str = Field(

@@ -19,6 +19,7 @@ import yaml
 
 from dalle.config import config_from_dict, load_config
 from dalle.curate.crawl import CrawlError
+from dalle.models.weights import load_dvae
 from dalle.runroot import CURATED_DIR, EVAL_PROMPTS, EVAL_REPORT, GALLERY_INDEX, SOURCE_DIR
 from dalle.storage import Storage
 from dalle.tokens.loader import read_listed_shards
@@ -155,6 +156,26 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
         levels["heldout_combos"]["tasks"]["colors"]["before"], abs=1e-3
     )
     assert sorted(p for p in root.rglob("*") if p.is_file()) == files_before
+
+    # The GPU demo's preset (configs/demo-gpu.yaml: a 16x16 code grid at 64 px, larger models, bf16,
+    # hard negatives) trains and is judged on this run's curated pairs, at a tiny CPU setting: two
+    # steps of each model, two samples a prompt, the run's own small CLIP.
+    tiny_gpu = [
+        "--dvae-steps", "2", "--transformer-steps", "2", "--device", "cpu",
+        "--set", "gallery.samples_per_prompt=2", "--set", "gallery.batch_size=2",
+        "--set", "gallery.completions=0", "--set", "plugins.demo={suite_prompts_per_kind: 1}",
+        "--set", f"clip.small={json.dumps(TINY['clip']['small'])}",
+    ]  # fmt: skip
+    gpu = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_demo_models.py"), "--from", str(root),
+         "--out", str(tmp_path / "gpu-preset"), "--config", str(REPO / "configs" / "demo-gpu.yaml"), *tiny_gpu],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert gpu.returncode == 0, gpu.stderr[-3000:]
+    measured = json.loads(gpu.stdout.strip().splitlines()[-1])
+    assert measured["transformer_steps"] == 2 and set(measured["eval"]) == set(levels)
+    gpu_storage = Storage(str(tmp_path / "gpu-preset"))
+    assert load_dvae(gpu_storage)[0].grid == 16
 
     # In Python: one object bundles the checkpoint with its dVAE, tokenizer and the run's CLIP.
     from dalle.sample.rerank import SamplingSettings

@@ -73,6 +73,7 @@ class ClipTraining:
         return PairBatches(
             self.images, self.captions, min(batch_size, len(self.captions)), self.cfg.clip.small,
             seed, start_batch, rank, load_hard_negatives(self.cfg.clip.hard_negatives),
+            self.cfg.clip.hard_negatives_per_caption,
         )  # fmt: skip
 
     def loss(self, model, batch, step):
@@ -119,10 +120,11 @@ class PairBatches(IterableDataset):
 
     def __init__(
         self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank,
-        hard_negatives: HardNegatives | None = None,
+        hard_negatives: HardNegatives | None = None, negatives_per_caption: int = 1,
     ):  # fmt: skip
         super().__init__()
         self.images, self.captions, self.hard_negatives = images, captions, hard_negatives
+        self.negatives_per_caption = negatives_per_caption
         self.batch_size, self.seed, self.start_batch, self.rank = batch_size, seed, start_batch, rank
         self.image_size, self.context_length = small_cfg.image_size, small_cfg.context_length
 
@@ -146,9 +148,8 @@ class PairBatches(IterableDataset):
             batch = {"images": torch.stack([augment(image) for image in images]), "text": tokens[index]}
             if self.hard_negatives is not None:
                 captions = [str(self.captions[int(i)]) for i in index]
-                negatives = batch_negatives(
-                    captions, self.hard_negatives, random.Random(self.seed * 1000003 + number)
-                )
+                rng = random.Random(self.seed * 1000003 + number)
+                negatives = batch_negatives(captions, self.hard_negatives, rng, self.negatives_per_caption)
                 if negatives:
                     batch["negatives"] = tokenizer(negatives)
             yield batch
@@ -173,15 +174,19 @@ def load_hard_negatives(name: str | None) -> HardNegatives | None:
     return function
 
 
-def batch_negatives(captions: Sequence[str], hard_negatives: HardNegatives, rng: random.Random) -> list[str]:
-    """One hard negative per caption where the function offers one, none that is a caption of the batch
-    (a "negative" that is another pair's caption would be a positive pushed away)."""
+def batch_negatives(
+    captions: Sequence[str], hard_negatives: HardNegatives, rng: random.Random, per_caption: int = 1
+) -> list[str]:
+    """Up to `per_caption` hard negatives per caption (at random among those the function offers), none
+    that is a caption of the batch (a "negative" that is another pair's caption would be a positive
+    pushed away) and none twice."""
     taken = {caption.strip().lower() for caption in captions}
     chosen = []
     for caption in captions:
         offered = [text for text in hard_negatives(caption, rng) if text.strip().lower() not in taken]
-        if offered:
-            chosen.append(rng.choice(offered))
+        for text in rng.sample(offered, min(per_caption, len(offered))):
+            taken.add(text.strip().lower())
+            chosen.append(text)
     return chosen
 
 
