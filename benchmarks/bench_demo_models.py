@@ -8,7 +8,7 @@ evaluation reaches for a given number of steps (on a GPU, far more steps than th
 --from is a run root that `dalle demo` (or `dalle curate` on the shapes source) made: its
 curated pairs, its CLIP and its source/ folder are copied to --out, then the dVAE and the
 transformer are trained from scratch with the given steps, the pairs tokenized, and the last
-checkpoint's gallery published with the zero-shot figures. --set changes one key of the config
+checkpoint's gallery published with the suite's scores. --set changes one key of the config
 (section.key=YAML value), to compare recipes on the same curated pairs. The last line is one
 JSON object.
 """

@@ -1,4 +1,4 @@
-"""Sampling settings compared on one trained checkpoint of a demo run: the zero-shot figures of each
+"""Sampling settings compared on one trained checkpoint of a demo run: the suite's scores of each
 variant against the run's own gallery settings, measured in the same process.
 
     python benchmarks/bench_sampling.py --run runs/demo [--step 4000] [--device auto] \\

@@ -5,6 +5,8 @@
 # and a benchmark that fails prints {"benchmark": ..., "error": "exit status N"} without stopping the rest.
 #   bash benchmarks/run_all.sh                 # OUT=reports-bench by default
 #   PEER_PYTHON=/tmp/peer/bin/python bash benchmarks/run_all.sh   # with the peer in bench_models
+#   DEMO_RUN=runs/demo bash benchmarks/run_all.sh   # also a finished demo run's composition figures
+#                                                   # (and, with PEER_PYTHON, the peer's on its pairs)
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -47,3 +49,9 @@ run loader "$python" benchmarks/bench_loader.py --s3
 run models_tiny "$python" benchmarks/bench_models.py --config tiny "${peer[@]}"
 run models_paper_grid "$python" benchmarks/bench_models.py --config paper-grid --repeat 1 "${peer[@]}"
 run gpu_check bash benchmarks/gpu_check.sh
+if [ -n "${DEMO_RUN:-}" ]; then
+  run composition "$python" benchmarks/bench_composition.py --run "$DEMO_RUN"
+  if [ -n "${PEER_PYTHON:-}" ]; then
+    run peer_quality "$python" benchmarks/bench_peer_quality.py --run "$DEMO_RUN" --peer-python "$PEER_PYTHON"
+  fi
+fi

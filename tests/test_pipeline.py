@@ -159,9 +159,10 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
 
     # The GPU demo's preset (configs/demo-gpu.yaml: a 16x16 code grid at 64 px, larger models, bf16,
     # hard negatives) trains and is judged on this run's curated pairs, at a tiny CPU setting: two
-    # steps of each model, two samples a prompt, the run's own small CLIP.
+    # steps of each model at batch 8, two samples a prompt, the run's own small CLIP.
     tiny_gpu = [
         "--dvae-steps", "2", "--transformer-steps", "2", "--device", "cpu",
+        "--set", "train_dvae.batch_size=8", "--set", "train_transformer.batch_size=8",
         "--set", "gallery.samples_per_prompt=2", "--set", "gallery.batch_size=2",
         "--set", "gallery.completions=0", "--set", "plugins.demo={suite_prompts_per_kind: 1}",
         "--set", f"clip.small={json.dumps(TINY['clip']['small'])}",
