@@ -35,6 +35,24 @@ class ConfigError(UserError, ValueError):
     """A configuration file or value that cannot be used; the message says what to change."""
 
 
+def plugin_function(setting: str, module_name: str, function: str, described: str):
+    """The function `function` of the plug-in module that the config key `setting` names (e.g.
+    gallery.evaluator: demo.evaluation); a ConfigError naming the key when the module cannot be
+    imported or lacks the function (`described` says what it should be, e.g. "evaluator(cfg)")."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(
+            f"{setting} {module_name!r} cannot be imported ({err}); install the plug-in or set {setting}: null"
+        ) from None
+    found = getattr(module, function, None)
+    if not callable(found):
+        raise ConfigError(f"{setting} {module_name!r} has no function {described}")
+    return found
+
+
 # The longest accepted duration: a longer one is a typo (and timers overflow past about 30 years).
 MAX_SECONDS = 366 * 24 * 3600.0
 MAX_SEED = 2**32 - 1  # a seed every RNG the pipeline seeds takes as it is

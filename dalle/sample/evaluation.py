@@ -18,10 +18,9 @@ before reranking (every sample) and after (the reranked top), and each level's o
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol
 
-from dalle.config import ConfigError, RunConfig
+from dalle.config import RunConfig, plugin_function
 
 
 class Evaluator(Protocol):
@@ -86,13 +85,6 @@ def load_evaluator(cfg: RunConfig) -> Evaluator | None:
     name = cfg.gallery.evaluator
     if not name:
         return None
-    try:
-        module = importlib.import_module(name)
-    except ImportError as err:
-        raise ConfigError(
-            f"gallery.evaluator {name!r} cannot be imported ({err}); install the plug-in or set gallery.evaluator: null"
-        ) from None
-    factory = getattr(module, "evaluator", None)
-    if not callable(factory):
-        raise ConfigError(f"gallery.evaluator {name!r} has no function evaluator(cfg) returning an Evaluator")
-    return factory(cfg)
+    return plugin_function("gallery.evaluator", name, "evaluator", "evaluator(cfg) returning an Evaluator")(
+        cfg
+    )

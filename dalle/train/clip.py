@@ -9,7 +9,6 @@ dVAE and the transformer, under torchrun too.
 from __future__ import annotations
 
 import collections
-import importlib
 import io
 import json
 import math
@@ -24,7 +23,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dalle.config import ConfigError, RunConfig
+from dalle.config import ConfigError, RunConfig, plugin_function
 from dalle.curate.fates import TooFewPairs, passing_pairs
 from dalle.models.clip import build_small_clip, small_clip_architecture, small_clip_preprocess
 from dalle.runroot import CLIP
@@ -162,16 +161,7 @@ def load_hard_negatives(name: str | None) -> HardNegatives | None:
     """The hard_negatives function of the module `clip.hard_negatives` names (None when unset)."""
     if not name:
         return None
-    try:
-        module = importlib.import_module(name)
-    except ImportError as err:
-        raise ConfigError(
-            f"clip.hard_negatives {name!r} cannot be imported ({err}); install it or set clip.hard_negatives: null"
-        ) from None
-    function = getattr(module, "hard_negatives", None)
-    if not callable(function):
-        raise ConfigError(f"clip.hard_negatives {name!r} has no function hard_negatives(caption, rng)")
-    return function
+    return plugin_function("clip.hard_negatives", name, "hard_negatives", "hard_negatives(caption, rng)")
 
 
 def batch_negatives(
