@@ -62,7 +62,17 @@ def test_flow_runs_on_ephemeral_api(tmp_path):
 
 
 def installed_versions() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """{name: version} of the distributions installed in this environment's site-packages.
+
+    Only site-packages is read, and the first distribution of a name wins, as at import: once
+    setuptools is imported (torch.compile and Ray import it), its `_vendor` folder is on sys.path
+    with its own older copies of packaging, zipp and others, which are not installed packages.
+    """
+    folders = list(dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib")))
+    versions: dict[str, str] = {}
+    for dist in metadata.distributions(path=folders):
+        versions.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
+    return versions
 
 
 def lock_drift(
@@ -99,6 +109,10 @@ def lock_drift(
 
 
 def test_installed_packages_match_the_lock():
+    # setuptools puts its `_vendor` folder on sys.path when imported, as it is when another test of
+    # this worker ran first: the check must read the installed packages all the same.
+    import setuptools  # noqa: F401
+
     problems = lock_drift(CONSTRAINTS.read_text(), installed_versions())
     assert not problems, (
         "the environment has drifted from constraints.txt (run `make install`; after a change of "
