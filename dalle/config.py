@@ -395,6 +395,18 @@ class ClipConfig(_Section):
     hard_negatives_per_caption: int = Field(
         1, ge=1, description="The most hard negatives a caption brings into its batch (chosen at random)."
     )
+    mirrored_captions: str | None = Field(
+        None,
+        description="Python module with mirrored_caption(caption, axis) -> the caption of the image mirrored "
+        "left to right (axis 'horizontal') or upside down ('vertical'), or None when the mirror changes "
+        "nothing the caption says or shows what no caption says (e.g. demo.negatives). When the small CLIP "
+        "trains, a pair whose mirror changes its caption ('a red circle left of a blue square') brings its "
+        "mirrored image with the new caption into the batch as a twin, so each is the other's hardest "
+        "negative and the reranker must tell the relation from the pixels; null: no twins.",
+    )
+    mirror_twins_per_batch: int = Field(
+        16, ge=0, description="The most mirrored twins a batch of the small CLIP gains (chosen at random)."
+    )
     batch_size: int = Field(128, ge=1, description="Images or captions per embedding batch.")
     device: str = Field(
         "auto", description="torch device for CLIP: 'auto' picks cuda when available, else cpu."

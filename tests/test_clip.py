@@ -511,3 +511,94 @@ def test_hard_negatives_module_is_checked():
     with pytest.raises(ConfigError, match="has no function hard_negatives"):
         load_hard_negatives("demo.world")
     assert load_hard_negatives(None) is None
+
+
+# --- mirrored twins (clip.mirrored_captions) ---------------------------------------------
+
+
+def _relation_world(n: int = 48):
+    from demo.world import WorldConfig, generate_samples
+
+    world = WorldConfig(num_images=n, image_size=32, pair_fraction=1.0, two_fraction=0.0, count_fraction=0.0)
+    samples = generate_samples(world)
+    return [Image.open(io.BytesIO(s.image)).convert("RGB") for s in samples], [s.caption for s in samples]
+
+
+def test_mirrored_twins_show_what_their_captions_say():
+    """Each twin's image, the pair's image mirrored, is judged by the demo's detector to show the twin's
+    caption (the relation turned over), and the original caption no longer holds for it."""
+    from dalle.train.clip import mirror, mirrored_twins
+    from demo.detect import judge
+    from demo.negatives import mirrored_caption
+
+    images, captions = _relation_world()
+    twins = mirrored_twins(captions, mirrored_caption, random.Random(0), limit=len(captions))
+    assert len(twins) >= len(captions) // 3  # left/right always mirror; above/below unless a triangle
+    axes = {axis for _, axis, _ in twins}
+    assert axes == {"horizontal", "vertical"}
+    for index, axis, caption in twins:
+        turned = mirror(images[index], axis)
+        assert caption != captions[index]
+        assert judge(turned, caption)["tasks"]["position"], (captions[index], axis, caption)
+        assert not judge(turned, captions[index])["tasks"]["position"], (captions[index], axis)
+
+
+def test_mirrored_twins_keep_to_the_limit_and_never_repeat_a_caption_of_the_batch():
+    from dalle.train.clip import mirrored_twins
+    from demo.negatives import mirrored_caption
+
+    captions = ["a red circle to the left of a blue square", "a red circle to the right of a blue square",
+                "a green cross above a red circle", "a blue diamond below a red square", "two red circles"]  # fmt: skip
+    twins = mirrored_twins(captions, mirrored_caption, random.Random(0), limit=10)
+    # The first two are each other's mirror: neither brings a twin that is already a pair of the batch.
+    assert [(i, axis) for i, axis, _ in twins] == [(2, "vertical"), (3, "vertical")]
+    assert [c for _, _, c in twins] == [
+        "a green cross below a red circle",
+        "a blue diamond above a red square",
+    ]
+    assert len(mirrored_twins(captions, mirrored_caption, random.Random(0), limit=1)) == 1
+    assert mirrored_twins(captions, mirrored_caption, random.Random(0), limit=0) == []
+
+
+def test_mirrored_caption_turns_only_what_the_mirror_turns():
+    from demo.negatives import mirrored_caption
+
+    assert mirrored_caption("a red circle to the left of a blue square", "horizontal") == (
+        "a red circle to the right of a blue square"
+    )
+    assert mirrored_caption("a red circle to the left of a blue square", "vertical") is None
+    assert (
+        mirrored_caption("a red circle above a blue square", "vertical") == "a red circle below a blue square"
+    )
+    # Upside down, the world's triangle points down: a shape no caption names.
+    assert mirrored_caption("a red triangle above a blue square", "vertical") is None
+    assert mirrored_caption("a red circle and a blue square", "horizontal") is None
+    assert mirrored_caption("three red circles", "vertical") is None
+    assert mirrored_caption("not a caption of this world", "horizontal") is None
+
+
+def test_mirrored_twins_train_with_hard_negatives(tmp_path):
+    """A batch gains its twins as extra pairs (images and captions alike, before the hard negatives), and
+    training runs on such batches."""
+    images, captions = _relation_world()
+    storage = Storage(str(tmp_path))
+    training = TRAINING.model_copy(update={"max_steps": 2, "batch_size": 16})
+    clip = ClipConfig(small=SMALL, device="cpu", hard_negatives="demo.negatives",
+                      mirrored_captions="demo.negatives", mirror_twins_per_batch=4)  # fmt: skip
+    run_cfg = RunConfig(clip=clip, train_clip=training)
+    task = ClipTraining.__new__(ClipTraining)
+    task.storage, task.cfg = storage, run_cfg
+    task.images, task.captions = [png(image) for image in images], captions
+    batch = next(iter(task.dataset(16, 0, 0, 0, 1)))
+    assert len(batch["images"]) == len(batch["text"]) == 20
+    assert len(batch["negatives"]) > 0
+    train(task, storage, run_cfg, run_cfg.train_clip, log=lambda line: None)
+    assert [r["step"] for r in read_metrics(storage, CLIP) if "loss" in r][-1] == 2
+
+
+def test_mirrored_captions_module_is_checked():
+    from dalle.train.clip import load_mirrored_captions
+
+    with pytest.raises(ConfigError, match="has no function mirrored_caption"):
+        load_mirrored_captions("demo.world")
+    assert load_mirrored_captions(None) is None

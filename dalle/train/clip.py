@@ -19,7 +19,7 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.transform import AugmentationCfg, image_transform
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -72,7 +72,8 @@ class ClipTraining:
         return PairBatches(
             self.images, self.captions, min(batch_size, len(self.captions)), self.cfg.clip.small,
             seed, start_batch, rank, load_hard_negatives(self.cfg.clip.hard_negatives),
-            self.cfg.clip.hard_negatives_per_caption,
+            self.cfg.clip.hard_negatives_per_caption, load_mirrored_captions(self.cfg.clip.mirrored_captions),
+            self.cfg.clip.mirror_twins_per_batch,
         )  # fmt: skip
 
     def loss(self, model, batch, step):
@@ -84,7 +85,7 @@ class ClipTraining:
             loss = open_clip.ClipLoss()(image_features, text_features, logit_scale)
             return loss, {"logit_scale": float(logit_scale.detach())}
         # NegCLIP: each image chooses among the batch's captions and the hard negatives; each caption
-        # among the batch's images, as in CLIP.
+        # among the batch's images, as in CLIP. Mirrored twins are pairs like the others.
         count = len(images)
         labels = torch.arange(count, device=images.device)
         per_image = logit_scale * image_features @ text_features.T
@@ -120,10 +121,12 @@ class PairBatches(IterableDataset):
     def __init__(
         self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank,
         hard_negatives: HardNegatives | None = None, negatives_per_caption: int = 1,
+        mirrored_caption: MirroredCaption | None = None, twins_per_batch: int = 0,
     ):  # fmt: skip
         super().__init__()
         self.images, self.captions, self.hard_negatives = images, captions, hard_negatives
         self.negatives_per_caption = negatives_per_caption
+        self.mirrored_caption, self.twins_per_batch = mirrored_caption, twins_per_batch
         self.batch_size, self.seed, self.start_batch, self.rank = batch_size, seed, start_batch, rank
         self.image_size, self.context_length = small_cfg.image_size, small_cfg.context_length
 
@@ -144,10 +147,17 @@ class PairBatches(IterableDataset):
             if number <= self.start_batch or (number - 1) % workers != worker_id:
                 continue
             images = [Image.open(io.BytesIO(self.images[int(i)])).convert("RGB") for i in index]
-            batch = {"images": torch.stack([augment(image) for image in images]), "text": tokens[index]}
+            captions = [str(self.captions[int(i)]) for i in index]
+            text = tokens[index]
+            rng = random.Random(self.seed * 1000003 + number)
+            if self.mirrored_caption is not None and self.twins_per_batch:
+                twins = mirrored_twins(captions, self.mirrored_caption, rng, self.twins_per_batch)
+                if twins:
+                    images += [mirror(images[i], axis) for i, axis, _ in twins]
+                    captions += [caption for _, _, caption in twins]
+                    text = torch.cat([text, tokenizer([caption for _, _, caption in twins])])
+            batch = {"images": torch.stack([augment(image) for image in images]), "text": text}
             if self.hard_negatives is not None:
-                captions = [str(self.captions[int(i)]) for i in index]
-                rng = random.Random(self.seed * 1000003 + number)
                 negatives = batch_negatives(captions, self.hard_negatives, rng, self.negatives_per_caption)
                 if negatives:
                     batch["negatives"] = tokenizer(negatives)
@@ -155,6 +165,8 @@ class PairBatches(IterableDataset):
 
 
 HardNegatives = Callable[[str, random.Random], list[str]]
+MirroredCaption = Callable[[str, str], "str | None"]
+MIRROR_AXES = ("horizontal", "vertical")
 
 
 def load_hard_negatives(name: str | None) -> HardNegatives | None:
@@ -162,6 +174,45 @@ def load_hard_negatives(name: str | None) -> HardNegatives | None:
     if not name:
         return None
     return plugin_function("clip.hard_negatives", name, "hard_negatives", "hard_negatives(caption, rng)")
+
+
+def load_mirrored_captions(name: str | None) -> MirroredCaption | None:
+    """The mirrored_caption function of the module `clip.mirrored_captions` names (None when unset)."""
+    if not name:
+        return None
+    return plugin_function(
+        "clip.mirrored_captions", name, "mirrored_caption", "mirrored_caption(caption, axis)"
+    )
+
+
+def mirror(image: Image.Image, axis: str) -> Image.Image:
+    """The image mirrored left to right (axis "horizontal") or upside down ("vertical")."""
+    return ImageOps.mirror(image) if axis == "horizontal" else ImageOps.flip(image)
+
+
+def mirrored_twins(
+    captions: Sequence[str], mirrored_caption: MirroredCaption, rng: random.Random, limit: int
+) -> list[tuple[int, str, str]]:
+    """(index, axis, caption) of up to `limit` mirrored twins for a batch's captions: a caption whose
+    mirror (on an axis chosen at random among those that change it) says something else. None is the
+    caption of another pair of the batch, nor of another twin: that pair would be pushed away from
+    an image it describes."""
+    taken = {caption.strip().lower() for caption in captions}
+    offered = []
+    for index, caption in enumerate(captions):
+        options = []
+        for axis in MIRROR_AXES:
+            text = mirrored_caption(caption, axis)
+            if text and text.strip().lower() != caption.strip().lower():
+                options.append((index, axis, text))
+        if options:
+            offered.append(rng.choice(options))
+    twins = []
+    for index, axis, text in rng.sample(offered, len(offered)):
+        if len(twins) < limit and text.strip().lower() not in taken:
+            taken.add(text.strip().lower())
+            twins.append((index, axis, text))
+    return sorted(twins)
 
 
 def batch_negatives(
