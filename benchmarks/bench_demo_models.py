@@ -9,8 +9,12 @@ evaluation reaches for a given number of steps (on a GPU, far more steps than th
 curated pairs, its CLIP and its source/ folder are copied to --out, then the dVAE and the
 transformer are trained from scratch with the given steps, the pairs tokenized, and the last
 checkpoint's gallery published with the suite's scores. --set changes one key of the config
-(section.key=YAML value), to compare recipes on the same curated pairs. The last line is one
-JSON object.
+(section.key=YAML value), to compare recipes on the same curated pairs.
+
+--retrain clip trains the small CLIP alone instead, from scratch on the run's curated pairs, and
+keeps the run's dVAE, token shards and transformer: the gallery then draws the very same samples
+(same checkpoint, same gallery.seed) and only the reranking differs, so a CLIP recipe is judged
+by what it keeps. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from dalle.models.weights import load_dvae
 from dalle.runroot import (
     CLIP,
     CURATED_DIR,
+    DVAE,
     EVAL_REPORT,
     MODELS_DIR,
+    SHARDS_DIR,
     SOURCE_DIR,
+    TOKENIZER_DIR,
     TRANSFORMER,
     checkpoint_dir,
     latest_pointer,
@@ -41,7 +48,18 @@ from dalle.storage import Storage
 from dalle.tokens.shards import tokenize_stage
 from dalle.train.launch import launch
 
-COPIED = (CURATED_DIR, f"{MODELS_DIR}/{CLIP}", SOURCE_DIR)
+# What each --retrain copies from the run: the models it does not train, and what they were made from.
+COPIED = {
+    "models": (CURATED_DIR, SOURCE_DIR, f"{MODELS_DIR}/{CLIP}"),
+    "clip": (
+        CURATED_DIR,
+        SOURCE_DIR,
+        SHARDS_DIR,
+        TOKENIZER_DIR,
+        f"{MODELS_DIR}/{DVAE}",
+        f"{MODELS_DIR}/{TRANSFORMER}",
+    ),
+}
 
 
 def copy_folder(source: Storage, target: Storage, folder: str) -> None:
@@ -51,13 +69,15 @@ def copy_folder(source: Storage, target: Storage, folder: str) -> None:
         copy_folder(source, target, f"{folder}/{name}")
 
 
-def copy_curated_run(source: Storage, target: Storage) -> None:
-    for folder in COPIED:
+def copy_curated_run(source: Storage, target: Storage, retrain: str = "models") -> None:
+    for folder in COPIED[retrain]:
         copy_folder(source, target, folder)
-    # The CLIP's latest.json names its checkpoint by URI: point it into the copy.
-    pointer = latest_pointer(CLIP)
-    latest = source.read_json(pointer)
-    target.write_json(pointer, {**latest, "uri": target.uri(checkpoint_dir(CLIP, latest["step"]))})
+    # A model's latest.json names its checkpoint by URI: point it into the copy.
+    for model in (CLIP, DVAE, TRANSFORMER):
+        pointer = latest_pointer(model)
+        if target.exists(pointer):
+            latest = source.read_json(pointer)
+            target.write_json(pointer, {**latest, "uri": target.uri(checkpoint_dir(model, latest["step"]))})
 
 
 def main() -> None:
@@ -68,6 +88,12 @@ def main() -> None:
     parser.add_argument("--dvae-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--transformer-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--retrain",
+        choices=sorted(COPIED),
+        default="models",
+        help="models: the dVAE and the transformer (the run's CLIP kept); clip: the small CLIP alone",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -102,17 +128,21 @@ def main() -> None:
     target = Storage(args.out)
     if target.exists(CURATED_DIR):
         raise SystemExit(f"{target.uri()} is not empty; pass a fresh --out")
-    copy_curated_run(Storage(args.source), target)
+    copy_curated_run(Storage(args.source), target, args.retrain)
     config = run_config(target, cfg)
     quiet = lambda message: None
 
-    steps = config.train_transformer.max_steps
-    stages = {
-        "dvae_s": lambda: launch("dvae", target.root, config, log=quiet),
-        "tokenize_s": lambda: tokenize_stage(target, config, *load_dvae(target), log=quiet),
-        "transformer_s": lambda: launch(TRANSFORMER, target.root, config, log=quiet),
-        "gallery_s": lambda: draw_gallery(target, config, checkpoint_dir(TRANSFORMER, steps), log=quiet),
-    }
+    if args.retrain == "clip":
+        steps = target.read_json(latest_pointer(TRANSFORMER))["step"]
+        stages = {"clip_s": lambda: launch(CLIP, target.root, config, log=quiet)}
+    else:
+        steps = config.train_transformer.max_steps
+        stages = {
+            "dvae_s": lambda: launch(DVAE, target.root, config, log=quiet),
+            "tokenize_s": lambda: tokenize_stage(target, config, *load_dvae(target), log=quiet),
+            "transformer_s": lambda: launch(TRANSFORMER, target.root, config, log=quiet),
+        }
+    stages["gallery_s"] = lambda: draw_gallery(target, config, checkpoint_dir(TRANSFORMER, steps), log=quiet)
     timings = {}
     for name, stage in stages.items():
         start = time.perf_counter()
@@ -120,25 +150,32 @@ def main() -> None:
         timings[name] = time.perf_counter() - start
 
     evaluation = target.read_json(EVAL_REPORT)
-    metrics = read_metrics(target)
-    last = {m["model"]: m for m in metrics}
-    print(
-        json.dumps(
-            {
-                "device": args.device,
-                "overrides": args.overrides,
-                "dvae_steps": config.train_dvae.max_steps,
-                "transformer_steps": steps,
-                **{k: round(v, 1) for k, v in timings.items()},
-                "dvae_images_per_s": round(last["dvae"]["samples_per_s"], 1),
-                "dvae_codebook_perplexity": round(last["dvae"]["codebook_perplexity"], 1),
-                "transformer_tokens_per_s": round(last[TRANSFORMER]["tokens_per_s"], 1),
-                "transformer_loss": round(last[TRANSFORMER]["loss"], 4),
-                "sampling": evaluation["sampling"],
-                "eval": scorecard_figures(evaluation),
-            }
-        )
-    )
+    last = {m["model"]: m for m in read_metrics(target)}
+    if args.retrain == "clip":
+        trained = {
+            "clip_steps": config.train_clip.max_steps,
+            "clip_samples_per_s": round(last[CLIP]["samples_per_s"], 1),
+            "clip_loss": round(last[CLIP]["loss"], 4),
+        }
+    else:
+        trained = {
+            "dvae_steps": config.train_dvae.max_steps,
+            "dvae_images_per_s": round(last[DVAE]["samples_per_s"], 1),
+            "dvae_codebook_perplexity": round(last[DVAE]["codebook_perplexity"], 1),
+            "transformer_tokens_per_s": round(last[TRANSFORMER]["tokens_per_s"], 1),
+            "transformer_loss": round(last[TRANSFORMER]["loss"], 4),
+        }
+    summary = {
+        "device": args.device,
+        "retrain": args.retrain,
+        "overrides": args.overrides,
+        "transformer_steps": steps,
+        **{k: round(v, 1) for k, v in timings.items()},
+        **trained,
+        "sampling": evaluation["sampling"],
+        "eval": scorecard_figures(evaluation),
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

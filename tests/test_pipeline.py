@@ -178,6 +178,25 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     gpu_storage = Storage(str(tmp_path / "gpu-preset"))
     assert load_dvae(gpu_storage)[0].grid == 16
 
+    # The CLIP alone retrained (two steps, with mirrored twins), the run's dVAE and transformer kept: the
+    # gallery draws the very same samples, so every figure before reranking is the run's own.
+    clip_only = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_demo_models.py"), "--from", str(root),
+         "--out", str(tmp_path / "clip-only"), "--config", str(root / "config.yaml"), "--retrain", "clip",
+         "--device", "cpu", "--set", "train_clip.max_steps=2", "--set", "clip.mirrored_captions=demo.negatives"],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert clip_only.returncode == 0, clip_only.stderr[-3000:]
+    measured = json.loads(clip_only.stdout.strip().splitlines()[-1])
+    assert (
+        measured["retrain"] == "clip" and measured["transformer_steps"] == 6 and measured["clip_steps"] == 2
+    )
+    assert Storage(str(tmp_path / "clip-only")).read_json("models/clip/latest.json")["step"] == 2
+    for level, cells in measured["eval"].items():
+        for task, cell in cells.items():
+            source = levels[level]["tasks"][task] if task in levels[level]["tasks"] else levels[level][task]
+            assert cell["before"] == pytest.approx(source["before"], abs=1e-3), (level, task)
+
     # In Python: one object bundles the checkpoint with its dVAE, tokenizer and the run's CLIP.
     from dalle.sample.rerank import SamplingSettings
     from dalle.sample.sampler import Sampler
