@@ -15,7 +15,9 @@ at the dVAE's resolution, and
 
 With the run's eval.json (its model's scores, and "oracle_after", what a perfect reranker would
 have kept from the same samples), this says whether the grid, the sampler or the reranker loses a
-task. The last line is one JSON object.
+task. A run with a CLIP and no dVAE yet (`dalle curate`, or `bench_demo_models.py --retrain clip`
+on one) has its CLIP judged on clean scenes at the world's image size, to compare CLIP recipes
+without training the rest. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from dalle.models.weights import load_dvae
-from dalle.runroot import EVAL_REPORT, run_config
+from dalle.runroot import DVAE, EVAL_REPORT, latest_pointer, run_config
 from dalle.sample.evaluation import scorecard_figures
 from dalle.sample.rerank import decode_codes
 from dalle.sample.sampler import run_clip
@@ -73,26 +75,37 @@ def main() -> None:
     storage = Storage(args.run)
     cfg = run_config(storage)
     world: WorldConfig = world_config(cfg)
-    dvae, identity = load_dvae(storage)
-    dvae.eval()
     clip = run_clip(storage, cfg)
-    side = dvae.cfg.image_size
+    dvae = None
+    if storage.exists(latest_pointer(DVAE)):
+        dvae, identity = load_dvae(storage)
+        dvae.eval()
+    elif clip is None:
+        raise SystemExit(
+            f"{storage.uri()} has neither a dVAE nor a CLIP: run `dalle curate` or `dalle demo` first"
+        )
+    side = dvae.cfg.image_size if dvae is not None else world.image_size
+    # What the reranker sees: the dVAE's reconstructions, or the clean scenes where there is no dVAE.
+    seen_by_clip = (lambda images: round_trip(dvae, images)) if dvae is not None else (lambda images: images)
     prompts = suite_prompts(world)
     vocabulary = {"colors": world.colors, "shapes": world.shapes}
     start = time.perf_counter()
 
     drawn = {p.prompt: [scene(p, seed, side) for seed in range(args.images)] for p in prompts}
     missed = {p.prompt: [scene(p, seed, side, miss=True) for seed in range(args.images)] for p in prompts}
-    decoded = {text: round_trip(dvae, images) for text, images in drawn.items()}
+    decoded = {text: seen_by_clip(images) for text, images in drawn.items()}
     report: dict = {
         "run": storage.uri(),
-        "dvae": {"step": identity["step"], "image_size": side, "grid": dvae.grid},
+        "dvae": {"step": identity["step"], "image_size": side, "grid": dvae.grid}
+        if dvae is not None
+        else None,
         "images_per_prompt": args.images,
         "detector_on_clean_scenes": scorecard_figures(score_images(prompts, drawn, **vocabulary)),
-        "dvae_ceiling": scorecard_figures(score_images(prompts, decoded, **vocabulary)),
     }
+    if dvae is not None:
+        report["dvae_ceiling"] = scorecard_figures(score_images(prompts, decoded, **vocabulary))
     # The figures are the same before and after (nothing is reranked): keep one.
-    for key in ("detector_on_clean_scenes", "dvae_ceiling"):
+    for key in [key for key in ("detector_on_clean_scenes", "dvae_ceiling") if key in report]:
         report[key] = {
             level: {task: cell["before"] for task, cell in cells.items()}
             for level, cells in report[key].items()
@@ -102,7 +115,7 @@ def main() -> None:
         preferences: dict = {}
         for prompt in prompts:
             right = decoded[prompt.prompt]
-            wrong = round_trip(dvae, missed[prompt.prompt])
+            wrong = seen_by_clip(missed[prompt.prompt])
             texts = [prompt.prompt] * len(right)
             better = clip.score(right, texts) > clip.score(wrong, texts)
             preferences.setdefault(prompt.level, {}).setdefault(prompt.kind, []).extend(better.tolist())

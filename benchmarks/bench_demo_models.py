@@ -14,7 +14,8 @@ checkpoint's gallery published with the suite's scores. --set changes one key of
 --retrain clip trains the small CLIP alone instead, from scratch on the run's curated pairs, and
 keeps the run's dVAE, token shards and transformer: the gallery then draws the very same samples
 (same checkpoint, same gallery.seed) and only the reranking differs, so a CLIP recipe is judged
-by what it keeps. The last line is one JSON object.
+by what it keeps. On a run without a transformer yet (`dalle curate`) it trains the CLIP only, for
+bench_composition.py to judge. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dalle.runroot import (
     DVAE,
     EVAL_REPORT,
     MODELS_DIR,
+    RAW_DIR,
     SHARDS_DIR,
     SOURCE_DIR,
     TOKENIZER_DIR,
@@ -51,8 +53,10 @@ from dalle.train.launch import launch
 # What each --retrain copies from the run: the models it does not train, and what they were made from.
 COPIED = {
     "models": (CURATED_DIR, SOURCE_DIR, f"{MODELS_DIR}/{CLIP}"),
+    # The CLIP trains on the images of the pairs that passed the rule filters, kept in the raw shards.
     "clip": (
         CURATED_DIR,
+        RAW_DIR,
         SOURCE_DIR,
         SHARDS_DIR,
         TOKENIZER_DIR,
@@ -133,23 +137,28 @@ def main() -> None:
     quiet = lambda message: None
 
     if args.retrain == "clip":
-        steps = target.read_json(latest_pointer(TRANSFORMER))["step"]
+        # The run's transformer, if it has one yet, draws the gallery that the new CLIP reranks.
+        drawn = target.exists(latest_pointer(TRANSFORMER))
+        steps = target.read_json(latest_pointer(TRANSFORMER))["step"] if drawn else 0
         stages = {"clip_s": lambda: launch(CLIP, target.root, config, log=quiet)}
     else:
-        steps = config.train_transformer.max_steps
+        drawn, steps = True, config.train_transformer.max_steps
         stages = {
             "dvae_s": lambda: launch(DVAE, target.root, config, log=quiet),
             "tokenize_s": lambda: tokenize_stage(target, config, *load_dvae(target), log=quiet),
             "transformer_s": lambda: launch(TRANSFORMER, target.root, config, log=quiet),
         }
-    stages["gallery_s"] = lambda: draw_gallery(target, config, checkpoint_dir(TRANSFORMER, steps), log=quiet)
+    if drawn:
+        stages["gallery_s"] = lambda: draw_gallery(
+            target, config, checkpoint_dir(TRANSFORMER, steps), log=quiet
+        )
     timings = {}
     for name, stage in stages.items():
         start = time.perf_counter()
         stage()
         timings[name] = time.perf_counter() - start
 
-    evaluation = target.read_json(EVAL_REPORT)
+    evaluation = target.read_json(EVAL_REPORT) if drawn else {"sampling": None}
     last = {m["model"]: m for m in read_metrics(target)}
     if args.retrain == "clip":
         trained = {
@@ -173,7 +182,7 @@ def main() -> None:
         **{k: round(v, 1) for k, v in timings.items()},
         **trained,
         "sampling": evaluation["sampling"],
-        "eval": scorecard_figures(evaluation),
+        "eval": scorecard_figures(evaluation) if drawn else None,
     }
     print(json.dumps(summary))
 
