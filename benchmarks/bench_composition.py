@@ -17,24 +17,32 @@ With the run's eval.json (its model's scores, and "oracle_after", what a perfect
 have kept from the same samples), this says whether the grid, the sampler or the reranker loses a
 task. A run with a CLIP and no dVAE yet (`dalle curate`, or `bench_demo_models.py --retrain clip`
 on one) has its CLIP judged on clean scenes at the world's image size, to compare CLIP recipes
-without training the rest. The last line is one JSON object.
+without training the rest. "clip_on_training_relations" asks the same of the CLIP on relation
+pairs it trained on: their image against the image mirrored (the relation turned over), and their
+caption against the mirrored caption: a CLIP at 0.5 there has not learnt relations at all, which
+no sampler can make up for. The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import random
 import time
 
 import numpy as np
 import torch
 
+from dalle.curate.fates import passing_pairs
 from dalle.models.weights import load_dvae
 from dalle.runroot import DVAE, EVAL_REPORT, latest_pointer, run_config
 from dalle.sample.evaluation import scorecard_figures
 from dalle.sample.rerank import decode_codes
 from dalle.sample.sampler import run_clip
 from dalle.storage import Storage
+from dalle.train.clip import MIRROR_AXES, mirror
+from demo.negatives import mirrored_caption
 from demo.suite import SuitePrompt, score_images, suite_prompts
 from demo.world import INVERSE_RELATIONS, WorldConfig, compose, render, seeded_rng, world_config
 
@@ -64,6 +72,32 @@ def round_trip(dvae, images) -> list:
     )
     device = next(dvae.parameters()).device
     return decode_codes(dvae, dvae.encode(pixels.to(device)))
+
+
+def training_relations(storage: Storage, clip, pairs: int = 200) -> dict:
+    """How often the CLIP prefers, on relation pairs it trained on (up to `pairs`, at random), their
+    image to the mirrored one (image side) and their caption to the mirrored caption (text side)."""
+    from PIL import Image
+
+    images, captions = passing_pairs(storage)
+    found = []
+    for index, caption in enumerate(captions):
+        for axis in MIRROR_AXES:
+            turned = mirrored_caption(str(caption), axis)
+            if turned:
+                found.append((index, axis, turned))
+    chosen = random.Random(0).sample(found, min(pairs, len(found)))
+    if not chosen:
+        return {"pairs": 0}
+    shown = [Image.open(io.BytesIO(images[i])).convert("RGB") for i, _, _ in chosen]
+    mirrored = [mirror(image, axis) for image, (_, axis, _) in zip(shown, chosen)]
+    own = [str(captions[i]) for i, _, _ in chosen]
+    right = clip.score(shown, own)
+    return {
+        "pairs": len(chosen),
+        "image_side": round(float(np.mean(right > clip.score(mirrored, own))), 3),
+        "text_side": round(float(np.mean(right > clip.score(shown, [t for _, _, t in chosen]))), 3),
+    }
 
 
 def main() -> None:
@@ -120,6 +154,7 @@ def main() -> None:
             better = clip.score(right, texts) > clip.score(wrong, texts)
             preferences.setdefault(prompt.level, {}).setdefault(prompt.kind, []).extend(better.tolist())
         report["clip"] = getattr(clip, "identity", None)
+        report["clip_on_training_relations"] = training_relations(storage, clip)
         report["clip_prefers_right"] = {
             level: {kind: round(float(np.mean(values)), 3) for kind, values in kinds.items()}
             for level, kinds in preferences.items()
