@@ -50,10 +50,10 @@ from dalle.storage import Storage
 from dalle.tokens.shards import tokenize_stage
 from dalle.train.launch import launch
 
-# What each --retrain copies from the run: the models it does not train, and what they were made from.
+# What each --retrain copies from the run: the models it does not train, and what they were made from
+# (the CLIP trains on, and bench_composition.py reads, the images of the raw shards).
 COPIED = {
-    "models": (CURATED_DIR, SOURCE_DIR, f"{MODELS_DIR}/{CLIP}"),
-    # The CLIP trains on the images of the pairs that passed the rule filters, kept in the raw shards.
+    "models": (CURATED_DIR, RAW_DIR, SOURCE_DIR, f"{MODELS_DIR}/{CLIP}"),
     "clip": (
         CURATED_DIR,
         RAW_DIR,
