@@ -701,6 +701,14 @@ class GalleryConfig(_Section):
         1.0, ge=0, description="Classifier-free guidance scale (1: off; needs cond_drop_prob > 0)."
     )
     batch_size: int = Field(64, ge=1, description="Images sampled at once.")
+    relation_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Reranking a prompt that places one object relative to another ('a cat to the left of "
+        "a dog', 'above', 'below', ...): the weight of its relation margin, each object's phrase scored on "
+        "the image with the other side painted over (dalle.sample.relations), added to CLIP's score; "
+        "0: CLIP's score alone.",
+    )
     validation_prompts: int = Field(4, ge=0, description="Captions from the token shards shown as prompts.")
     prompts_file: Location | None = Field(
         None, description="A text file of extra prompts, one per line (local or s3://)."

@@ -39,6 +39,7 @@ def sampling_settings(cfg: RunConfig) -> SamplingSettings:
         cond_scale=g.cond_scale,
         batch_size=g.batch_size,
         seed=g.seed,
+        relation_weight=g.relation_weight,
     )
 
 
@@ -176,11 +177,14 @@ def sample_to_folder(
     samples = sampler.sample(prompt, settings)
     target = Storage(out)
     written, scores = [], []
-    for rank, (image, score) in enumerate(samples.best(top)):
+    for rank, index in enumerate(samples.ranking[:top]):
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        samples.images[index].save(buffer, format="PNG")
         written.append(target.write_bytes(f"sample_{rank:02d}.png", buffer.getvalue()))
-        scores.append({"file": f"sample_{rank:02d}.png", "rank": rank, "clip_score": score})
+        entry = {"file": f"sample_{rank:02d}.png", "rank": rank, "clip_score": float(samples.scores[index])}
+        if samples.relation_margins is not None:
+            entry["relation_margin"] = float(samples.relation_margins[index])
+        scores.append(entry)
     meta_out = {
         "prompt": prompt,
         "checkpoint": checkpoint,

@@ -2,7 +2,8 @@
 
 The paper draws 512 samples per caption and keeps the ones CLIP scores best; `samples_for`
 does the same at any count, in batches, and keeps every sample's score so that the gain of
-reranking can be measured.
+reranking can be measured. A prompt that places one object relative to another ("... above ...")
+is ranked by CLIP's score plus its relation margin (dalle.sample.relations), which CLIP alone misses.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dalle.models.clip import ClipModel
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
 from dalle.sample.generate import generate
+from dalle.sample.relations import parse_relation, relation_margins
 from dalle.tokens.bpe import TextTokenizer
 
 
@@ -33,6 +35,7 @@ class SamplingSettings:
     cond_scale: float = 1.0
     batch_size: int = 64
     seed: int = 0
+    relation_weight: float = 1.0
 
     def described(self) -> dict:
         """What decides the samples (not how they are batched), for reports next to the figures."""
@@ -44,6 +47,7 @@ class SamplingSettings:
             "top_p": self.top_p,
             "cond_scale": self.cond_scale,
             "seed": self.seed,
+            "relation_weight": self.relation_weight,
         }
 
 
@@ -54,12 +58,14 @@ def describe_sampling(described: dict) -> str:
 
 @dataclass
 class PromptSamples:
-    """Every sample drawn for one prompt, with CLIP's score of each; `ranking` is best first."""
+    """Every sample drawn for one prompt, with CLIP's score of each; `ranking` is best first (by the
+    score, plus relation_weight times the relation margin when the prompt states a spatial relation)."""
 
     prompt: str
     images: list[PIL.Image.Image]
     scores: np.ndarray  # (num_samples,) cosine similarity with the prompt
     ranking: list[int] = field(default_factory=list)
+    relation_margins: np.ndarray | None = None  # (num_samples,) when the ranking used them
 
     def best(self, top: int) -> list[tuple[PIL.Image.Image, float]]:
         return [(self.images[i], float(self.scores[i])) for i in self.ranking[:top]]
@@ -124,4 +130,9 @@ def samples_for(
     scores = np.zeros(len(images), dtype=np.float32)
     for index, score in ranked:
         scores[index] = score
-    return PromptSamples(prompt, images, scores, [index for index, _ in ranked])
+    relation = parse_relation(prompt) if settings.relation_weight else None
+    if relation is None:
+        return PromptSamples(prompt, images, scores, [index for index, _ in ranked])
+    margins = relation_margins(clip, images, relation)
+    ranking = np.argsort(-(scores + settings.relation_weight * margins), kind="stable")
+    return PromptSamples(prompt, images, scores, [int(i) for i in ranking], margins)
