@@ -12,6 +12,8 @@ at the dVAE's resolution, and
     samples): the relation turned over, the colours of two objects swapped, one copy too many,
     or the other colour for one object. "clip_prefers_right" is the share of pairs where the CLIP
     scores the right scene higher: 0.5 is a reranker that cannot tell them apart.
+    "reranker_prefers_right_relation" is the same for relation prompts as reranking sorts them
+    (dalle.sample.rerank.rerank_key: with gallery.relation_weight, CLIP's score plus the relation margin).
 
 With the run's eval.json (its model's scores, and "oracle_after", what a perfect reranker would
 have kept from the same samples), this says whether the grid, the sampler or the reranker loses a
@@ -38,7 +40,7 @@ from dalle.curate.fates import passing_pairs
 from dalle.models.weights import load_dvae
 from dalle.runroot import DVAE, EVAL_REPORT, latest_pointer, run_config
 from dalle.sample.evaluation import scorecard_figures
-from dalle.sample.rerank import decode_codes
+from dalle.sample.rerank import decode_codes, rerank_key
 from dalle.sample.sampler import run_clip
 from dalle.storage import Storage, StorageError
 from dalle.train.clip import MIRROR_AXES, mirror
@@ -150,17 +152,27 @@ def main() -> None:
 
     if clip is not None:
         preferences: dict = {}
+        reranker: dict = {}
+        weight = cfg.gallery.relation_weight
         for prompt in prompts:
             right = decoded[prompt.prompt]
             wrong = seen_by_clip(missed[prompt.prompt])
             texts = [prompt.prompt] * len(right)
             better = clip.score(right, texts) > clip.score(wrong, texts)
             preferences.setdefault(prompt.level, {}).setdefault(prompt.kind, []).extend(better.tolist())
+            if prompt.kind == "relation":  # what reranking sorts by: CLIP's score plus the relation margin
+                right_key, wrong_key = (
+                    rerank_key(clip, images, prompt.prompt, weight)[0] for images in (right, wrong)
+                )
+                reranker.setdefault(prompt.level, []).extend((right_key > wrong_key).tolist())
         report["clip"] = getattr(clip, "identity", None)
         report["clip_on_training_relations"] = training_relations(storage, clip)
         report["clip_prefers_right"] = {
             level: {kind: round(float(np.mean(values)), 3) for kind, values in kinds.items()}
             for level, kinds in preferences.items()
+        }
+        report["reranker_prefers_right_relation"] = {
+            level: round(float(np.mean(values)), 3) for level, values in reranker.items()
         }
     if storage.exists(EVAL_REPORT):
         evaluation = storage.read_json(EVAL_REPORT)

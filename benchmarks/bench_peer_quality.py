@@ -24,10 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from dalle.runroot import CURATED_DIR, EVAL_PROMPTS, EVAL_REPORT, TIMINGS_REPORT, run_config
 from dalle.sample.evaluation import scorecard_figures, scorecard_text
+from dalle.sample.rerank import rerank_key
 from dalle.sample.sampler import run_clip
 from dalle.storage import Storage
 from dalle.tokens.loader import read_listed_shards
@@ -103,7 +105,10 @@ def main() -> None:
         images = [Image.open(out / rel).convert("RGB") for rel in files.get(prompt.prompt, [])]
         if not images:
             continue
-        kept = [index for index, _ in clip.rerank(images, prompt.prompt, top)] if clip is not None else None
+        kept = None
+        if clip is not None:  # reranked as our samples are
+            key = rerank_key(clip, images, prompt.prompt, cfg.gallery.relation_weight)[0]
+            kept = [int(i) for i in np.argsort(-key, kind="stable")[:top]]
         judged.append(judge_prompt(prompt, images, kept=kept, colors=world.colors, shapes=world.shapes))
     peer = scorecard(judged)
     print("ours (before/after reranking):\n" + scorecard_text(ours), file=sys.stderr)

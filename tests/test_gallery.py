@@ -28,6 +28,7 @@ from dalle.tokens.bpe import train_bpe
 from flows.gallery import gallery_flow, transformer_checkpoint
 
 HOSTILE = "a red circle <script>document.title='pwned'</script> & \"quotes\""
+RELATION = "a blue square above a red circle"
 
 
 def _samples(prompt: str, count: int, seed: int) -> PromptSamples:
@@ -35,6 +36,14 @@ def _samples(prompt: str, count: int, seed: int) -> PromptSamples:
     images = [PIL.Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(count)]
     scores = rng.random(count).astype(np.float32)
     return PromptSamples(prompt, images, scores, [int(i) for i in np.argsort(-scores)])
+
+
+def _relation_samples(prompt: str, count: int, seed: int) -> PromptSamples:
+    samples = _samples(prompt, count, seed)
+    margins = np.linspace(-0.2, 0.2, count).astype(np.float32)
+    samples.relation_margins = margins
+    samples.ranking = [int(i) for i in np.argsort(-(samples.scores + margins))]
+    return samples
 
 
 def test_gallery_pages_images_and_scores(run_root):
@@ -46,7 +55,7 @@ def test_gallery_pages_images_and_scores(run_root):
     page = GalleryPage(
         step=2,
         checkpoint_uri=storage.uri("models/transformer/step_00000002"),
-        sections=[Section("held-out", [_samples(HOSTILE, 5, 0), _samples("a blue square", 5, 1)], top=3)],
+        sections=[Section("held-out", [_samples(HOSTILE, 5, 0), _relation_samples(RELATION, 5, 1)], top=3)],
         completions=[
             Completion("a green cross", PIL.Image.new("RGB", (8, 8)), [PIL.Image.new("RGB", (8, 8))] * 2, 4)
         ],
@@ -77,6 +86,12 @@ def test_gallery_pages_images_and_scores(run_root):
     first = [r for r in scores if r["prompt"] == HOSTILE]
     assert [r["rank"] for r in first] == list(range(5))
     assert all(a["clip_score"] >= b["clip_score"] for a, b in itertools.pairwise(first))
+    assert all(r["relation_margin"] is None for r in first)
+    # A relation prompt's samples: ranked by score plus margin, the margin recorded and shown signed.
+    placed = [r for r in scores if r["prompt"] == RELATION]
+    keys = [r["clip_score"] + r["relation_margin"] for r in placed]
+    assert keys == sorted(keys, reverse=True) and len({r["relation_margin"] for r in placed}) == 5
+    assert f"{placed[0]['clip_score']:.3f} {placed[0]['relation_margin']:+.3f}</figcaption>" in text
 
     summary = json.loads(storage.read_bytes(f"{folder}/summary.json"))
     assert summary["prompts"][0]["best"] == max(r["clip_score"] for r in first)

@@ -135,7 +135,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     files_before = sorted(p for p in root.rglob("*") if p.is_file())
     bench = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--run", str(root)]
-        + ["--variant", "cond_scale=1", "--variant", "cond_scale=2,temperature=0.5,top_k=3"],
+        + ["--variant", "cond_scale=1,relation_weight=0", "--variant", "cond_scale=2,temperature=0.5,top_k=3"],
         check=False, capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert bench.returncode == 0, bench.stderr[-3000:]
@@ -143,6 +143,7 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     assert report["step"] == 6 and report["baseline"]["sampling"]["cond_scale"] == 2.0
     assert [v["sampling"]["cond_scale"] for v in report["variants"]] == [1.0, 2.0]
     assert report["variants"][1]["sampling"]["top_k"] == 3
+    assert [v["sampling"]["relation_weight"] for v in report["variants"]] == [0.0, 1.0]
     for measured in [report["baseline"], *report["variants"]]:
         assert set(measured["eval"]) == set(levels)
         assert all(
@@ -197,6 +198,20 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
             source = levels[level]["tasks"][task] if task in levels[level]["tasks"] else levels[level][task]
             assert cell["before"] == pytest.approx(source["before"], abs=1e-3), (level, task)
 
+    # Where composition is lost: the dVAE's ceiling, the CLIP's and the reranker's preferences, the oracle.
+    files_before = sorted(p for p in root.rglob("*") if p.is_file())
+    lost = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_composition.py"), "--run", str(root), "--images", "2"],
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert lost.returncode == 0, lost.stderr[-3000:]
+    lost = json.loads(lost.stdout.strip().splitlines()[-1])
+    assert set(lost["dvae_ceiling"]) == set(levels) and set(lost["model_oracle_after"]) == set(levels)
+    relation_levels = {level for level, kinds in lost["clip_prefers_right"].items() if "relation" in kinds}
+    assert relation_levels and set(lost["reranker_prefers_right_relation"]) == relation_levels
+    assert all(0.0 <= v <= 1.0 for v in lost["reranker_prefers_right_relation"].values())
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == files_before
+
     # In Python: one object bundles the checkpoint with its dVAE, tokenizer and the run's CLIP.
     from dalle.sample.rerank import SamplingSettings
     from dalle.sample.sampler import Sampler
@@ -209,13 +224,16 @@ def test_demo_runs_every_stage_and_reports_the_zero_shot_figures(tmp_path, prefe
     # A person's own prompt: the best --top of -n samples, with their scores and how they were drawn.
     mine = tmp_path / "mine"
     drawn = run_cli(
-        "sample", "--checkpoint", storage.uri("models/transformer/step_00000006"), "--prompt", "a red circle",
-        "-n", "5", "--top", "2", "--cond-scale", "1.5", "--out", str(mine),
+        "sample", "--checkpoint", storage.uri("models/transformer/step_00000006"),
+        "--prompt", "a red circle above a blue square", "-n", "5", "--top", "2", "--cond-scale", "1.5", "--out", str(mine),
     )  # fmt: skip
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     scores = json.loads((mine / "scores.json").read_text())
     assert [image["file"] for image in scores["images"]] == ["sample_00.png", "sample_01.png"]
-    assert scores["images"][0]["clip_score"] >= scores["images"][1]["clip_score"]
+    # A relation prompt: ranked by CLIP's score plus the relation margin (gallery.relation_weight 1).
+    assert scores["sampling"]["relation_weight"] == 1.0
+    best, second = ((i["clip_score"] + i["relation_margin"]) for i in scores["images"])
+    assert best >= second
     assert scores["samples"] == 5 and scores["sampling"]["cond_scale"] == 1.5  # the flag, not the run's 2
     assert PIL.Image.open(mine / "sample_01.png").mode == "RGB"
     refused = run_cli(

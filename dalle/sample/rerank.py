@@ -126,13 +126,23 @@ def samples_for(
         return PromptSamples(
             prompt, images, np.zeros(len(images), dtype=np.float32), list(range(len(images)))
         )
-    ranked = clip.rerank(images, prompt)
-    scores = np.zeros(len(images), dtype=np.float32)
-    for index, score in ranked:
-        scores[index] = score
-    relation = parse_relation(prompt) if settings.relation_weight else None
+    key, scores, margins = rerank_key(clip, images, prompt, settings.relation_weight)
+    ranking = [int(i) for i in np.argsort(-key, kind="stable")]
+    return PromptSamples(prompt, images, scores, ranking, margins)
+
+
+def rerank_key(
+    clip: ClipModel, images: Sequence[PIL.Image.Image], prompt: str, relation_weight: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(key, scores, margins): what reranking sorts `images` by for `prompt`, best highest. `scores` is
+    CLIP's cosine of each image with the prompt; `margins` each one's relation margin when the prompt
+    states a spatial relation and `relation_weight` is not 0 (else None); key = scores + relation_weight
+    * margins, or the scores alone."""
+    scores = (clip.encode_images(images) @ clip.encode_texts([prompt])[0] if images else np.zeros(0)).astype(
+        np.float32
+    )
+    relation = parse_relation(prompt) if relation_weight else None
     if relation is None:
-        return PromptSamples(prompt, images, scores, [index for index, _ in ranked])
+        return scores, scores, None
     margins = relation_margins(clip, images, relation)
-    ranking = np.argsort(-(scores + settings.relation_weight * margins), kind="stable")
-    return PromptSamples(prompt, images, scores, [int(i) for i in ranking], margins)
+    return scores + relation_weight * margins, scores, margins
