@@ -407,6 +407,16 @@ class ClipConfig(_Section):
     mirror_twins_per_batch: int = Field(
         16, ge=0, description="The most mirrored twins a batch of the small CLIP gains (chosen at random)."
     )
+    blur_side: int | None = Field(
+        None,
+        ge=4,
+        description="Training the small CLIP: a share (blur_probability) of its images are shrunk to this "
+        "side and enlarged back before augmentation, so that it also learns from images as blurry as the "
+        "decoded samples it reranks (e.g. the dVAE's image_size); null: images as crawled.",
+    )
+    blur_probability: float = Field(
+        0.5, ge=0, le=1, description="The share of the small CLIP's training images that blur_side shrinks."
+    )
     batch_size: int = Field(128, ge=1, description="Images or captions per embedding batch.")
     device: str = Field(
         "auto", description="torch device for CLIP: 'auto' picks cuda when available, else cpu."

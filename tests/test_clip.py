@@ -684,3 +684,45 @@ def test_mirrored_captions_module_is_checked():
     with pytest.raises(ConfigError, match="has no function mirrored_caption"):
         load_mirrored_captions("demo.world")
     assert load_mirrored_captions(None) is None
+
+
+def test_blurred_images_are_as_soft_as_a_small_decode_and_keep_their_size():
+    from dalle.train.clip import blurred
+
+    image = Image.new("RGB", (64, 48), (236, 234, 226))
+    ImageDraw.Draw(image).rectangle([20, 10, 40, 30], fill=(35, 60, 215))
+    soft = blurred(image, 16)
+    assert soft.size == (64, 48) and soft.mode == "RGB"
+    edges = lambda im: np.abs(np.diff(np.asarray(im, dtype=np.float32), axis=1)).max()
+    assert edges(soft) < 0.6 * edges(image)  # a hard edge is smeared over several pixels
+    assert np.abs(np.asarray(soft, dtype=np.float32) - np.asarray(image, dtype=np.float32)).mean() < 20
+    assert blurred(image, 64) is image  # not larger than the side: as it is
+
+
+def test_blur_side_softens_that_share_of_a_batch(tmp_path):
+    images, captions, _ = make_shapes(32, seed=4)
+
+    def batch(**changes):
+        run_cfg = RunConfig(clip=ClipConfig(small=SMALL, device="cpu", **changes), train_clip=TRAINING)
+        task = ClipTraining.__new__(ClipTraining)
+        task.storage, task.cfg = Storage(str(tmp_path)), run_cfg
+        task.images, task.captions = [png(image) for image in images], captions
+        torch.manual_seed(0)  # the augmentation's random crops
+        return next(iter(task.dataset(16, 0, 0, 0, 1)))["images"]
+
+    sharp, every, none = (
+        batch(),
+        batch(blur_side=8, blur_probability=1.0),
+        batch(blur_side=8, blur_probability=0.0),
+    )
+    torch.testing.assert_close(none, sharp)
+
+    # Every image softened: less energy in the differences of neighbouring pixels, image by image (a
+    # smeared edge keeps its total rise, spread over more pixels).
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).pow(2).mean(dim=(1, 2, 3))
+
+    assert (roughness(every) < roughness(sharp)).all()
+    half = batch(blur_side=8, blur_probability=0.5)
+    changed = int((roughness(half) < roughness(sharp) - 1e-4).sum())
+    assert 2 <= changed <= 14, changed

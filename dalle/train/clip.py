@@ -73,7 +73,7 @@ class ClipTraining:
             self.images, self.captions, min(batch_size, len(self.captions)), self.cfg.clip.small,
             seed, start_batch, rank, load_hard_negatives(self.cfg.clip.hard_negatives),
             self.cfg.clip.hard_negatives_per_caption, load_mirrored_captions(self.cfg.clip.mirrored_captions),
-            self.cfg.clip.mirror_twins_per_batch,
+            self.cfg.clip.mirror_twins_per_batch, self.cfg.clip.blur_side, self.cfg.clip.blur_probability,
         )  # fmt: skip
 
     def loss(self, model, batch, step):
@@ -122,11 +122,13 @@ class PairBatches(IterableDataset):
         self, images: list[bytes], captions: list[str], batch_size, small_cfg, seed, start_batch, rank,
         hard_negatives: HardNegatives | None = None, negatives_per_caption: int = 1,
         mirrored_caption: MirroredCaption | None = None, twins_per_batch: int = 0,
+        blur_side: int | None = None, blur_probability: float = 0.0,
     ):  # fmt: skip
         super().__init__()
         self.images, self.captions, self.hard_negatives = images, captions, hard_negatives
         self.negatives_per_caption = negatives_per_caption
         self.mirrored_caption, self.twins_per_batch = mirrored_caption, twins_per_batch
+        self.blur_side, self.blur_probability = blur_side, blur_probability
         self.batch_size, self.seed, self.start_batch, self.rank = batch_size, seed, start_batch, rank
         self.image_size, self.context_length = small_cfg.image_size, small_cfg.context_length
 
@@ -156,6 +158,11 @@ class PairBatches(IterableDataset):
                     images += [mirror(images[i], axis) for i, axis, _ in twins]
                     captions += [caption for _, _, caption in twins]
                     text = torch.cat([text, tokenizer([caption for _, _, caption in twins])])
+            if self.blur_side:
+                images = [
+                    blurred(image, self.blur_side) if rng.random() < self.blur_probability else image
+                    for image in images
+                ]
             batch = {"images": torch.stack([augment(image) for image in images]), "text": text}
             if self.hard_negatives is not None:
                 negatives = batch_negatives(captions, self.hard_negatives, rng, self.negatives_per_caption)
@@ -183,6 +190,19 @@ def load_mirrored_captions(name: str | None) -> MirroredCaption | None:
     return plugin_function(
         "clip.mirrored_captions", name, "mirrored_caption", "mirrored_caption(caption, axis)"
     )
+
+
+def blurred(image: Image.Image, side: int) -> Image.Image:
+    """`image` shrunk to fit `side` (its aspect kept) and enlarged back: as blurry as a decoded sample
+    of that side. An image no larger than `side` is returned as it is."""
+    width, height = image.size
+    scale = side / max(width, height)
+    if scale >= 1:
+        return image
+    small = image.resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
+    )
+    return small.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def mirror(image: Image.Image, axis: str) -> Image.Image:
