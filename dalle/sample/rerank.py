@@ -67,9 +67,6 @@ class PromptSamples:
     ranking: list[int] = field(default_factory=list)
     relation_margins: np.ndarray | None = None  # (num_samples,) when the ranking used them
 
-    def best(self, top: int) -> list[tuple[PIL.Image.Image, float]]:
-        return [(self.images[i], float(self.scores[i])) for i in self.ranking[:top]]
-
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     """(B, 3, H, W) floats in [0, 1] -> RGB PIL images."""
