@@ -2,15 +2,16 @@
 for the same wall time on this machine, its samples judged by the same suite.
 
     python benchmarks/bench_peer_quality.py --run runs/demo --peer-python /tmp/peer/bin/python \\
-        [--seconds S] [--samples 64] [--out /tmp/peer-quality]
+        [--seconds S --dvae-share F] [--samples 64] [--out /tmp/peer-quality]
 
 --run is a finished demo run: its curated pairs are written out as PNGs with their captions, the
 suite's prompts come from its reports/eval_prompts.jsonl, and our figures from its reports/eval.json.
 The peer (benchmarks/peers/dalle_pytorch_quality.py, under its own interpreter; install it as
 benchmarks/peers/dalle_pytorch_runner.py says) trains its dVAE and transformer for --seconds (default:
-the run's own train_dvae + train_transformer wall time, from reports/timings.json) at the shapes of the
-run's models, then draws --samples images per prompt. Its samples are reranked by the run's CLIP, as
-ours are, and scored before and after. The last line is one JSON object: both scorecards' figures.
+the run's own train_dvae + train_transformer wall time, from reports/timings.json; a run without one,
+such as bench_demo_models.py's, needs --seconds and --dvae-share) at the shapes of the run's models,
+then draws --samples images per prompt. Its samples are reranked by the run's CLIP, as ours are, and
+scored before and after. The last line is one JSON object: both scorecards' figures.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dalle.runroot import CURATED_DIR, EVAL_PROMPTS, EVAL_REPORT, TIMINGS_REPORT, run_config
+from dalle.runroot import CURATED_DIR, EVAL_PROMPTS, EVAL_REPORT, RUN_CONFIG, TIMINGS_REPORT, run_config
 from dalle.sample.evaluation import scorecard_figures, scorecard_text
 from dalle.sample.rerank import rerank_key
 from dalle.sample.sampler import run_clip
@@ -37,6 +38,7 @@ from demo.suite import judge_prompt, read_metadata, scorecard
 from demo.world import world_config
 
 PEER_SCRIPT = Path(__file__).with_name("peers") / "dalle_pytorch_quality.py"
+PEER_RUNNER = PEER_SCRIPT.with_name("dalle_pytorch_runner.py")
 
 
 def export_pairs(storage: Storage, folder: Path) -> int:
@@ -60,20 +62,46 @@ def main() -> None:
         "--peer-python", required=True, help="the peer's interpreter, e.g. /tmp/peer/bin/python"
     )
     parser.add_argument("--seconds", type=float, default=None, help="peer training time (default: ours)")
+    parser.add_argument(
+        "--dvae-share",
+        type=float,
+        default=None,
+        help="share of --seconds for the peer's dVAE (default: ours)",
+    )
     parser.add_argument("--samples", type=int, default=None, help="per prompt (default: the run's gallery's)")
     parser.add_argument(
         "--out", default=None, help="folder for the peer's pairs and samples (default: a temporary one)"
     )
     args = parser.parse_args()
 
+    if not Path(args.peer_python).exists():
+        parser.error(
+            f"--peer-python {args.peer_python} does not exist; install the peer as {PEER_RUNNER} says"
+        )
     storage = Storage(args.run)
+    for needed, advice in [
+        (RUN_CONFIG, "--run must be a run root, the --out of `dalle demo`"),
+        (EVAL_REPORT, "the run has not been judged; run `dalle gallery` on it first"),
+    ]:
+        if not storage.exists(needed):
+            raise SystemExit(f"{storage.uri(needed)} is missing: {advice}")
     cfg = run_config(storage)
     world = world_config(cfg)
     ours = storage.read_json(EVAL_REPORT)
     prompts = read_metadata(storage.read_bytes(EVAL_PROMPTS).decode())
-    timings = storage.read_json(TIMINGS_REPORT)["stages"]
-    ours_seconds = timings["train_dvae"]["seconds"] + timings["train_transformer"]["seconds"]
+    stages = storage.read_json(TIMINGS_REPORT)["stages"] if storage.exists(TIMINGS_REPORT) else {}
+    trained = [stages.get(stage, {}).get("seconds") for stage in ("train_dvae", "train_transformer")]
+    ours_seconds = None if None in trained else sum(trained)
     seconds = args.seconds if args.seconds is not None else ours_seconds
+    dvae_share = (
+        args.dvae_share if args.dvae_share is not None else ours_seconds and trained[0] / ours_seconds
+    )
+    if seconds is None or dvae_share is None:
+        raise SystemExit(
+            f"{storage.uri(TIMINGS_REPORT)} does not time train_dvae and train_transformer (the models were "
+            "not trained by this run's pipeline, e.g. by bench_demo_models.py): pass --seconds and "
+            "--dvae-share, the training time its models took and the dVAE's share of it"
+        )
     samples = args.samples or cfg.gallery.samples_per_prompt
     out = Path(args.out or tempfile.mkdtemp(prefix="peer-quality-"))
     (out / "pairs").mkdir(parents=True, exist_ok=True)
@@ -84,7 +112,7 @@ def main() -> None:
     command = [
         args.peer_python, str(PEER_SCRIPT), "--pairs", str(out / "pairs"), "--prompts", str(out / "prompts.jsonl"),
         "--out", str(out), "--seconds", str(seconds),
-        "--dvae-share", f"{timings['train_dvae']['seconds'] / ours_seconds:.3f}",
+        "--dvae-share", f"{dvae_share:.3f}",
         "--image-size", str(cfg.dvae.image_size), "--vae-layers", str(cfg.dvae.downsample_steps),
         "--vae-hidden", str(cfg.dvae.hidden_width), "--codebook", str(cfg.dvae.codebook_size),
         "--dim", str(model.width), "--depth", str(model.depth), "--heads", str(model.heads),
@@ -122,7 +150,7 @@ def main() -> None:
                 "benchmark": "peer_quality",
                 "run": storage.uri(),
                 "pairs": pairs,
-                "train_seconds": {"ours": round(ours_seconds, 1), "peer": round(seconds, 1)},
+                "train_seconds": {"ours": ours_seconds and round(ours_seconds, 1), "peer": round(seconds, 1)},
                 "samples_per_prompt": samples,
                 "reranked_top": top,
                 "peer_run": peer_run,

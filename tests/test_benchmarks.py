@@ -83,6 +83,35 @@ def test_models_benchmark_names_a_missing_peer_interpreter_before_any_work(tmp_p
     assert "does not exist" in done.stderr and "dalle_pytorch_runner.py" in done.stderr
 
 
+def bench_peer_quality(run: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_peer_quality.py"), "--run", str(run), *args]
+    return subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_peer_quality_benchmark_names_what_is_missing_before_any_work(tmp_path):
+    out = tmp_path / "peer-out"
+    no_peer = bench_peer_quality(tmp_path / "run", "--peer-python", str(tmp_path / "no"), "--out", str(out))
+    assert no_peer.returncode != 0 and "dalle_pytorch_runner.py" in no_peer.stderr
+
+    peer = ["--peer-python", sys.executable, "--out", str(out)]
+    no_run = bench_peer_quality(tmp_path / "run", *peer)
+    assert no_run.returncode != 0 and "must be a run root" in no_run.stderr
+
+    storage = Storage(str(tmp_path / "run"))
+    run_config(storage, str(REPO / "demo" / "config.yaml"))
+    not_judged = bench_peer_quality(tmp_path / "run", *peer)
+    assert not_judged.returncode != 0 and "run `dalle gallery`" in not_judged.stderr
+
+    # Models trained outside the pipeline (bench_demo_models.py) leave no training times to match.
+    storage.write_json("reports/eval.json", {})
+    storage.write_bytes("reports/eval_prompts.jsonl", b"")
+    storage.write_json("reports/timings.json", {"stages": {"gallery": {"seconds": 90.0}}, "total_s": 90.0})
+    untimed = bench_peer_quality(tmp_path / "run", *peer, "--seconds", "60")
+    assert untimed.returncode != 0
+    assert "train_dvae and train_transformer" in untimed.stderr and "--dvae-share" in untimed.stderr
+    assert not out.exists()
+
+
 def test_the_gpu_check_without_a_gpu_says_so_and_runs_the_cpu_path():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
     command = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--steps", "4"]
