@@ -74,6 +74,12 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if args.seconds is not None and args.seconds <= 0:
+        parser.error(f"--seconds must be above 0, got {args.seconds}")
+    if args.dvae_share is not None and not 0 < args.dvae_share < 1:
+        parser.error(
+            f"--dvae-share is a share of --seconds, above 0 and below 1 (0.23, not 23); got {args.dvae_share}"
+        )
     if not Path(args.peer_python).exists():
         parser.error(
             f"--peer-python {args.peer_python} does not exist; install the peer as {PEER_RUNNER} says"

@@ -94,6 +94,13 @@ def test_peer_quality_benchmark_names_what_is_missing_before_any_work(tmp_path):
     assert no_peer.returncode != 0 and "dalle_pytorch_runner.py" in no_peer.stderr
 
     peer = ["--peer-python", sys.executable, "--out", str(out)]
+    for bad, message in [
+        (["--seconds", "0"], "--seconds must be above 0"),
+        (["--dvae-share", "23"], "0.23, not 23"),
+    ]:
+        refused = bench_peer_quality(tmp_path / "run", *peer, *bad)
+        assert refused.returncode != 0 and message in refused.stderr
+
     no_run = bench_peer_quality(tmp_path / "run", *peer)
     assert no_run.returncode != 0 and "must be a run root" in no_run.stderr
 
