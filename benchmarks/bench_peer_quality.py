@@ -8,8 +8,8 @@ for the same wall time on this machine, its samples judged by the same suite.
 suite's prompts come from its reports/eval_prompts.jsonl, and our figures from its reports/eval.json.
 The peer (benchmarks/peers/dalle_pytorch_quality.py, under its own interpreter; install it as
 benchmarks/peers/dalle_pytorch_runner.py says) trains its dVAE and transformer for --seconds (default:
-the run's own train_dvae + train_transformer wall time, from reports/timings.json; a run without one,
-such as bench_demo_models.py's, needs --seconds and --dvae-share) at the shapes of the run's models,
+the run's own train_dvae + train_transformer wall time, from reports/timings.json; a run that did not
+time them, such as bench_demo_models.py's, needs --seconds and --dvae-share) at the shapes of the run's models,
 then draws --samples images per prompt. Its samples are reranked by the run's CLIP, as ours are, and
 scored before and after. The last line is one JSON object: both scorecards' figures.
 """
@@ -98,10 +98,9 @@ def main() -> None:
     stages = storage.read_json(TIMINGS_REPORT)["stages"] if storage.exists(TIMINGS_REPORT) else {}
     trained = [stages.get(stage, {}).get("seconds") for stage in ("train_dvae", "train_transformer")]
     ours_seconds = None if None in trained else sum(trained)
+    ours_share = None if ours_seconds is None else trained[0] / ours_seconds
     seconds = args.seconds if args.seconds is not None else ours_seconds
-    dvae_share = (
-        args.dvae_share if args.dvae_share is not None else ours_seconds and trained[0] / ours_seconds
-    )
+    dvae_share = args.dvae_share if args.dvae_share is not None else ours_share
     if seconds is None or dvae_share is None:
         raise SystemExit(
             f"{storage.uri(TIMINGS_REPORT)} does not time train_dvae and train_transformer (the models were "
@@ -156,7 +155,10 @@ def main() -> None:
                 "benchmark": "peer_quality",
                 "run": storage.uri(),
                 "pairs": pairs,
-                "train_seconds": {"ours": ours_seconds and round(ours_seconds, 1), "peer": round(seconds, 1)},
+                "train_seconds": {
+                    "ours": None if ours_seconds is None else round(ours_seconds, 1),
+                    "peer": round(seconds, 1),
+                },
                 "samples_per_prompt": samples,
                 "reranked_top": top,
                 "peer_run": peer_run,
