@@ -29,6 +29,7 @@ from PIL import Image
 
 from dalle.config import CrawlConfig, RunConfig
 from dalle.curate import crawl, fates, filters
+from dalle.curate import urls as urls_module
 from dalle.curate.crawl import CrawlError, _refused_table, iter_raw_shard, read_raw_shard
 from dalle.curate.fates import iter_images
 from dalle.curate.netguard import url_refusal
@@ -266,6 +267,65 @@ def test_a_url_list_is_read_in_batches_with_the_rows_of_the_whole_list(tmp_path)
         read = pa.Table.from_batches(list(iter_url_list(str(other), CrawlConfig(), batch_rows=999)))
         assert read.column("url").equals(table.column("url"))
         assert read.column("input_row").equals(table.column("input_row"))
+
+
+class _ReadLog(io.RawIOBase):
+    """A file that notes which thread reads it and where each read starts, and each seek to 0."""
+
+    def __init__(self, path: Path):
+        self.file, self.events = open(path, "rb"), []  # noqa: SIM115 (closed by close())
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.events.append(("read", threading.get_ident(), self.file.tell()))
+        return self.file.readinto(buffer)
+
+    def seek(self, offset, whence=0):
+        if (offset, whence) == (0, 0):
+            self.events.append(("seek", threading.get_ident(), 0))
+        return self.file.seek(offset, whence)
+
+    def tell(self):
+        return self.file.tell()
+
+    def seekable(self):
+        return True
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv"])
+def test_the_header_probe_of_a_delimited_list_never_reads_the_handle_behind_the_readers_back(
+    tmp_path, monkeypatch, fmt
+):
+    """Arrow's CSV reader reads blocks ahead on a background thread. A header probe opened on the
+    list's own handle went on reading it after the handle was rewound for the main reader, which then
+    began mid-file ("Column 'url' in include_columns does not exist") once in a few thousand runs. So
+    every read before the last rewind happens on the calling thread, and the rows come out whole."""
+    path = tmp_path / f"urls.{fmt}"
+    _write_tsv(path, 50_000, pad=60)  # about 9 MB: many of the reader's blocks
+    if fmt == "csv":
+        path.write_text(path.read_text().replace("\t", ","))
+    handles = []
+
+    class LoggedFiles:
+        def open(self, where, mode):
+            handles.append(_ReadLog(Path(where)))
+            return handles[-1]
+
+    monkeypatch.setattr(urls_module, "filesystem_for", lambda uri: (LoggedFiles(), uri))
+    table = pa.Table.from_batches(list(iter_url_list(str(path), CrawlConfig(), batch_rows=7_000)))
+    assert table.column("input_row").to_pylist() == list(range(50_000))
+    assert table.column("url")[49_999].as_py().endswith("/49999.jpg")
+    (handle,) = handles
+    rewinds = [n for n, event in enumerate(handle.events) if event[0] == "seek"]
+    before = handle.events[: rewinds[-1]]
+    assert {thread for _, thread, _ in before} == {threading.get_ident()}, before
+    assert next(start for kind, _, start in handle.events[rewinds[-1] :] if kind == "read") == 0
 
 
 def test_a_url_list_of_millions_of_rows_streams_in_bounded_memory(tmp_path):

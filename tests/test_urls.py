@@ -213,6 +213,7 @@ def test_categorical_and_all_null_parquet_columns_are_read(tmp_path):
         ("urls.jsonl", b"url,caption\nhttp://a.test/1,x\n", r"line 1 is not valid JSON"),
         ("urls.parquet", b"url,caption\nhttp://a.test/1,x\n", r"not a readable Parquet.*is it CSV"),
         ("urls.txt", b"http://a.test/1.png\ta red circle\n", r"line 1 holds a tab.*name the file .tsv"),
+        ("urls.csv", b"url," + b"x" * (2 << 20) + b"\n", r"urls.csv: its first row is longer than 1 MiB"),
     ],
 )
 def test_a_list_that_is_empty_or_not_its_format_says_so(tmp_path, name, data, message):

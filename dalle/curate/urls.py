@@ -201,12 +201,36 @@ def _parquet_batches(handle, uri: str, cfg: CrawlConfig, batch_rows: int) -> Ite
         raise UrlListError(f"{uri} is not a readable Parquet file: {err}") from None
 
 
+_HEADER_PROBE_BYTES = 1 << 16  # the head of a delimited list whose header is parsed first
+_LONGEST_FIRST_ROW = 1 << 20
+
+
+def _has_newline(data: bytes) -> bool:
+    return b"\n" in data or b"\r" in data
+
+
 def _delimited_batches(handle, uri: str, cfg: CrawlConfig, delimiter: str) -> Iterator[tuple[list, list]]:
     label = "TSV" if delimiter == "\t" else "CSV"
+    # The header is parsed from a copy of the file's head, never from `handle`: arrow's CSV reader reads
+    # blocks ahead on a background thread, so a probe on the handle could move it after the seek below
+    # and the main reader would start in the middle of a row.
+    head = handle.read(_HEADER_PROBE_BYTES)
+    while (
+        not _has_newline(head)
+        and len(head) < _LONGEST_FIRST_ROW
+        and (more := handle.read(_HEADER_PROBE_BYTES))
+    ):
+        head += more
+    if (more := handle.read(1)) and not _has_newline(head):
+        raise UrlListError(
+            f"{uri}: its first row is longer than {_LONGEST_FIRST_ROW >> 20} MiB; is it a {label} file?"
+        )
+    if more:  # the file goes on: keep whole rows only
+        head = head[: max(head.rfind(b"\n"), head.rfind(b"\r")) + 1]
     try:
         header = pacsv.open_csv(
-            handle,
-            read_options=pacsv.ReadOptions(block_size=1 << 16, column_names=cfg.column_names),
+            pa.BufferReader(head),
+            read_options=pacsv.ReadOptions(block_size=max(len(head), 1), column_names=cfg.column_names),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(include_columns=[], include_missing_columns=False),
         ).schema.names
