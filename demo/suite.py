@@ -26,6 +26,9 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from dalle.sample.evaluation import STAGES
 from demo.detect import TASKS, TASKS_BY_KIND, ImageInput, judge_scene
 from demo.world import (
     RELATIONS,
@@ -215,12 +218,71 @@ def _share(judgments: list[dict], task: str, part: str | None = None) -> float |
     return sum(values) / len(values) if values else None
 
 
+SPREAD_RESAMPLES = 1000
+
+
+def _standard_errors(
+    rows: Sequence[JudgedPrompt], tasks: Sequence[str]
+) -> dict[str, dict[str, float] | None]:
+    """{task or "overall": {"before", "after"}}: how far each figure of a level moves when other prompts
+    of the same kinds are asked. The level's prompts are resampled with replacement within their kind
+    of scene (so that every task keeps its prompts) `SPREAD_RESAMPLES` times with a fixed seed, and the
+    figures recomputed; a spread is their standard deviation (a bootstrap standard error). None where a
+    task has fewer than 2 prompts, whose figure cannot show how it varies."""
+    rng = np.random.default_rng(0)
+    # right[stage][task] and counted[stage][task]: (resamples,) totals of right and judged images
+    right = {stage: {task: np.zeros(SPREAD_RESAMPLES) for task in tasks} for stage in STAGES}
+    counted = {stage: {task: np.zeros(SPREAD_RESAMPLES) for task in tasks} for stage in STAGES}
+    prompts = {task: 0 for task in tasks}
+    for kind in sorted({j.prompt.kind for j in rows}):
+        group = [j for j in rows if j.prompt.kind == kind]
+        drawn = rng.integers(0, len(group), size=(SPREAD_RESAMPLES, len(group)))
+        staged = {
+            "before": [j.judgments for j in group],
+            "after": [[j.judgments[i] for i in j.kept] for j in group],
+        }
+        for task in tasks:
+            for stage, judged in staged.items():
+                hits = np.array([sum(x["tasks"][task] for x in js if task in x["tasks"]) for js in judged])
+                seen = np.array([sum(task in x["tasks"] for x in js) for js in judged])
+                right[stage][task] += hits[drawn].sum(axis=1)
+                counted[stage][task] += seen[drawn].sum(axis=1)
+            prompts[task] += sum(any(task in x["tasks"] for x in j.judgments) for j in group)
+    shares = {
+        stage: {
+            task: np.divide(
+                right[stage][task],
+                counted[stage][task],
+                out=np.full(SPREAD_RESAMPLES, np.nan),
+                where=counted[stage][task] > 0,
+            )
+            for task in tasks
+        }
+        for stage in STAGES
+    }
+
+    def spread_of(per_stage: dict[str, np.ndarray], enough: bool) -> dict[str, float] | None:
+        if not enough:
+            return None
+        return {stage: float(np.nanstd(values, ddof=1)) for stage, values in per_stage.items()}
+
+    spreads: dict[str, dict[str, float] | None] = {
+        task: spread_of({stage: shares[stage][task] for stage in STAGES}, prompts[task] >= 2)
+        for task in tasks
+    }
+    overall = {stage: np.mean([shares[stage][task] for task in tasks], axis=0) for stage in STAGES}
+    spreads["overall"] = spread_of(overall, all(prompts[task] >= 2 for task in tasks))
+    return spreads
+
+
 def scorecard(judged: Sequence[JudgedPrompt]) -> dict:
     """Task scores and the overall per level, before and after reranking, in the library's scorecard
     form (dalle.sample.evaluation): {"tasks": [...], "levels": {level: {"title", "tasks": {task: {"before",
-    "after", "oracle_after", "prompts", "images", "kept", "parts": {requirement: {"before", "after"}}}},
-    "overall": {"before", "after"}}}}. A level's overall is the mean of the task scores it has (GenEval's);
-    "oracle_after" is what a perfect reranker would reach with the same samples (the sampler's ceiling)."""
+    "after", "oracle_after", "prompts", "images", "kept", "parts": {requirement: {"before", "after"}},
+    "spread": {"before", "after"}}}, "overall": {"before", "after", "spread"}}}}. A level's overall is the
+    mean of the task scores it has (GenEval's); "oracle_after" is what a perfect reranker would reach with
+    the same samples (the sampler's ceiling); "spread" is each figure's standard error over prompts
+    (`_standard_errors`), or None with fewer than 2 prompts."""
     levels: dict = {}
     for level in LEVELS:
         rows = [j for j in judged if j.prompt.level == level]
@@ -250,11 +312,15 @@ def scorecard(judged: Sequence[JudgedPrompt]) -> dict:
                 },
             }
         if tasks:
+            spread = _standard_errors(rows, list(tasks))
+            for task, cell in tasks.items():
+                cell["spread"] = spread[task]
             levels[level] = {
                 "title": LEVEL_TITLES[level],
                 "tasks": tasks,
                 "overall": {
-                    stage: sum(t[stage] for t in tasks.values()) / len(tasks) for stage in ("before", "after")
+                    **{stage: sum(t[stage] for t in tasks.values()) / len(tasks) for stage in STAGES},
+                    "spread": spread["overall"],
                 },
             }
     return {

@@ -77,7 +77,7 @@ def _eval_text(evaluation: dict | None) -> str:
         return ""
     heading = (
         f"\n\nevaluation (step {evaluation.get('step')}; reports/eval.json), "
-        "each task's share right before/after reranking:"
+        "each task's share right before/after reranking (± the after figure's standard error over prompts):"
     )
     lines = [heading, table]
     if evaluation.get("sampling"):

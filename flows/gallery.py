@@ -16,7 +16,7 @@ from dalle.runroot import (
     gallery_dir,
     run_config,
 )
-from dalle.sample.evaluation import scorecard_rows
+from dalle.sample.evaluation import cell_text, scorecard_rows
 from dalle.sample.gallery import draw_gallery
 from dalle.sample.page import write_standalone_page
 from dalle.sample.rerank import describe_sampling
@@ -82,11 +82,7 @@ def gallery_flow(root: Location, checkpoint: Location, config: dict[str, Any] | 
     columns, rows = scorecard_rows(summary.get("evaluation") or {})
     for level, cells in rows:
         # The evaluator plug-in's own names, not the user's or the web's text.
-        shown = ", ".join(
-            f"{column} {cell['before']:.2f}/{cell['after']:.2f}"
-            for column, cell in zip(columns, cells)
-            if cell
-        )
+        shown = ", ".join(f"{column} {cell_text(cell)}" for column, cell in zip(columns, cells) if cell)
         lines.append(f"- **{level}** (before/after reranking): {shown}")
     if summary.get("sampling"):
         lines += ["", f"Sampled with {describe_sampling(summary['sampling'])}."]

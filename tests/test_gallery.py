@@ -65,7 +65,7 @@ def test_gallery_pages_images_and_scores(run_root):
                 "heldout": {
                     "title": "<b>held out</b>",
                     "tasks": {"colors": {"before": 0.5, "after": 0.75}},
-                    "overall": {"before": 0.5, "after": 0.75},
+                    "overall": {"before": 0.5, "after": 0.75, "spread": {"before": 0.04, "after": 0.06}},
                 }
             },
         },
@@ -101,8 +101,8 @@ def test_gallery_pages_images_and_scores(run_root):
     index = storage.read_bytes(GALLERY_INDEX).decode()
     assert "href='step_00000002/index.html'" in index
     assert storage.exists("galleries/loss.png") and storage.exists("galleries/eval.png")
-    # The scorecard as a table: a task the level lacks shows "-", titles are escaped.
-    assert "<td>0.50 / 0.75</td><td>-</td><td>0.50 / 0.75</td>" in text
+    # The scorecard as a table: a task the level lacks shows "-", a reported spread its "±", titles are escaped.
+    assert "<td>0.50 / 0.75</td><td>-</td><td>0.50 / 0.75 ±0.06</td>" in text
     assert "&lt;b&gt;held out&lt;/b&gt;" in text
 
     # The link the Prefect UI shows opens in a browser: one self-contained page (images inlined),

@@ -177,11 +177,37 @@ def test_scores_before_and_after_reranking():
     assert tasks["color_attr"]["oracle_after"] == 1.0  # two right samples for a top of two
     assert tasks["two_object"]["images"] == 4 and tasks["two_object"]["kept"] == 2
     overall = card["levels"]["heldout_pairings"]["overall"]
-    assert overall == {"before": 0.625, "after": 1.0}  # the mean of the level's two tasks
+    assert overall == {"before": 0.625, "after": 1.0, "spread": None}  # the mean of the level's two tasks
+    assert tasks["two_object"]["spread"] is None  # one prompt cannot show how a figure varies
     columns, rows = scorecard_rows(card)
     assert columns == [*TASKS, "overall"] and rows[0][0] == "heldout_pairings"
     text = scorecard_text(card)
     assert "heldout_pairings" in text and "0.75/1.00" in text and "0.62/1.00" in text
+
+
+def test_every_figure_carries_its_standard_error_over_prompts():
+    """Half the prompts drawn right and half with their colours swapped: colour attribution's share is
+    0.5 with a bootstrap standard error near sqrt(0.5 * 0.5 / prompts); two objects, right everywhere,
+    does not vary; the overall (their mean) varies half as much. The same judgments give the same
+    spreads, and the command line shows the after figure's."""
+    world = WorldConfig(suite_prompts_per_kind=8)
+    two = [p for p in suite_prompts(world) if p.level == "seen" and p.kind == "two"]
+    assert len(two) == 8
+    judged = [
+        judge_prompt(p, [draw(p, seed, swap_colors=n % 2 == 1) for seed in range(3)], kept=[0, 1])
+        for n, p in enumerate(two)
+    ]
+    card = scorecard(judged)
+    level = card["levels"]["seen"]
+    attribution, both = level["tasks"]["color_attr"], level["tasks"]["two_object"]
+    assert attribution["after"] == 0.5 and both["after"] == 1.0
+    expected = (0.5 * 0.5 / len(two)) ** 0.5
+    for stage in ("before", "after"):
+        assert abs(attribution["spread"][stage] - expected) < 0.025, attribution["spread"]
+        assert both["spread"][stage] == 0.0
+        assert abs(level["overall"]["spread"][stage] - expected / 2) < 0.0125
+    assert scorecard(judged) == card
+    assert f"0.75/0.75 ±{level['overall']['spread']['after']:.2f}" in scorecard_text(card)
 
 
 def test_the_gallery_evaluator_draws_a_section_per_level_and_kind():

@@ -14,6 +14,10 @@ before reranking (every sample) and after (the reranked top), and each level's o
                          "overall": {"before": 0.55, "after": 0.71}},
                 ...},
      ...}                                                  anything else the plug-in reports
+
+A cell may also carry "spread": {"before": 0.04, "after": 0.06}, the standard errors of its figures
+(how far they move with other prompts of the same kinds); the command line and the pages show the
+after figure's as "±0.06".
 """
 
 from __future__ import annotations
@@ -66,17 +70,29 @@ def scorecard_figures(evaluation: dict, digits: int = 3) -> dict[str, dict[str, 
     }
 
 
+def cell_text(cell: dict, joiner: str = "/") -> str:
+    """A scorecard cell as "before/after", with the after figure's standard error over prompts ("±0.05")
+    when the plug-in reports one (a cell's "spread": {"before", "after"})."""
+    text = f"{cell['before']:.2f}{joiner}{cell['after']:.2f}"
+    spread = cell.get("spread")
+    return (
+        f"{text} ±{spread['after']:.2f}"
+        if isinstance(spread, dict) and spread.get("after") is not None
+        else text
+    )
+
+
 def scorecard_text(evaluation: dict) -> str:
-    """A scorecard as a plain-text table, "before/after" reranking in each cell."""
+    """A scorecard as a plain-text table, "before/after" reranking in each cell (`cell_text`)."""
     columns, rows = scorecard_rows(evaluation)
     if not rows:
         return ""
-    width = max(9, *(len(c) for c in columns))
+    shown = [(level, [cell_text(c) if c else "-" for c in cells]) for level, cells in rows]
+    widths = [max(9, len(c), *(len(texts[i]) for _, texts in shown)) for i, c in enumerate(columns)]
     first = max(len(level) for level, _ in rows)
-    lines = [f"  {'':{first}}  " + "  ".join(f"{c:>{width}}" for c in columns)]
-    for level, cells in rows:
-        shown = [f"{c['before']:.2f}/{c['after']:.2f}" if c else "-" for c in cells]
-        lines.append(f"  {level:{first}}  " + "  ".join(f"{text:>{width}}" for text in shown))
+    lines = [f"  {'':{first}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
+    for level, texts in shown:
+        lines.append(f"  {level:{first}}  " + "  ".join(f"{t:>{w}}" for t, w in zip(texts, widths)))
     return "\n".join(lines)
 
 

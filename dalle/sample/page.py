@@ -29,7 +29,7 @@ from dalle.runroot import (
     gallery_dir,
     read_metrics,
 )
-from dalle.sample.evaluation import scorecard_rows
+from dalle.sample.evaluation import cell_text, scorecard_rows
 from dalle.sample.rerank import PromptSamples, describe_sampling
 from dalle.storage import Storage
 
@@ -99,12 +99,13 @@ def _eval_table(evaluation: dict) -> str:
     body = []
     for level, cells in rows:
         shown = "".join(
-            f"<td>{cell['before']:.2f} / {cell['after']:.2f}</td>" if cell else "<td>-</td>" for cell in cells
+            f"<td>{html.escape(cell_text(cell, ' / '))}</td>" if cell else "<td>-</td>" for cell in cells
         )
         title = (evaluation["levels"][level] or {}).get("title", "")
         body.append(f"<tr><th title='{html.escape(title)}'>{html.escape(level)}</th>{shown}</tr>")
     return (
-        "<h2>Evaluation</h2><p>Share of images right per task, before / after reranking.</p>"
+        "<h2>Evaluation</h2><p>Share of images right per task, before / after reranking; ± is the after "
+        "figure's standard error over prompts, where the evaluator reports one.</p>"
         f"<table><tr><th></th>{header}</tr>{''.join(body)}</table>"
     )
 
