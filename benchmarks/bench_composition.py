@@ -13,7 +13,9 @@ at the dVAE's resolution, and
     or the other colour for one object. "clip_prefers_right" is the share of pairs where the CLIP
     scores the right scene higher: 0.5 is a reranker that cannot tell them apart.
     "reranker_prefers_right_relation" is the same for relation prompts as reranking sorts them
-    (dalle.sample.rerank.rerank_key: with gallery.relation_weight, CLIP's score plus the relation margin).
+    (dalle.sample.rerank.rerank_key: with gallery.relation_weight, CLIP's score plus the relation margin),
+    "reranker_prefers_right_binding" for two-object prompts against their colour-swapped twin (with
+    gallery.binding_weight, CLIP's score plus the binding margin).
 
 With the run's eval.json (its model's scores, and "oracle_after", what a perfect reranker would
 have kept from the same samples), this says whether the grid, the sampler or the reranker loses a
@@ -152,28 +154,29 @@ def main() -> None:
 
     if clip is not None:
         preferences: dict = {}
-        reranker: dict = {}
-        weight = cfg.gallery.relation_weight
+        reranker: dict = {"relation": {}, "two": {}}
+        weights = (cfg.gallery.relation_weight, cfg.gallery.binding_weight)
         for prompt in prompts:
             right = decoded[prompt.prompt]
             wrong = seen_by_clip(missed[prompt.prompt])
             texts = [prompt.prompt] * len(right)
             better = clip.score(right, texts) > clip.score(wrong, texts)
             preferences.setdefault(prompt.level, {}).setdefault(prompt.kind, []).extend(better.tolist())
-            if prompt.kind == "relation":  # what reranking sorts by: CLIP's score plus the relation margin
+            if prompt.kind in reranker:  # what reranking sorts by: CLIP's score plus the prompt's margin
                 right_key, wrong_key = (
-                    rerank_key(clip, images, prompt.prompt, weight)[0] for images in (right, wrong)
+                    rerank_key(clip, images, prompt.prompt, *weights).key for images in (right, wrong)
                 )
-                reranker.setdefault(prompt.level, []).extend((right_key > wrong_key).tolist())
+                reranker[prompt.kind].setdefault(prompt.level, []).extend((right_key > wrong_key).tolist())
         report["clip"] = getattr(clip, "identity", None)
         report["clip_on_training_relations"] = training_relations(storage, clip)
         report["clip_prefers_right"] = {
             level: {kind: round(float(np.mean(values)), 3) for kind, values in kinds.items()}
             for level, kinds in preferences.items()
         }
-        report["reranker_prefers_right_relation"] = {
-            level: round(float(np.mean(values)), 3) for level, values in reranker.items()
-        }
+        for kind, name in (("relation", "relation"), ("two", "binding")):
+            report[f"reranker_prefers_right_{name}"] = {
+                level: round(float(np.mean(values)), 3) for level, values in reranker[kind].items()
+            }
     if storage.exists(EVAL_REPORT):
         evaluation = storage.read_json(EVAL_REPORT)
         report["model_step"] = evaluation.get("step")

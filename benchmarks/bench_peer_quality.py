@@ -140,7 +140,9 @@ def main() -> None:
             continue
         kept = None
         if clip is not None:  # reranked as our samples are
-            key = rerank_key(clip, images, prompt.prompt, cfg.gallery.relation_weight)[0]
+            key = rerank_key(
+                clip, images, prompt.prompt, cfg.gallery.relation_weight, cfg.gallery.binding_weight
+            ).key
             kept = [int(i) for i in np.argsort(-key, kind="stable")[:top]]
         judged.append(judge_prompt(prompt, images, kept=kept, colors=world.colors, shapes=world.shapes))
     peer = scorecard(judged)

@@ -5,9 +5,10 @@ variant against the run's own gallery settings, measured in the same process.
         --variant cond_scale=1 --variant cond_scale=1.5,temperature=0.8 ...
 
 A variant is a comma-separated list of gallery keys (temperature, top_k, top_p, cond_scale,
-samples_per_prompt, top, seed, relation_weight; see dalle/config.py; null keeps the run's value). Nothing is
-written to the run: the samples are drawn, reranked by the run's CLIP and judged in memory. This
-is how the demo's `gallery.cond_scale` was chosen (docs/results.md). The run's `gallery.evaluator`
+samples_per_prompt, top, seed, relation_weight, binding_weight; see dalle/config.py; null keeps the
+run's value). Nothing is written to the run: the samples are drawn, reranked by the run's CLIP and
+judged in memory. This is how the demo's `gallery.cond_scale` was chosen (docs/results.md). The run's
+`gallery.evaluator`
 names the prompts and scores them (demo.evaluation for a demo run). The last line is one JSON object.
 """
 
@@ -28,6 +29,7 @@ from dalle.storage import Storage
 
 SAMPLING_KEYS = (
     "temperature", "top_k", "top_p", "cond_scale", "samples_per_prompt", "top", "seed", "relation_weight",
+    "binding_weight",
 )  # fmt: skip
 
 

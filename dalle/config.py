@@ -719,6 +719,14 @@ class GalleryConfig(_Section):
         "the image with the other side painted over (dalle.sample.relations), added to CLIP's score; "
         "0: CLIP's score alone.",
     )
+    binding_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Reranking a prompt that names two objects with their attributes ('a red circle and a blue "
+        "square'): the weight of its binding margin, each object's phrase scored on its own side of a cut "
+        "against the phrases with their attributes swapped (dalle.sample.relations), added to CLIP's "
+        "score; 0: CLIP's score alone.",
+    )
     validation_prompts: int = Field(4, ge=0, description="Captions from the token shards shown as prompts.")
     prompts_file: Location | None = Field(
         None, description="A text file of extra prompts, one per line (local or s3://)."

@@ -29,6 +29,7 @@ from flows.gallery import gallery_flow, transformer_checkpoint
 
 HOSTILE = "a red circle <script>document.title='pwned'</script> & \"quotes\""
 RELATION = "a blue square above a red circle"
+PAIRING = "a blue square and a red circle"
 
 
 def _samples(prompt: str, count: int, seed: int) -> PromptSamples:
@@ -38,10 +39,10 @@ def _samples(prompt: str, count: int, seed: int) -> PromptSamples:
     return PromptSamples(prompt, images, scores, [int(i) for i in np.argsort(-scores)])
 
 
-def _relation_samples(prompt: str, count: int, seed: int) -> PromptSamples:
+def _relation_samples(prompt: str, count: int, seed: int, kind: str = "relation") -> PromptSamples:
     samples = _samples(prompt, count, seed)
     margins = np.linspace(-0.2, 0.2, count).astype(np.float32)
-    samples.relation_margins = margins
+    setattr(samples, f"{kind}_margins", margins)
     samples.ranking = [int(i) for i in np.argsort(-(samples.scores + margins))]
     return samples
 
@@ -55,7 +56,17 @@ def test_gallery_pages_images_and_scores(run_root):
     page = GalleryPage(
         step=2,
         checkpoint_uri=storage.uri("models/transformer/step_00000002"),
-        sections=[Section("held-out", [_samples(HOSTILE, 5, 0), _relation_samples(RELATION, 5, 1)], top=3)],
+        sections=[
+            Section(
+                "held-out",
+                [
+                    _samples(HOSTILE, 5, 0),
+                    _relation_samples(RELATION, 5, 1),
+                    _relation_samples(PAIRING, 5, 2, "binding"),
+                ],
+                top=3,
+            )
+        ],
         completions=[
             Completion("a green cross", PIL.Image.new("RGB", (8, 8)), [PIL.Image.new("RGB", (8, 8))] * 2, 4)
         ],
@@ -79,19 +90,25 @@ def test_gallery_pages_images_and_scores(run_root):
     for src in re.findall(r"src='([^']+)'", text):
         image = PIL.Image.open(io.BytesIO(storage.read_bytes(f"{folder}/{src}")))
         assert image.size == (16, 16)  # shown twice the size, pixels kept sharp
-    assert len(re.findall(r"<img ", text)) == 2 * 3 + 1 + 2
+    assert len(re.findall(r"<img ", text)) == 3 * 3 + 1 + 2
 
     scores = pq.read_table(io.BytesIO(storage.read_bytes(f"{folder}/scores.parquet"))).to_pylist()
-    assert len(scores) == 10 and sum(r["shown"] for r in scores) == 6
+    assert len(scores) == 15 and sum(r["shown"] for r in scores) == 9
     first = [r for r in scores if r["prompt"] == HOSTILE]
     assert [r["rank"] for r in first] == list(range(5))
     assert all(a["clip_score"] >= b["clip_score"] for a, b in itertools.pairwise(first))
-    assert all(r["relation_margin"] is None for r in first)
+    assert all(r["relation_margin"] is None and r["binding_margin"] is None for r in first)
     # A relation prompt's samples: ranked by score plus margin, the margin recorded and shown signed.
     placed = [r for r in scores if r["prompt"] == RELATION]
     keys = [r["clip_score"] + r["relation_margin"] for r in placed]
     assert keys == sorted(keys, reverse=True) and len({r["relation_margin"] for r in placed}) == 5
     assert f"{placed[0]['clip_score']:.3f} {placed[0]['relation_margin']:+.3f}</figcaption>" in text
+    assert all(r["binding_margin"] is None for r in placed)
+    # A two-object prompt's samples: the same with the binding margin.
+    paired = [r for r in scores if r["prompt"] == PAIRING]
+    keys = [r["clip_score"] + r["binding_margin"] for r in paired]
+    assert keys == sorted(keys, reverse=True) and all(r["relation_margin"] is None for r in paired)
+    assert f"{paired[0]['clip_score']:.3f} {paired[0]['binding_margin']:+.3f}</figcaption>" in text
 
     summary = json.loads(storage.read_bytes(f"{folder}/summary.json"))
     assert summary["prompts"][0]["best"] == max(r["clip_score"] for r in first)
@@ -116,7 +133,7 @@ def test_gallery_pages_images_and_scores(run_root):
         assert link.startswith("file://")
         page_text = urllib.request.urlopen(link).read().decode()
     inlined = re.findall(r"src='data:image/png;base64,([^']+)'", page_text)
-    assert len(inlined) == len(re.findall(r"<img ", text)) == 9
+    assert len(inlined) == len(re.findall(r"<img ", text)) == 12
     assert PIL.Image.open(io.BytesIO(base64.b64decode(inlined[0]))).size == (16, 16)
     assert "<script>" not in page_text
 

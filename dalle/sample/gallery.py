@@ -40,6 +40,7 @@ def sampling_settings(cfg: RunConfig) -> SamplingSettings:
         batch_size=g.batch_size,
         seed=g.seed,
         relation_weight=g.relation_weight,
+        binding_weight=g.binding_weight,
     )
 
 
@@ -184,6 +185,8 @@ def sample_to_folder(
         entry = {"file": f"sample_{rank:02d}.png", "rank": rank, "clip_score": float(samples.scores[index])}
         if samples.relation_margins is not None:
             entry["relation_margin"] = float(samples.relation_margins[index])
+        if samples.binding_margins is not None:
+            entry["binding_margin"] = float(samples.binding_margins[index])
         scores.append(entry)
     meta_out = {
         "prompt": prompt,

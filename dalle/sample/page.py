@@ -2,7 +2,7 @@
 
     {root}/galleries/step_XXXXXXXX/index.html    reranked samples per prompt, completions, eval
     {root}/galleries/step_XXXXXXXX/img/*.png
-    {root}/galleries/step_XXXXXXXX/scores.parquet one row per sample: prompt, section, rank, clip_score, relation_margin, shown
+    {root}/galleries/step_XXXXXXXX/scores.parquet one row per sample: prompt, section, rank, clip_score, relation_margin, binding_margin, shown
     {root}/galleries/step_XXXXXXXX/summary.json   what the index page and the plots read
     {root}/galleries/index.html                   every checkpoint, with loss and eval plots
 
@@ -126,9 +126,11 @@ def write_gallery_page(storage: Storage, page: GalleryPage, scale: int = 2) -> s
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         for p_index, samples in enumerate(section.samples):
             figures = []
-            margins = (
+            relation = (
                 None if samples.relation_margins is None else [float(m) for m in samples.relation_margins]
             )
+            binding = None if samples.binding_margins is None else [float(m) for m in samples.binding_margins]
+            margins = relation if relation is not None else binding  # a prompt has at most one of them
             for rank, index in enumerate(samples.ranking):
                 shown = rank < section.top
                 records.append(
@@ -138,7 +140,8 @@ def write_gallery_page(storage: Storage, page: GalleryPage, scale: int = 2) -> s
                         "sample": index,
                         "rank": rank,
                         "clip_score": float(samples.scores[index]),
-                        "relation_margin": margins[index] if margins is not None else None,
+                        "relation_margin": relation[index] if relation is not None else None,
+                        "binding_margin": binding[index] if binding is not None else None,
                         "shown": shown,
                     }
                 )
@@ -146,7 +149,9 @@ def write_gallery_page(storage: Storage, page: GalleryPage, scale: int = 2) -> s
                     rel = f"img/s{s_index}_p{p_index:03d}_r{rank:02d}.png"
                     storage.write_bytes(f"{folder}/{rel}", _png(samples.images[index], scale))
                     caption = f"{samples.scores[index]:.3f}"
-                    if margins is not None:  # ranked by the score plus the weighted relation margin
+                    if (
+                        margins is not None
+                    ):  # ranked by the score plus the weighted relation or binding margin
                         caption += f" {margins[index]:+.3f}"
                     figures.append(
                         f"<figure><img src='{rel}' alt='sample {rank + 1}'>"

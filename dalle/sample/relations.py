@@ -9,6 +9,12 @@ puts both objects on their stated sides must beat the layout that swaps them.
 
 `relation_margins` is that check as a number per image, which reranking adds to CLIP's score
 (gallery.relation_weight).
+
+Two objects with their attributes ("a red circle and a blue square") have the same weakness: the
+pooled vector keeps that red, blue, a circle and a square are there, not which colour is whose.
+`binding_margins` checks it the same way: at each cut along either axis, the two object phrases are
+scored on the two sides (in either order), against the phrases with their attributes swapped ("a
+blue circle", "a red square"); reranking adds it with gallery.binding_weight.
 """
 
 from __future__ import annotations
@@ -124,3 +130,88 @@ def relation_margins(
     stated = sims[:, :, 0, 0] + sims[:, :, 1, 1]
     swapped = sims[:, :, 0, 1] + sims[:, :, 1, 0]
     return ((stated.max(axis=1) - swapped.max(axis=1)) / 2).astype(np.float32)
+
+
+# Words that open a noun phrase without describing the object: kept in place when attributes swap.
+_DETERMINERS = frozenset({"a", "an", "the", "one", "some"})
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A prompt's two object phrases ("a red circle", "a blue square") and the same phrases with their
+    attributes swapped ("a blue circle", "a red square"): what a binding check tells apart."""
+
+    first: str
+    second: str
+    swapped_first: str
+    swapped_second: str
+
+
+def parse_pairing(prompt: str) -> Pairing | None:
+    """The two objects of a prompt of the form "<attributes> <noun> and <attributes> <noun>" (an article
+    may open each side: "a red circle and a blue square"); None for any other prompt: a spatial
+    relation (`parse_relation`), no "and" or more than one, a side of one word, or the same attributes
+    on both sides, where there is nothing to bind."""
+    text = " ".join(prompt.strip().rstrip(".").split())
+    if parse_relation(text) is not None:
+        return None
+    sides = re.split(r"\band\b", text, flags=re.IGNORECASE)
+    if len(sides) != 2:
+        return None
+    words = [side.strip(" ,").split() for side in sides]
+    parts = []
+    for side in words:
+        opening = side[:1] if side and side[0].lower() in _DETERMINERS else []
+        attributes, noun = side[len(opening) : -1], side[-1:]
+        if not attributes or not noun:
+            return None
+        parts.append((opening, attributes, noun))
+    (open_a, attrs_a, noun_a), (open_b, attrs_b, noun_b) = parts
+    if [w.lower() for w in attrs_a] == [w.lower() for w in attrs_b]:
+        return None
+    return Pairing(
+        " ".join(open_a + attrs_a + noun_a),
+        " ".join(open_b + attrs_b + noun_b),
+        " ".join(open_a + attrs_b + noun_a),
+        " ".join(open_b + attrs_a + noun_b),
+    )
+
+
+def binding_margins(
+    clip: Encoder,
+    images: Sequence[PIL.Image.Image],
+    pairing: Pairing,
+    splits: Sequence[float] = SPLITS,
+) -> np.ndarray:
+    """(N,) how much better each image shows the pairing's two objects, each on its own side of a cut,
+    than the two with their attributes swapped, in units of CLIP's cosine.
+
+    At each cut along each axis, the two sides are scored with the four phrases; a layout puts one
+    phrase of a pair on each side, in either order. An image's margin is the best layout of the
+    stated phrases minus the best layout of the swapped ones, halved (a mean of two cosines): positive
+    when each object has its own attributes, negative when they are swapped, near zero when no cut
+    holds the objects apart.
+    """
+    if not images:
+        return np.zeros(0, dtype=np.float32)
+    axes = ("horizontal", "vertical")
+    sides = [
+        isolate(image, axis, start, end)
+        for image in images
+        for axis in axes
+        for cut in splits
+        for start, end in ((0.0, cut), (cut, 1.0))
+    ]
+    phrases = [pairing.first, pairing.second, pairing.swapped_first, pairing.swapped_second]
+    # (image, axis and cut, side: before/after the cut, phrase)
+    sims = (clip.encode_images(sides) @ clip.encode_texts(phrases).T).reshape(
+        len(images), len(axes) * len(splits), 2, len(phrases)
+    )
+
+    def best_layout(one: int, other: int) -> np.ndarray:
+        either = np.maximum(
+            sims[:, :, 0, one] + sims[:, :, 1, other], sims[:, :, 0, other] + sims[:, :, 1, one]
+        )
+        return either.max(axis=1)
+
+    return ((best_layout(0, 1) - best_layout(2, 3)) / 2).astype(np.float32)

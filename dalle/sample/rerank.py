@@ -3,13 +3,16 @@
 The paper draws 512 samples per caption and keeps the ones CLIP scores best; `samples_for`
 does the same at any count, in batches, and keeps every sample's score so that the gain of
 reranking can be measured. A prompt that places one object relative to another ("... above ...")
-is ranked by CLIP's score plus its relation margin (dalle.sample.relations), which CLIP alone misses.
+is ranked by CLIP's score plus its relation margin, and one that names two objects with their
+attributes ("a red circle and a blue square") by CLIP's score plus its binding margin
+(dalle.sample.relations): what CLIP's pooled vector alone misses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -19,7 +22,7 @@ from dalle.models.clip import ClipModel
 from dalle.models.dvae import DiscreteVAE
 from dalle.models.transformer import DalleTransformer
 from dalle.sample.generate import generate
-from dalle.sample.relations import parse_relation, relation_margins
+from dalle.sample.relations import binding_margins, parse_pairing, parse_relation, relation_margins
 from dalle.tokens.bpe import TextTokenizer
 
 
@@ -36,6 +39,7 @@ class SamplingSettings:
     batch_size: int = 64
     seed: int = 0
     relation_weight: float = 1.0
+    binding_weight: float = 1.0
 
     def described(self) -> dict:
         """What decides the samples (not how they are batched), for reports next to the figures."""
@@ -48,6 +52,7 @@ class SamplingSettings:
             "cond_scale": self.cond_scale,
             "seed": self.seed,
             "relation_weight": self.relation_weight,
+            "binding_weight": self.binding_weight,
         }
 
 
@@ -59,13 +64,15 @@ def describe_sampling(described: dict) -> str:
 @dataclass
 class PromptSamples:
     """Every sample drawn for one prompt, with CLIP's score of each; `ranking` is best first (by the
-    score, plus relation_weight times the relation margin when the prompt states a spatial relation)."""
+    score, plus relation_weight times the relation margin when the prompt states a spatial relation, or
+    binding_weight times the binding margin when it names two objects with their attributes)."""
 
     prompt: str
     images: list[PIL.Image.Image]
     scores: np.ndarray  # (num_samples,) cosine similarity with the prompt
     ranking: list[int] = field(default_factory=list)
     relation_margins: np.ndarray | None = None  # (num_samples,) when the ranking used them
+    binding_margins: np.ndarray | None = None  # (num_samples,) when the ranking used them
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
@@ -123,23 +130,43 @@ def samples_for(
         return PromptSamples(
             prompt, images, np.zeros(len(images), dtype=np.float32), list(range(len(images)))
         )
-    key, scores, margins = rerank_key(clip, images, prompt, settings.relation_weight)
-    ranking = [int(i) for i in np.argsort(-key, kind="stable")]
-    return PromptSamples(prompt, images, scores, ranking, margins)
+    ranked = rerank_key(clip, images, prompt, settings.relation_weight, settings.binding_weight)
+    ranking = [int(i) for i in np.argsort(-ranked.key, kind="stable")]
+    return PromptSamples(
+        prompt, images, ranked.scores, ranking, ranked.relation_margins, ranked.binding_margins
+    )
+
+
+class RerankKey(NamedTuple):
+    """What reranking sorts one prompt's images by (`key`, best highest) and what it is made of."""
+
+    key: np.ndarray  # scores, plus the weighted margin of the prompt's kind
+    scores: np.ndarray  # CLIP's cosine of each image with the prompt
+    relation_margins: np.ndarray | None  # when the prompt states a spatial relation and its weight is not 0
+    binding_margins: (
+        np.ndarray | None
+    )  # when the prompt names two objects with attributes and its weight is not 0
 
 
 def rerank_key(
-    clip: ClipModel, images: Sequence[PIL.Image.Image], prompt: str, relation_weight: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(key, scores, margins): what reranking sorts `images` by for `prompt`, best highest. `scores` is
-    CLIP's cosine of each image with the prompt; `margins` each one's relation margin when the prompt
-    states a spatial relation and `relation_weight` is not 0 (else None); key = scores + relation_weight
-    * margins, or the scores alone."""
+    clip: ClipModel,
+    images: Sequence[PIL.Image.Image],
+    prompt: str,
+    relation_weight: float,
+    binding_weight: float,
+) -> RerankKey:
+    """What reranking sorts `images` by for `prompt`: CLIP's score, plus relation_weight times the
+    relation margin when the prompt states a spatial relation, or binding_weight times the binding
+    margin when it names two objects with their attributes (a prompt is at most one of the two)."""
     scores = (clip.encode_images(images) @ clip.encode_texts([prompt])[0] if images else np.zeros(0)).astype(
         np.float32
     )
     relation = parse_relation(prompt) if relation_weight else None
-    if relation is None:
-        return scores, scores, None
-    margins = relation_margins(clip, images, relation)
-    return scores + relation_weight * margins, scores, margins
+    if relation is not None:
+        margins = relation_margins(clip, images, relation)
+        return RerankKey(scores + relation_weight * margins, scores, margins, None)
+    pairing = parse_pairing(prompt) if binding_weight else None
+    if pairing is not None:
+        margins = binding_margins(clip, images, pairing)
+        return RerankKey(scores + binding_weight * margins, scores, None, margins)
+    return RerankKey(scores, scores, None, None)
