@@ -149,9 +149,8 @@ def write_gallery_page(storage: Storage, page: GalleryPage, scale: int = 2) -> s
                     rel = f"img/s{s_index}_p{p_index:03d}_r{rank:02d}.png"
                     storage.write_bytes(f"{folder}/{rel}", _png(samples.images[index], scale))
                     caption = f"{samples.scores[index]:.3f}"
-                    if (
-                        margins is not None
-                    ):  # ranked by the score plus the weighted relation or binding margin
+                    # Ranked by the score plus the weighted relation or binding margin: shown signed.
+                    if margins is not None:
                         caption += f" {margins[index]:+.3f}"
                     figures.append(
                         f"<figure><img src='{rel}' alt='sample {rank + 1}'>"

@@ -142,10 +142,9 @@ class RerankKey(NamedTuple):
 
     key: np.ndarray  # scores, plus the weighted margin of the prompt's kind
     scores: np.ndarray  # CLIP's cosine of each image with the prompt
-    relation_margins: np.ndarray | None  # when the prompt states a spatial relation and its weight is not 0
-    binding_margins: (
-        np.ndarray | None
-    )  # when the prompt names two objects with attributes and its weight is not 0
+    # Each the margin of one kind of prompt, None for other prompts or when its weight is 0:
+    relation_margins: np.ndarray | None  # a spatial relation
+    binding_margins: np.ndarray | None  # two objects with their attributes
 
 
 def rerank_key(
