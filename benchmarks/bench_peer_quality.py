@@ -9,8 +9,8 @@ suite's prompts come from its reports/eval_prompts.jsonl, and our figures from i
 The peer (benchmarks/peers/dalle_pytorch_quality.py, under its own interpreter; install it as
 benchmarks/peers/dalle_pytorch_runner.py says) trains its dVAE and transformer for --seconds (default:
 the run's own train_dvae + train_transformer wall time, from reports/timings.json; a run that did not
-time them, such as bench_demo_models.py's, needs --seconds and --dvae-share) at the shapes of the run's models,
-then draws --samples images per prompt. Its samples are reranked by the run's CLIP, as ours are, and
+time them, such as bench_demo_models.py's, needs --seconds and --dvae-share) at the shapes of the run's
+models, then draws --samples images per prompt. Its samples are reranked by the run's CLIP, as ours are, and
 scored before and after. The last line is one JSON object: both scorecards' figures.
 """
 

@@ -101,6 +101,27 @@ class Encoder(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+def _side_similarities(
+    clip: Encoder,
+    images: Sequence[PIL.Image.Image],
+    axes: Sequence[str],
+    splits: Sequence[float],
+    phrases: Sequence[str],
+) -> np.ndarray:
+    """(image, axis and cut, side: before/after the cut, phrase) cosines: each image cut at each share of
+    `splits` along each of `axes`, each side isolated and scored with each phrase, in one encoding."""
+    sides = [
+        isolate(image, axis, start, end)
+        for image in images
+        for axis in axes
+        for cut in splits
+        for start, end in ((0.0, cut), (cut, 1.0))
+    ]
+    return (clip.encode_images(sides) @ clip.encode_texts(list(phrases)).T).reshape(
+        len(images), len(axes) * len(splits), 2, len(phrases)
+    )
+
+
 def relation_margins(
     clip: Encoder,
     images: Sequence[PIL.Image.Image],
@@ -117,16 +138,8 @@ def relation_margins(
     """
     if not images:
         return np.zeros(0, dtype=np.float32)
-    sides = [
-        isolate(image, relation.axis, start, end)
-        for image in images
-        for cut in splits
-        for start, end in ((0.0, cut), (cut, 1.0))
-    ]
     # (image, cut, side: before/after the cut, phrase: first/second)
-    sims = (clip.encode_images(sides) @ clip.encode_texts([relation.first, relation.second]).T).reshape(
-        len(images), len(splits), 2, 2
-    )
+    sims = _side_similarities(clip, images, (relation.axis,), splits, [relation.first, relation.second])
     stated = sims[:, :, 0, 0] + sims[:, :, 1, 1]
     swapped = sims[:, :, 0, 1] + sims[:, :, 1, 0]
     return ((stated.max(axis=1) - swapped.max(axis=1)) / 2).astype(np.float32)
@@ -194,19 +207,9 @@ def binding_margins(
     """
     if not images:
         return np.zeros(0, dtype=np.float32)
-    axes = ("horizontal", "vertical")
-    sides = [
-        isolate(image, axis, start, end)
-        for image in images
-        for axis in axes
-        for cut in splits
-        for start, end in ((0.0, cut), (cut, 1.0))
-    ]
     phrases = [pairing.first, pairing.second, pairing.swapped_first, pairing.swapped_second]
     # (image, axis and cut, side: before/after the cut, phrase)
-    sims = (clip.encode_images(sides) @ clip.encode_texts(phrases).T).reshape(
-        len(images), len(axes) * len(splits), 2, len(phrases)
-    )
+    sims = _side_similarities(clip, images, ("horizontal", "vertical"), splits, phrases)
 
     def best_layout(one: int, other: int) -> np.ndarray:
         either = np.maximum(
